@@ -1,0 +1,221 @@
+// Vectorised CPU kernels. setup.py compiles this file three times, with
+// FROZENOPT_CAP set to DEFAULT, AVX2 or AVX512 and the matching
+// CPU_CAPABILITY_* define and -m flags, so at::vec really vectorises.
+//
+// A step is one parallel region over the concatenation of all unfrozen
+// tensors: each thread takes an equal share of elements, which may start and
+// end inside a tensor, so thousands of small tensors cost one region and large
+// tensors are split evenly.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <numeric>
+
+#include "launch.h"
+
+#ifndef FROZENOPT_CAP
+#error "compile kernels.cpp with -DFROZENOPT_CAP=<DEFAULT|AVX2|AVX512>"
+#endif
+
+namespace frozenopt {
+namespace math {
+
+template <typename S>
+struct Arith<at::vec::Vectorized<S>> {
+  using V = at::vec::Vectorized<S>;
+  static V sqrt(const V& x) { return x.sqrt(); }
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+};
+
+}  // namespace math
+
+namespace cpu {
+namespace FROZENOPT_CAP {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T, template <typename> class Coef>
+Coef<T> narrow(const Coef<double>& c);
+
+template <>
+math::SGDCoef<float> narrow(const math::SGDCoef<double>& c) {
+  return {float(c.lr), float(c.momentum), float(c.one_minus_dampening), float(c.weight_decay),
+          float(c.inv_grad_scale), c.has_weight_decay, c.has_momentum, c.nesterov, c.maximize,
+          c.first_step};
+}
+template <>
+math::SGDCoef<double> narrow(const math::SGDCoef<double>& c) { return c; }
+
+template <>
+math::AdamCoef<float> narrow(const math::AdamCoef<double>& c) {
+  return {float(c.lr), float(c.beta1), float(c.beta2), float(c.eps), float(c.weight_decay),
+          float(c.step_size), float(c.bias_correction2_sqrt), float(c.inv_grad_scale),
+          c.has_weight_decay, c.decoupled_weight_decay, c.amsgrad, c.maximize};
+}
+template <>
+math::AdamCoef<double> narrow(const math::AdamCoef<double>& c) { return c; }
+
+// Math type of a stored type: float for the half types, like torch.
+template <typename S>
+struct MathType { using type = S; };
+template <>
+struct MathType<c10::Half> { using type = float; };
+template <>
+struct MathType<c10::BFloat16> { using type = float; };
+
+// Loads and stores of N math-type vectors from a stored-type pointer. For
+// float/double N = 1; for the half types one stored vector widens to two.
+template <typename S>
+struct Lanes {
+  using M = S;
+  static constexpr int kVecs = 1;
+  static constexpr int64_t kWidth = Vectorized<S>::size();
+  static void load(const S* p, Vectorized<M>* out) { out[0] = Vectorized<S>::loadu(p); }
+  static void store(S* p, const Vectorized<M>* in) { in[0].store(p); }
+};
+
+template <typename H>
+struct HalfLanes {
+  using M = float;
+  static constexpr int kVecs = 2;
+  static constexpr int64_t kWidth = Vectorized<H>::size();
+  static void load(const H* p, Vectorized<float>* out) {
+    auto wide = at::vec::convert_to_float<H>(Vectorized<H>::loadu(p));
+    out[0] = std::get<0>(wide);
+    out[1] = std::get<1>(wide);
+  }
+  static void store(H* p, const Vectorized<float>* in) {
+    at::vec::convert_from_float<H>(in[0], in[1]).store(p);
+  }
+};
+template <>
+struct Lanes<c10::Half> : HalfLanes<c10::Half> {};
+template <>
+struct Lanes<c10::BFloat16> : HalfLanes<c10::BFloat16> {};
+
+template <typename S>
+void sgd_range(const Slot& s, int64_t lo, int64_t hi, const math::SGDCoef<double>& coef) {
+  using M = typename MathType<S>::type;
+  using L = Lanes<S>;
+  const auto c = narrow<M, math::SGDCoef>(coef);
+  auto* p = static_cast<S*>(s.param);
+  const auto* g = static_cast<const S*>(s.grad);
+  auto* buf = static_cast<S*>(s.state0);
+  int64_t i = lo;
+  for (; i + L::kWidth <= hi; i += L::kWidth) {
+    Vectorized<M> vp[L::kVecs], vg[L::kVecs], vb[L::kVecs];
+    L::load(p + i, vp);
+    L::load(g + i, vg);
+    if (c.has_momentum && !c.first_step) L::load(buf + i, vb);
+    for (int k = 0; k < L::kVecs; ++k) math::sgd_update(vp[k], vg[k], &vb[k], c);
+    L::store(p + i, vp);
+    if (c.has_momentum) L::store(buf + i, vb);
+  }
+  for (; i < hi; ++i) {
+    M vp = M(p[i]), vb = c.has_momentum && !c.first_step ? M(buf[i]) : M(0);
+    math::sgd_update(vp, M(g[i]), &vb, c);
+    p[i] = S(vp);
+    if (c.has_momentum) buf[i] = S(vb);
+  }
+}
+
+template <typename S>
+void adam_range(const Slot& s, int64_t lo, int64_t hi, const math::AdamCoef<double>& coef) {
+  using M = typename MathType<S>::type;
+  using L = Lanes<S>;
+  const auto c = narrow<M, math::AdamCoef>(coef);
+  auto* p = static_cast<S*>(s.param);
+  const auto* g = static_cast<const S*>(s.grad);
+  auto* m = static_cast<S*>(s.state0);
+  auto* v = static_cast<S*>(s.state1);
+  auto* vmax = static_cast<S*>(s.state2);
+  int64_t i = lo;
+  for (; i + L::kWidth <= hi; i += L::kWidth) {
+    Vectorized<M> vp[L::kVecs], vg[L::kVecs], vm[L::kVecs], vv[L::kVecs], vx[L::kVecs];
+    L::load(p + i, vp);
+    L::load(g + i, vg);
+    L::load(m + i, vm);
+    L::load(v + i, vv);
+    if (c.amsgrad) L::load(vmax + i, vx);
+    for (int k = 0; k < L::kVecs; ++k) math::adam_update(vp[k], vg[k], vm[k], vv[k], &vx[k], c);
+    L::store(p + i, vp);
+    L::store(m + i, vm);
+    L::store(v + i, vv);
+    if (c.amsgrad) L::store(vmax + i, vx);
+  }
+  for (; i < hi; ++i) {
+    M vp = M(p[i]), vm = M(m[i]), vv = M(v[i]), vx = c.amsgrad ? M(vmax[i]) : M(0);
+    math::adam_update(vp, M(g[i]), vm, vv, &vx, c);
+    p[i] = S(vp);
+    m[i] = S(vm);
+    v[i] = S(vv);
+    if (c.amsgrad) vmax[i] = S(vx);
+  }
+}
+
+// Calls body(slot_index, lo, hi) for every piece of the concatenated element
+// range, split evenly over the threads. Small steps stay on one thread: a
+// parallel region costs more than updating a few thousand elements.
+template <typename Body>
+void for_each_piece(const std::vector<Slot>& slots, const Body& body) {
+  constexpr int64_t kMinElementsPerThread = 1 << 15;
+  std::vector<int64_t> ends(slots.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < slots.size(); ++i) ends[i] = (total += slots[i].numel);
+  if (total == 0) return;
+  const int64_t pieces =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerThread));
+  auto run_piece = [&](int64_t piece) {
+    const int64_t lo = total * piece / pieces, hi = total * (piece + 1) / pieces;
+    size_t t = std::upper_bound(ends.begin(), ends.end(), lo) - ends.begin();
+    for (int64_t pos = lo; pos < hi && t < slots.size(); ++t) {
+      const int64_t start = ends[t] - slots[t].numel;
+      const int64_t stop = std::min(ends[t], hi);
+      body(t, pos - start, stop - start);
+      pos = stop;
+    }
+  };
+  if (pieces == 1) {
+    run_piece(0);
+  } else {
+    at::parallel_for(0, pieces, 1, [&](int64_t b, int64_t e) {
+      for (int64_t piece = b; piece < e; ++piece) run_piece(piece);
+    });
+  }
+}
+
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, const Fn& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kDouble: fn(double{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "frozenopt: unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace
+
+void run_sgd(const SGDLaunch& launch) {
+  for_each_piece(launch.slots, [&](size_t t, int64_t lo, int64_t hi) {
+    const Slot& s = launch.slots[t];
+    dispatch_dtype(s.dtype, [&](auto tag) { sgd_range<decltype(tag)>(s, lo, hi, launch.coef); });
+  });
+}
+
+void run_adam(const AdamLaunch& launch) {
+  for_each_piece(launch.slots, [&](size_t t, int64_t lo, int64_t hi) {
+    const Slot& s = launch.slots[t];
+    dispatch_dtype(s.dtype, [&](auto tag) { adam_range<decltype(tag)>(s, lo, hi, launch.coefs[t]); });
+  });
+}
+
+}  // namespace FROZENOPT_CAP
+}  // namespace cpu
+}  // namespace frozenopt

@@ -1,0 +1,51 @@
+// What the CPU op wrappers hand to the vectorised kernels: raw pointers of the
+// unfrozen, non-empty tensors only (frozen ones never get here, so none of
+// their memory is read), plus the per-tensor update coefficients.
+//
+// kernels.cpp is compiled once per CPU capability (DEFAULT, AVX2, AVX512),
+// each copy in its own namespace; dispatch.cpp picks one at run time.
+#pragma once
+
+#include <ATen/core/ScalarType.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "../update_math.h"
+
+namespace frozenopt {
+namespace cpu {
+
+struct Slot {
+  void* param;
+  const void* grad;
+  void* state0;  // momentum_buffer | exp_avg
+  void* state1;  // exp_avg_sq
+  void* state2;  // max_exp_avg_sq (amsgrad)
+  int64_t numel;
+  at::ScalarType dtype;
+};
+
+struct SGDLaunch {
+  std::vector<Slot> slots;
+  math::SGDCoef<double> coef;
+};
+
+struct AdamLaunch {
+  std::vector<Slot> slots;
+  std::vector<math::AdamCoef<double>> coefs;  // one per slot: the step differs per tensor
+};
+
+#define FROZENOPT_DECLARE_KERNELS(cap)     \
+  namespace cap {                          \
+  void run_sgd(const SGDLaunch& launch);   \
+  void run_adam(const AdamLaunch& launch); \
+  }
+
+FROZENOPT_DECLARE_KERNELS(DEFAULT)
+FROZENOPT_DECLARE_KERNELS(AVX2)
+FROZENOPT_DECLARE_KERNELS(AVX512)
+#undef FROZENOPT_DECLARE_KERNELS
+
+}  // namespace cpu
+}  // namespace frozenopt

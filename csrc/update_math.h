@@ -1,0 +1,129 @@
+// The update rules of SGD and Adam/AdamW, written once for every backend.
+//
+// Each rule is a template over the value type V of one lane of work: float or
+// double on a CUDA thread or in the scalar tail of a CPU loop, and
+// at::vec::Vectorized<float|double> in the vectorised CPU loop. The few
+// operations that are not plain arithmetic go through Arith<V>, which each
+// backend specialises for its own vector types before it instantiates a rule.
+// Per-step scalars (bias corrections, step size) are computed once per tensor
+// on the host or device by the *_scalars functions below, in double, then
+// narrowed to the math type of the tensor.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FROZENOPT_HD __host__ __device__ __forceinline__
+#else
+#define FROZENOPT_HD inline
+#endif
+
+namespace frozenopt {
+namespace math {
+
+template <typename V>
+struct Arith;
+
+template <>
+struct Arith<float> {
+  static FROZENOPT_HD float sqrt(float x) { return ::sqrtf(x); }
+  static FROZENOPT_HD float max(float a, float b) { return (a != a || a > b) ? a : b; }  // NaN wins, like torch.maximum
+};
+
+template <>
+struct Arith<double> {
+  static FROZENOPT_HD double sqrt(double x) { return ::sqrt(x); }
+  static FROZENOPT_HD double max(double a, double b) { return (a != a || a > b) ? a : b; }  // NaN wins, like torch.maximum
+};
+
+// ---------------------------------------------------------------- SGD
+
+// Hyper-parameters of one SGD step, already in the math type T.
+template <typename T>
+struct SGDCoef {
+  T lr;
+  T momentum;
+  T one_minus_dampening;
+  T weight_decay;
+  T inv_grad_scale;  // 1 when there is no AMP scale
+  bool has_weight_decay;
+  bool has_momentum;
+  bool nesterov;
+  bool maximize;
+  bool first_step;  // the momentum buffer is filled with the grad, not blended
+};
+
+// One element (or one vector of elements) of torch.optim.SGD's rule:
+//   g = ±grad/scale + wd*p;  buf = first ? g : momentum*buf + (1-dampening)*g
+//   p -= lr * (nesterov ? g + momentum*buf : buf)
+template <typename V, typename T>
+FROZENOPT_HD void sgd_update(V& param, V grad, V* momentum_buffer, const SGDCoef<T>& c) {
+  V g = grad * V(c.inv_grad_scale);
+  if (c.maximize) g = V(T(0)) - g;
+  if (c.has_weight_decay) g = g + V(c.weight_decay) * param;
+  if (c.has_momentum) {
+    V buf = c.first_step ? g : V(c.momentum) * (*momentum_buffer) + V(c.one_minus_dampening) * g;
+    *momentum_buffer = buf;
+    g = c.nesterov ? g + V(c.momentum) * buf : buf;
+  }
+  param = param - V(c.lr) * g;
+}
+
+// ---------------------------------------------------------------- Adam / AdamW
+
+// Hyper-parameters of one Adam step of one tensor, already in the math type T.
+template <typename T>
+struct AdamCoef {
+  T lr;
+  T beta1;
+  T beta2;
+  T eps;
+  T weight_decay;
+  T step_size;              // lr / (1 - beta1^step)
+  T bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+  T inv_grad_scale;         // 1 when there is no AMP scale
+  bool has_weight_decay;
+  bool decoupled_weight_decay;  // AdamW
+  bool amsgrad;
+  bool maximize;
+};
+
+// The scalars that depend on the step count, for the step about to be taken.
+template <typename T>
+FROZENOPT_HD void adam_step_scalars(AdamCoef<T>& c, double lr, double beta1, double beta2, double step) {
+  const double bias_correction1 = 1.0 - ::pow(beta1, step);
+  const double bias_correction2 = 1.0 - ::pow(beta2, step);
+  c.step_size = T(lr / bias_correction1);
+  c.bias_correction2_sqrt = T(::sqrt(bias_correction2));
+}
+
+// One element (or vector) of torch.optim.Adam's rule (AdamW when decoupled):
+//   g = ±grad/scale (+ wd*p for Adam);  p *= 1 - lr*wd (AdamW)
+//   m = m + (1-beta1)(g-m);  v = beta2*v + (1-beta2)*g*g;  vmax = max(vmax, v)
+//   p -= step_size * m / (sqrt(v or vmax)/sqrt(1-beta2^t) + eps)
+template <typename V, typename T>
+FROZENOPT_HD void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* max_exp_avg_sq,
+                              const AdamCoef<T>& c) {
+  V g = grad * V(c.inv_grad_scale);
+  if (c.maximize) g = V(T(0)) - g;
+  if (c.has_weight_decay) {
+    if (c.decoupled_weight_decay) {
+      param = param * V(T(1) - c.lr * c.weight_decay);
+    } else {
+      g = g + V(c.weight_decay) * param;
+    }
+  }
+  exp_avg = exp_avg + V(T(1) - c.beta1) * (g - exp_avg);
+  exp_avg_sq = V(c.beta2) * exp_avg_sq + V(T(1) - c.beta2) * g * g;
+  V second = exp_avg_sq;
+  if (c.amsgrad) {
+    second = Arith<V>::max(*max_exp_avg_sq, exp_avg_sq);
+    *max_exp_avg_sq = second;
+  }
+  const V denom = Arith<V>::sqrt(second) / V(c.bias_correction2_sqrt) + V(c.eps);
+  param = param - V(c.step_size) * exp_avg / denom;
+}
+
+}  // namespace math
+}  // namespace frozenopt

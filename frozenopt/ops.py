@@ -1,0 +1,80 @@
+"""Typed wrappers around ``torch.ops.frozenopt.*`` and their fake kernels.
+
+The ops are in-place multi-tensor steps with one mask entry per param
+(non-zero = frozen: the kernel skips that tensor before reading any of it).
+The fake kernels let ``torch.compile`` trace through them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+try:
+    from frozenopt import _C
+except ImportError as error:  # reported at optimizer construction, not at import
+    _C = None
+    _IMPORT_ERROR: Optional[ImportError] = error
+else:
+    _IMPORT_ERROR = None
+
+
+def require_extension():
+    """The compiled extension module, or a clear error that says how to build it."""
+    if _C is None:
+        raise RuntimeError(
+            "frozenopt's compiled extension (frozenopt._C) is not built or does not load "
+            f"({_IMPORT_ERROR}). Build it against the torch you run with: from the frozenopt "
+            "checkout run `pip install --no-build-isolation -e .` (or `./run.sh test`, which "
+            "sets up a fresh environment)."
+        )
+    return _C
+
+
+if _C is not None:
+
+    @torch.library.register_fake("frozenopt::sgd_")
+    def _sgd_fake(params, grads, momentum_buffers, mask, *, lr, lr_tensor=None, momentum, dampening,
+                  weight_decay, nesterov, maximize, is_first_step, grad_scale=None, found_inf=None):
+        return None
+
+    @torch.library.register_fake("frozenopt::adam_")
+    def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, *, lr,
+                   lr_tensor=None, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+                   decoupled_weight_decay, grad_scale=None, found_inf=None):
+        return None
+
+
+def split_lr(lr: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
+    """(float lr, tensor lr or None): the ops take a 0-dim tensor lr as its own argument."""
+    if isinstance(lr, Tensor):
+        return 0.0, lr
+    return float(lr), None
+
+
+def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+         mask: Optional[Tensor], *, lr: Union[float, Tensor], momentum: float, dampening: float,
+         weight_decay: float, nesterov: bool, maximize: bool, is_first_step: bool,
+         grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """One fused SGD step over the lists; ``momentum_buffers`` is empty when momentum is 0."""
+    lr_value, lr_tensor = split_lr(lr)
+    torch.ops.frozenopt.sgd_(
+        params, grads, momentum_buffers, mask, lr=lr_value, lr_tensor=lr_tensor, momentum=momentum,
+        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+        is_first_step=is_first_step, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+          exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor],
+          mask: Optional[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float,
+          weight_decay: float, eps: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
+          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+    """One fused Adam (AdamW when decoupled) step; ``max_exp_avg_sqs`` is empty without amsgrad."""
+    lr_value, lr_tensor = split_lr(lr)
+    torch.ops.frozenopt.adam_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, lr=lr_value,
+        lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+        amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+        grad_scale=grad_scale, found_inf=found_inf)

@@ -1,0 +1,504 @@
+"""SGD, Adam and AdamW with a per-parameter freeze mask.
+
+Drop-in ``torch.optim`` subclasses: same class names, arguments, defaults and
+``state_dict`` layout. A frozen param is treated exactly as if its grad were
+None: its value and its state are not touched, its step does not advance.
+
+Two step paths share the same ops (``frozenopt.ops``):
+- eager (the usual case): one compiled ``StepPlan`` per param group holds the
+  unfrozen params that have state and reads their grads in C++; it is rebuilt
+  only when the frozen set, the state or the groups change;
+- traced (``torch.compile``, CUDA graph capture): every param with a grad goes
+  to the op with the group's mask tensor, so flipping the mask in
+  ``mask_only`` mode changes no graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from frozenopt import ops
+from frozenopt.names import NameIndex, describe, resolve_targets
+
+__all__ = ["SGD", "Adam", "AdamW"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _as_param_groups(params: Any) -> Any:
+    """torch.optim's params argument, with an nn.Module taken as its named parameters."""
+    if isinstance(params, nn.Module):
+        return list(params.named_parameters())
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, "
+            f"or an nn.Module, but got {torch.typename(params)}")
+    return params
+
+
+def _is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class _FreezableOptimizer(torch.optim.Optimizer):
+    """What SGD, Adam and AdamW share: freezing, plans, state and the two step paths."""
+
+    _kind: str  # the StepPlan kind: "sgd" or "adam"
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, mask_only: bool) -> None:
+        self._extension = ops.require_extension()
+        if defaults.get("differentiable"):
+            raise ValueError(
+                f"frozenopt.{type(self).__name__} does not support differentiable=True: its fused "
+                "kernels update params in place outside autograd. Use torch.optim for "
+                "differentiable optimization.")
+        self._mask_only = bool(mask_only)
+        self._ready = False  # add_param_group leaves set-up to the constructor until then
+        self._frozen: set[Tensor] = set()
+        self._plans: Optional[list] = None  # one StepPlan per group, None when stale
+        self._masks: list[Tensor] = []
+        self._mask_subsets: dict[tuple, Tensor] = {}
+        super().__init__(_as_param_groups(params), defaults)
+        self._check_params()
+        self._frozen = {p for p in self._all_params() if not p.requires_grad}
+        self._refresh_masks()
+        self._ready = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if not self._ready:
+            return
+        try:
+            self._check_params()
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._frozen |= {p for p in self.param_groups[-1]["params"] if not p.requires_grad}
+        self._refresh_masks()
+
+    def _check_params(self) -> None:
+        if not self.param_groups or not any(g["params"] for g in self.param_groups):
+            raise ValueError("optimizer got an empty parameter list")
+        for gi, group in enumerate(self.param_groups):
+            devices = {p.device for p in group["params"]}
+            if len(devices) > 1:
+                raise ValueError(
+                    f"param group {gi} holds params on more than one device ({sorted(map(str, devices))}); "
+                    "put the params of each device in their own param group")
+            for p in group["params"]:
+                if p.dtype not in _FLOAT_DTYPES:
+                    raise TypeError(
+                        f"param {self._name_of(p)} has dtype {p.dtype}; frozenopt steps float32, "
+                        "float64, float16 and bfloat16 params")
+                if p.layout is not torch.strided:
+                    raise TypeError(f"param {self._name_of(p)} is not a dense (strided) tensor")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._invalidate()
+
+    # ------------------------------------------------------------------ names
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _name_index(self) -> NameIndex:
+        names: list[Optional[str]] = []
+        for group in self.param_groups:
+            names += group.get("param_names") or [None] * len(group["params"])
+        return NameIndex(names, self._all_params())
+
+    def _name_of(self, p: Tensor) -> str:
+        for group in self.param_groups:
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    return repr(names[i]) if names else describe(p)
+        return describe(p)
+
+    # ---------------------------------------------------------------- freezing
+
+    @property
+    def frozen(self) -> list[str]:
+        """Names of the frozen params, in optimizer order."""
+        index = self._name_index()
+        return [index.name_of(i) for i, p in enumerate(self._all_params()) if p in self._frozen]
+
+    @property
+    def mask_only(self) -> bool:
+        """True when freezing leaves ``requires_grad`` alone (DDP, compiled graphs)."""
+        return self._mask_only
+
+    def is_frozen(self, *targets: Any) -> bool:
+        """True when every param the targets match is frozen."""
+        params = self._all_params()
+        return all(params[i] in self._frozen for i in resolve_targets(self._name_index(), targets))
+
+    def freeze(self, *targets: Any, release_state: bool = False) -> list[str]:
+        """Freeze the params the targets match; return the names that changed.
+
+        Targets are names (a module prefix like ``"fc2"`` or an exact param
+        name), globs (``"encoder.layer.*"``), compiled regexes, Modules or
+        Parameters. With no target, every param group but the last is frozen
+        (fastai's ``freeze()``). ``release_state=True`` also drops the state of
+        the matched params to give the memory back.
+        """
+        if targets:
+            indices = resolve_targets(self._name_index(), targets)
+        elif len(self.param_groups) < 2:
+            raise ValueError(
+                "freeze() with no argument freezes every param group but the last (fastai's rule), "
+                "and this optimizer has a single param group, so it would freeze nothing. Write "
+                "freeze('*') to freeze every named param, or name what to freeze, "
+                "e.g. freeze('embeddings', 'encoder.layer.0').")
+        else:
+            indices = self._group_indices(slice(None, -1))
+        return self._set_frozen(indices, True, drop_state=release_state)
+
+    def unfreeze(self, *targets: Any, reset_state: bool = False) -> list[str]:
+        """Unfreeze the params the targets match (all params with no target).
+
+        Their state resumes where it stopped; ``reset_state=True`` starts it
+        afresh, as fastai does.
+        """
+        if targets:
+            indices = resolve_targets(self._name_index(), targets)
+        else:
+            indices = list(range(len(self._all_params())))
+        return self._set_frozen(indices, False, drop_state=reset_state)
+
+    def freeze_to(self, n: int) -> list[str]:
+        """fastai's ``freeze_to``: freeze param groups ``[:n]``, unfreeze ``[n:]``."""
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"freeze_to takes an int number of param groups, got {type(n).__name__}")
+        freeze = self._group_indices(slice(None, n))
+        thaw = self._group_indices(slice(n, None))
+        return self._set_frozen(freeze, True) + self._set_frozen(thaw, False)
+
+    def _group_indices(self, groups: slice) -> list[int]:
+        start, indices = 0, []
+        ranges = []
+        for group in self.param_groups:
+            ranges.append(range(start, start + len(group["params"])))
+            start += len(group["params"])
+        for r in ranges[groups]:
+            indices += list(r)
+        return indices
+
+    def _set_frozen(self, indices: Iterable[int], frozen: bool, *, drop_state: bool = False) -> list[str]:
+        params = self._all_params()
+        index = self._name_index()
+        changed = [i for i in indices if (params[i] in self._frozen) != frozen]
+        for i in indices if drop_state else ():
+            self.state.pop(params[i], None)
+        for i in changed:
+            p = params[i]
+            if frozen:
+                self._frozen.add(p)
+            else:
+                self._frozen.discard(p)
+            if not self._mask_only:
+                p.requires_grad_(not frozen)
+                if frozen:
+                    p.grad = None  # requires_grad off: the grad would only hold memory
+        self._refresh_masks()
+        return [index.name_of(i) for i in changed]
+
+    def _refresh_masks(self) -> None:
+        """Bring each group's mask tensor in line with the frozen set (in place when it exists)."""
+        for gi, group in enumerate(self.param_groups):
+            flags = torch.tensor([p in self._frozen for p in group["params"]], dtype=torch.uint8)
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            if gi < len(self._masks) and self._masks[gi].numel() == flags.numel():
+                self._masks[gi].copy_(flags)
+            elif gi < len(self._masks):
+                self._masks[gi] = flags.to(device)
+            else:
+                self._masks.append(flags.to(device))
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._plans = None
+
+    # ------------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout, plus the frozen set by parameter name under ``"frozen"``."""
+        state = super().state_dict()
+        state["frozen"] = self.frozen
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a frozenopt or torch.optim checkpoint; a frozenopt one restores its frozen set."""
+        frozen = state_dict.get("frozen")
+        indices = None
+        if frozen is not None:
+            if not isinstance(frozen, (list, tuple)) or not all(isinstance(n, str) for n in frozen):
+                raise ValueError(f"state_dict['frozen'] must be a list of parameter names, got {frozen!r}")
+            index = self._name_index()
+            by_name = {index.name_of(i): i for i in range(len(index))}
+            unknown = [n for n in frozen if n not in by_name]
+            if unknown:
+                raise ValueError(
+                    f"state_dict['frozen'] names parameters this optimizer does not have: {unknown[:5]}")
+            indices = {by_name[n] for n in frozen}
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "frozen"})
+        if indices is not None:
+            all_indices = range(len(self._all_params()))
+            self._set_frozen([i for i in all_indices if i in indices], True)
+            self._set_frozen([i for i in all_indices if i not in indices], False)
+        self._invalidate()
+
+    # -------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimization step over the unfrozen params that have a grad."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling() or any(
+                _is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
+            self._step_traced(grad_scale, found_inf)
+        else:
+            self._step_eager(grad_scale, found_inf)
+        return loss
+
+    def _step_eager(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        if self._plans is None:
+            self._plans = [None] * len(self.param_groups)
+        # Every grad is checked before anything is allocated or moves, so a bad
+        # grad in any group leaves the optimizer as it was.
+        plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
+        fresh_by_group = [self._fresh(group) for group in self.param_groups]
+        for plan, fresh in zip(plans, fresh_by_group):
+            if fresh:
+                self._extension.check_grads(fresh, [p.grad for p in fresh])
+            if len(plans) > 1 or fresh:
+                plan.check_grads()
+        for gi, group in enumerate(self.param_groups):
+            fresh = fresh_by_group[gi]
+            if fresh:
+                for p in fresh:
+                    self.state[p].update(self._new_state(p, group))
+                self._step_fresh(group, fresh, grad_scale, found_inf)
+                self._plans[gi] = None  # the fresh params join the plan from the next step
+            self._run_plan(plans[gi], group, grad_scale, found_inf)
+
+    def _fresh(self, group: dict[str, Any]) -> list[Tensor]:
+        """Unfrozen params that have a grad but no state yet."""
+        return [p for p in group["params"]
+                if p.grad is not None and p not in self._frozen and not self._has_state(p, group)]
+
+    def _plan(self, gi: int, group: dict[str, Any]):
+        if self._plans[gi] is None:
+            params = [p for p in group["params"] if p not in self._frozen and self._has_state(p, group)]
+            self._plans[gi] = self._extension.StepPlan(
+                self._kind, params, self._state_lists(params, group))
+        return self._plans[gi]
+
+    def _step_traced(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        for gi, group in enumerate(self.param_groups):
+            positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            if not positions:
+                continue
+            params = [group["params"][i] for i in positions]
+            fresh = [p for p in params if not self._has_state(p, group)]
+            for p in fresh:
+                self.state[p].update(self._new_state(p, group))
+            mask = self._masks[gi]
+            if len(positions) < len(group["params"]):
+                key = (gi, tuple(positions))
+                if key not in self._mask_subsets:
+                    self._mask_subsets[key] = torch.tensor(positions, device=mask.device)
+                mask = mask.index_select(0, self._mask_subsets[key])
+            self._run_op(group, params, mask, fresh, grad_scale, found_inf)
+
+    # Hooks each optimizer fills in.
+    def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _state_lists(self, params: list[Tensor], group: dict[str, Any]) -> list[list[Tensor]]:
+        raise NotImplementedError
+
+    def _run_plan(self, plan, group, grad_scale, found_inf) -> None:
+        raise NotImplementedError
+
+    def _step_fresh(self, group, fresh, grad_scale, found_inf) -> None:
+        raise NotImplementedError
+
+    def _run_op(self, group, params, mask, fresh, grad_scale, found_inf) -> None:
+        raise NotImplementedError
+
+
+class SGD(_FreezableOptimizer):
+    """torch.optim.SGD with freezing. Extra keyword: ``mask_only`` (see README)."""
+
+    _kind = "sgd"
+
+    def __init__(self, params: Any, lr: Union[float, Tensor] = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: Union[float, Tensor] = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
+                 mask_only: bool = False) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
+        super().__init__(params, defaults, mask_only=mask_only)
+
+    def _has_state(self, p, group):
+        return group["momentum"] == 0 or self.state.get(p, {}).get("momentum_buffer") is not None
+
+    def _new_state(self, p, group):
+        if group["momentum"] == 0:
+            return {}
+        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    def _state_lists(self, params, group):
+        if group["momentum"] == 0:
+            return [[]]
+        return [[self.state[p]["momentum_buffer"] for p in params]]
+
+    def _kwargs(self, group):
+        return dict(momentum=group["momentum"], dampening=group["dampening"],
+                    weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
+                    maximize=group["maximize"])
+
+    def _run_plan(self, plan, group, grad_scale, found_inf):
+        lr, lr_tensor = ops.split_lr(group["lr"])
+        plan.sgd(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
+
+    def _step_fresh(self, group, fresh, grad_scale, found_inf):
+        # A new momentum buffer takes the first grad as it is (torch.optim's rule).
+        self._run_op(group, fresh, None, fresh, grad_scale, found_inf)
+
+    def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
+        fresh_set = set(fresh)
+        for first in (True, False):
+            subset = [i for i, p in enumerate(params) if (p in fresh_set) == first]
+            if not subset:
+                continue
+            if len(subset) == len(params):
+                sub_params, sub_mask = params, mask
+            else:
+                sub_params = [params[i] for i in subset]
+                sub_mask = None if mask is None else mask[subset]
+            buffers = self._state_lists(sub_params, group)[0]
+            ops.sgd_(sub_params, [p.grad for p in sub_params], buffers, sub_mask, lr=group["lr"],
+                     is_first_step=first and group["momentum"] != 0, grad_scale=grad_scale,
+                     found_inf=found_inf, **self._kwargs(group))
+
+
+class Adam(_FreezableOptimizer):
+    """torch.optim.Adam with freezing. Extra keyword: ``mask_only`` (see README)."""
+
+    _kind = "adam"
+
+    def __init__(self, params: Any, lr: Union[float, Tensor] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
+                 amsgrad: bool = False, *, foreach: Optional[bool] = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False, fused: Optional[bool] = None,
+                 decoupled_weight_decay: bool = False, mask_only: bool = False) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, mask_only=mask_only)
+
+    def _has_state(self, p, group):
+        state = self.state.get(p)
+        return bool(state) and "exp_avg" in state
+
+    def _new_state(self, p, group):
+        # Steps live with the param, float32, as torch.optim's fused Adam keeps them.
+        state = {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _normalised(self, p, group):
+        """This param's state, with a loaded checkpoint's step made a float32 tensor on the param's device."""
+        state = self.state[p]
+        step = state["step"]
+        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device):
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _state_lists(self, params, group):
+        states = [self._normalised(p, group) for p in params]
+        return [[s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                [s["step"] for s in states]]
+
+    def _kwargs(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+                    eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
+                    decoupled_weight_decay=group["decoupled_weight_decay"])
+
+    def _run_plan(self, plan, group, grad_scale, found_inf):
+        lr, lr_tensor = ops.split_lr(group["lr"])
+        plan.adam(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
+
+    def _step_fresh(self, group, fresh, grad_scale, found_inf):
+        self._run_op(group, fresh, None, fresh, grad_scale, found_inf)
+
+    def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._state_lists(params, group)
+        ops.adam_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask,
+                  lr=group["lr"], grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW (decoupled weight decay) with freezing."""
+
+    def __init__(self, params: Any, lr: Union[float, Tensor] = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False, foreach: Optional[bool] = None,
+                 capturable: bool = False, differentiable: bool = False, fused: Optional[bool] = None,
+                 mask_only: bool = False) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, mask_only=mask_only)
+
+
+for _cls in (SGD, Adam, AdamW):
+    _cls._step_supports_amp_scaling = True
+del _cls
