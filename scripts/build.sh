@@ -8,7 +8,8 @@ venv=${1:-.venv}
 py="$(cd "$venv" && pwd)/bin/python"
 exec 9>.build.lock
 flock 9
-if ! (cd / && "$py" -c "import frozenopt, os, sys; sys.exit(os.path.dirname(frozenopt.__file__) != sys.argv[1])" "$PWD/frozenopt") 2>/dev/null; then
+here=$PWD
+if ! (cd / && "$py" -c "import frozenopt, os, sys; sys.exit(os.path.dirname(frozenopt.__file__) != sys.argv[1])" "$here/frozenopt") 2>/dev/null; then
   echo "installing frozenopt (editable) and building frozenopt._C ..." >&2
   "$py" -m pip install -q --no-build-isolation --no-deps -e . >&2
   exit 0
