@@ -60,6 +60,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         self._ready = False  # add_param_group leaves set-up to the constructor until then
         self._frozen: set[Tensor] = set()
         self._plans: Optional[list] = None  # one StepPlan per group, None when stale
+        self._pending: list[list[Tensor]] = []  # per group: unfrozen params with no state yet
         self._masks: list[Tensor] = []
         self._mask_subsets: dict[tuple, Tensor] = {}
         super().__init__(_as_param_groups(params), defaults)
@@ -274,10 +275,11 @@ class _FreezableOptimizer(torch.optim.Optimizer):
     def _step_eager(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         if self._plans is None:
             self._plans = [None] * len(self.param_groups)
+            self._pending = [[] for _ in self.param_groups]
         # Every grad is checked before anything is allocated or moves, so a bad
         # grad in any group leaves the optimizer as it was.
         plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
-        fresh_by_group = [self._fresh(group) for group in self.param_groups]
+        fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending]
         for plan, fresh in zip(plans, fresh_by_group):
             if fresh:
                 self._extension.check_grads(fresh, [p.grad for p in fresh])
@@ -292,16 +294,13 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 self._plans[gi] = None  # the fresh params join the plan from the next step
             self._run_plan(plans[gi], group, grad_scale, found_inf)
 
-    def _fresh(self, group: dict[str, Any]) -> list[Tensor]:
-        """Unfrozen params that have a grad but no state yet."""
-        return [p for p in group["params"]
-                if p.grad is not None and p not in self._frozen and not self._has_state(p, group)]
-
     def _plan(self, gi: int, group: dict[str, Any]):
+        """The group's StepPlan; also notes its pending params (unfrozen, no state yet)."""
         if self._plans[gi] is None:
-            params = [p for p in group["params"] if p not in self._frozen and self._has_state(p, group)]
-            self._plans[gi] = self._extension.StepPlan(
-                self._kind, params, self._state_lists(params, group))
+            unfrozen = [p for p in group["params"] if p not in self._frozen]
+            params = [p for p in unfrozen if self._has_state(p, group)]
+            self._pending[gi] = [p for p in unfrozen if not self._has_state(p, group)]
+            self._plans[gi] = self._extension.StepPlan(self._kind, params, self._state_lists(params, group))
         return self._plans[gi]
 
     def _step_traced(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
