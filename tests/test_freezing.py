@@ -274,7 +274,7 @@ def test_sparse_grad_raises_and_changes_nothing():
     opt = frozenopt.SGD(model, lr=0.1, momentum=0.9)
     model["fc"](torch.randn(2, 3)).sum().backward()
     opt.step()
-    model["emb"].weight.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 3), (10, 3))
+    model["emb"].weight.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 3), (10, 3), check_invariants=True)
     model["fc"].weight.grad = torch.ones_like(model["fc"].weight)
     before = snapshot(opt, model)
     with pytest.raises(RuntimeError, match="sparse"):
