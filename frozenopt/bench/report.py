@@ -150,6 +150,12 @@ def describe_run(report: Dict[str, Any]) -> str:
         f"machine: {mach.get('cpu')}, {threads} torch threads, device {args['device']}, "
         f"torch {mach.get('torch')}, python {mach.get('python')}",
     ]
+    load = (report.get("load_average") or {}).get("start")
+    cpus = mach.get("affinity_cpus") or mach.get("cpu_count") or 1
+    if load and load[0] > 0.5:
+        parts.append(f"WARNING: the machine was busy when the run started (load average {load[0]:.1f} "
+                     f"on {cpus} CPUs): times are inflated and noisy; memory and exactness figures "
+                     f"are not affected")
     return "\n".join(parts)
 
 

@@ -44,6 +44,13 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(here))
 
 
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def machine_info() -> Dict[str, Any]:
     import torch
 
@@ -208,6 +215,7 @@ def run_bench(args) -> Dict[str, Any]:
     n_stages = 1 if args.schedule == "fixed" else 3
     per_recipe = (args.warmup + args.steps) * n_stages
     started = _dt.datetime.now(_dt.timezone.utc)
+    load_start = load_average()
 
     tmp_root = tempfile.mkdtemp(prefix="frozenopt-bench-")
     atol, rule = None, "not computed"
@@ -284,6 +292,9 @@ def run_bench(args) -> Dict[str, Any]:
         "command": " ".join(["frozenopt-bench"] + list(args.argv)),
         "args": {k: v for k, v in vars(args).items() if k not in ("argv",)},
         "machine": machine_info(),
+        # 1/5/15-minute load averages before the first worker and after the last one
+        # (the run itself adds about one per torch thread).
+        "load_average": {"start": load_start, "end": load_average()},
         "reference_recipe": reference,
         "tolerance": {"rtol": RTOL, "atol": atol, "atol_rule": rule},
         "model": first.get("model_info"),
