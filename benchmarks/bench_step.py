@@ -13,12 +13,14 @@ Cases (each for AdamW and for SGD with momentum=0.9):
 How it measures. Every contender of a case steps the same param and grad tensors
 (grads are set once; every step reuses them, as the task defines it). Each
 contender is warmed up first (state allocation and first steps are not timed),
-and a number of steps per measurement is chosen so one measurement lasts long
-enough for the clock. Then each repeat times every contender once, in an order
-rotated from repeat to repeat, so load on the machine hits all of them alike.
-The figures are medians over the repeats: the step time of each contender, and
-the ratio of two contenders measured in the same repeat (paired, which cancels
-most machine noise).
+and a number of steps per measurement is chosen so one measurement lasts about
+--min-measure-ms. Each repeat then measures every contender once, interleaved
+step by step (step A, step B, step C, step A, ...; a contender that needs fewer
+steps drops out of the later rounds) in an order rotated from repeat to
+repeat, so load on the machine hits all of them alike. The figures are medians
+over the repeats: the step time of each contender, and the ratio of two
+contenders measured in the same repeat (paired, which cancels most machine
+noise).
 
 In case c frozenopt is built with ``mask_only=True`` and the frozen params keep
 their grads, the harder case for a masked step: the grads are there, and the
@@ -157,21 +159,38 @@ def build_contenders(case: str, kind: str, params: list[torch.nn.Parameter]) -> 
 
 # ---------------------------------------------------------------- timing
 
-def time_steps(opt: torch.optim.Optimizer, steps: int) -> float:
-    """Seconds per step over `steps` back-to-back steps."""
+def time_step(opt: torch.optim.Optimizer) -> float:
     start = time.perf_counter()
-    for _ in range(steps):
-        opt.step()
-    return (time.perf_counter() - start) / steps
+    opt.step()
+    return time.perf_counter() - start
 
 
 def warm_up(c: Contender, min_measure_s: float, max_inner: int) -> None:
+    """Builds the optimizer, steps it past its first steps, and sets how many steps one measurement takes."""
     c.opt = c.make()
-    c.opt.step()  # allocates state (and, for frozenopt, builds the plan next step)
-    c.opt.step()
-    one = time_steps(c.opt, 1)
+    c.opt.step()  # allocates state (frozenopt builds its plan on the next step)
+    one = time_step(c.opt)
+    if one < min_measure_s / 3:
+        one = min(one, time_step(c.opt), time_step(c.opt))
     c.inner = max(1, min(max_inner, math.ceil(min_measure_s / max(one, 1e-6))))
-    time_steps(c.opt, min(c.inner, 3))
+
+
+def run_repeat(contenders: list[Contender], shift: int) -> None:
+    """One measurement of every contender, interleaved step by step.
+
+    Round j steps every contender that takes more than j steps per
+    measurement, in an order rotated by `shift`; so the fast contenders'
+    steps are spread over the same stretch of time (and the same machine
+    load) rather than run one block after the other.
+    """
+    order = contenders[shift:] + contenders[:shift]
+    spent = {c.name: 0.0 for c in contenders}
+    for j in range(max(c.inner for c in contenders)):
+        for c in order:
+            if j < c.inner:
+                spent[c.name] += time_step(c.opt)
+    for c in contenders:
+        c.times.append(spent[c.name] / c.inner)
 
 
 def run_case(case: str, kind: str, args) -> dict:
@@ -180,11 +199,15 @@ def run_case(case: str, kind: str, args) -> dict:
     contenders, target = build_contenders(case, kind, params)
     for c in contenders:
         warm_up(c, args.min_measure_s, args.max_inner)
+    # The two sides of the target take the same number of steps per measurement:
+    # with interleaved rounds, a contender with more steps would run its extra
+    # ones back to back (caches warm with its own data), a bias when its data fits.
+    pair = [c for c in contenders if c.name in (target.numerator, target.denominator)]
+    for c in pair:
+        c.inner = max(d.inner for d in pair)
     for r in range(args.repeats):
         gc.collect()
-        shift = r % len(contenders)
-        for c in contenders[shift:] + contenders[:shift]:
-            c.times.append(time_steps(c.opt, c.inner))
+        run_repeat(contenders, r % len(contenders))
 
     ref = contenders[0]
     per_repeat = {
@@ -341,6 +364,12 @@ def main(argv=None) -> int:
           f"CPU capability {m['cpu_capability']}; {args.repeats} repeats"
           f"{' (QUICK: sizes too small for the targets to mean anything)' if args.quick else ''}")
     print(format_table(results))
+    busy = m["loadavg_at_start"] and m["loadavg_at_start"][0] > (m["logical_cpus"] or 1)
+    if busy and m["torch_threads"] > 1:
+        print(f"note: the load average ({m['loadavg_at_start'][0]:.1f}) exceeds the {m['logical_cpus']} CPUs. "
+              "Contenders that open many short parallel regions (torch fused: one per tensor) wait for "
+              "descheduled worker threads and slow down far more than the others; --threads 1 gives a "
+              "comparison free of that effect.")
     print(f"all targets met: {report['all_targets_met']}; JSON: {args.out}; {report['wall_s']:.0f} s")
     return 0
 

@@ -190,12 +190,17 @@ class StepPlan {
   };
 
   // What the cached slot of one param was built from, and the slot itself.
+  // What the cached slot of one param was built from, and the slot itself.
+  // The param part (param and state checked, their pointers) stays valid while
+  // the param's storage and size do; the grad part is checked again whenever
+  // the grad object or its storage changes.
   struct Entry {
-    c10::TensorImpl* grad = nullptr;  // the grad checked last; nullptr: no grad then
-    const void* param_data = nullptr;
+    const void* param_data = nullptr;  // the param's storage when its part was checked
+    int64_t numel = -1;                // -1: the param part is not checked
+    bool param_direct = false;         // param and state contiguous and plain: the kernels can step it
+    c10::TensorImpl* grad = nullptr;   // the grad checked last; nullptr: no grad then
     const void* grad_data = nullptr;
-    int64_t numel = -1;
-    bool direct = false;  // every tensor of the param contiguous, plain CPU
+    bool direct = false;               // param_direct, and the grad too
     cpu::Slot slot{};
     float* step = nullptr;  // adam's step counter
   };
@@ -255,20 +260,28 @@ class StepPlan {
       const at::Tensor& grad = p->grad();
       if (!grad.defined()) {
         if (e.grad != nullptr) {
-          if (!e.direct) --indirect_;
-          e = Entry{};
+          drop_grad(e);
           changed = true;
         }
         continue;
       }
       c10::TensorImpl* g = grad.unsafeGetTensorImpl();
-      if (g == e.grad && p->numel() == e.numel && g->numel() == e.numel && raw_data(p) == e.param_data &&
-          raw_data(g) == e.grad_data && (!e.direct || (p->is_contiguous() && g->is_contiguous()))) {
+      const bool same_param = p->numel() == e.numel && raw_data(p) == e.param_data;
+      if (same_param && g == e.grad && g->numel() == e.numel && raw_data(g) == e.grad_data &&
+          (!e.direct || (p->is_contiguous() && g->is_contiguous()))) {
+        continue;  // nothing changed since the last check
+      }
+      changed = true;
+      drop_grad(e);
+      if (same_param && e.param_direct && p->is_contiguous() && grad_fits(*p, *g)) {
+        // Only the grad is new (zero_grad(set_to_none=True) makes this every
+        // step), and it passes the op's grad checks: the param part stands.
+        e.grad = g;
+        e.grad_data = raw_data(g);
+        e.slot.grad = e.grad_data;
+        e.direct = true;
         continue;
       }
-      if (e.grad != nullptr && !e.direct) --indirect_;
-      e = Entry{};
-      changed = true;
       validate(i, grad, from_check_grads);
       if (!e.direct) ++indirect_;
     }
@@ -276,36 +289,60 @@ class StepPlan {
     return indirect_ == 0;
   }
 
+  void drop_grad(Entry& e) {
+    if (e.grad != nullptr && !e.direct) --indirect_;
+    e.grad = nullptr;
+    e.grad_data = nullptr;
+    e.direct = false;
+  }
+
+  // What check_step_args asks of a grad given its (checked) param, as a
+  // yes/no without messages, plus the kernels' wish for a contiguous plain
+  // CPU tensor. A "no" goes through validate(), which gives the op's error or
+  // sends the param to the op path.
+  static bool grad_fits(const c10::TensorImpl& p, const c10::TensorImpl& g) {
+    const c10::DispatchKeySet keys = g.key_set();
+    if (keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Conjugate) ||
+        keys.has(c10::DispatchKey::Negative) || keys.has(c10::DispatchKey::Functionalize)) {
+      return false;
+    }
+    return g.layout() == c10::kStrided && g.device_type() == c10::DeviceType::CPU && g.has_storage() &&
+           g.dtype() == p.dtype() && g.device() == p.device() && g.sizes() == p.sizes() && g.is_contiguous();
+  }
+
   // The op's checks for param i alone; fills its entry. On an error the
   // whole list is checked again so the message names the same index the op's
   // would.
   void validate(size_t i, const at::Tensor& grad, bool from_check_grads) {
     const at::Tensor& p = params_[i];
+    Entry& e = entries_[i];
+    e = Entry{};
     try {
       check_one(i, grad);
     } catch (const c10::Error&) {
-      entries_[i] = Entry{};
       rebuild_slots();
       fail_with_op_message(from_check_grads);
       throw;
     }
-    Entry& e = entries_[i];
-    e.grad = grad.unsafeGetTensorImpl();
-    e.numel = p.numel();
-    bool direct = plain_cpu(p) && plain_cpu(grad) && p.is_contiguous() && grad.is_contiguous();
+    bool param_direct = plain_cpu(p) && p.is_contiguous();
     for (const auto& list : states_) {
-      if (!list.empty()) direct = direct && list[i].is_contiguous();
+      if (!list.empty()) param_direct = param_direct && list[i].is_contiguous();
     }
-    e.direct = direct;
+    if (param_direct) {
+      auto ptr = [&](size_t k) -> void* {
+        return k < states_.size() && !states_[k].empty() ? states_[k][i].data_ptr() : nullptr;
+      };
+      e.slot = {p.data_ptr(), nullptr, ptr(0), adam_ ? ptr(1) : nullptr, adam_ ? ptr(2) : nullptr,
+                p.numel(), p.scalar_type()};
+      if (adam_) e.step = states_[3][i].data_ptr<float>();
+    }
     e.param_data = raw_data(p.unsafeGetTensorImpl());
-    e.grad_data = raw_data(grad.unsafeGetTensorImpl());
-    if (!direct) return;  // the op path steps this param
-    auto ptr = [&](size_t k) -> void* {
-      return k < states_.size() && !states_[k].empty() ? states_[k][i].data_ptr() : nullptr;
-    };
-    e.slot = {p.data_ptr(), grad.const_data_ptr(), ptr(0), adam_ ? ptr(1) : nullptr, adam_ ? ptr(2) : nullptr,
-              p.numel(), p.scalar_type()};
-    if (adam_) e.step = states_[3][i].data_ptr<float>();
+    e.numel = p.numel();
+    e.param_direct = param_direct;
+    e.grad = grad.unsafeGetTensorImpl();
+    e.grad_data = raw_data(e.grad);
+    e.slot.grad = e.grad_data;
+    e.direct = param_direct && plain_cpu(grad) && grad.is_contiguous();
   }
 
   void check_one(size_t i, const at::Tensor& grad) const {
