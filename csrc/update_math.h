@@ -87,6 +87,10 @@ struct AdamCoef {
   bool decoupled_weight_decay;  // AdamW
   bool amsgrad;
   bool maximize;
+  // 1 - beta1 and 1 - beta2, computed in double by adam_step_scalars: in float,
+  // 1 - float(0.999) is off by 1.3e-5 relative (torch computes them in double).
+  T one_minus_beta1;
+  T one_minus_beta2;
 };
 
 // The scalars that depend on the step count, for the step about to be taken.
@@ -96,6 +100,8 @@ FROZENOPT_HD void adam_step_scalars(AdamCoef<T>& c, double lr, double beta1, dou
   const double bias_correction2 = 1.0 - ::pow(beta2, step);
   c.step_size = T(lr / bias_correction1);
   c.bias_correction2_sqrt = T(::sqrt(bias_correction2));
+  c.one_minus_beta1 = T(1.0 - beta1);
+  c.one_minus_beta2 = T(1.0 - beta2);
 }
 
 // One element (or vector) of torch.optim.Adam's rule (AdamW when decoupled):
@@ -114,8 +120,13 @@ FROZENOPT_HD void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* ma
       g = g + V(c.weight_decay) * param;
     }
   }
-  exp_avg = exp_avg + V(T(1) - c.beta1) * (g - exp_avg);
-  exp_avg_sq = V(c.beta2) * exp_avg_sq + V(T(1) - c.beta2) * g * g;
+  // torch's lerp: the second form keeps exp_avg == g exactly when beta1 == 0.
+  if (c.one_minus_beta1 < T(0.5)) {
+    exp_avg = exp_avg + V(c.one_minus_beta1) * (g - exp_avg);
+  } else {
+    exp_avg = g - (g - exp_avg) * V(c.beta1);
+  }
+  exp_avg_sq = V(c.beta2) * exp_avg_sq + V(c.one_minus_beta2) * g * g;
   V second = exp_avg_sq;
   if (c.amsgrad) {
     second = Arith<V>::max(*max_exp_avg_sq, exp_avg_sq);

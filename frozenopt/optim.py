@@ -15,6 +15,7 @@ Two step paths share the same ops (``frozenopt.ops``):
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from typing import Any, Iterable, Optional, Union
@@ -28,6 +29,23 @@ from frozenopt.names import NameIndex, describe, resolve_targets
 __all__ = ["SGD", "Adam", "AdamW"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_number(value: Any, name: str, message: str, *, at_least_zero: bool = True) -> Optional[float]:
+    """Raise ValueError(message) unless value is a finite number (>= 0 by default).
+
+    A tensor must have one element; one not on the CPU is not read (that would
+    synchronise), the kernel then gets it as it is.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        if value.device.type != "cpu":
+            return None
+    number = float(value)
+    if not math.isfinite(number) or (at_least_zero and number < 0.0):
+        raise ValueError(f"{message}: {value}")
+    return number
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -127,6 +145,11 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             raise ValueError("optimizer got an empty parameter list")
         self._sharded = any(_is_dtensor(p) for p in self._all_params())  # FSDP2 / DTensor params
         for gi, group in enumerate(self.param_groups):
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi} lists the same parameter more than once; each param may appear "
+                    "once (it would otherwise be stepped twice per step)")
+            self._check_hyper(group)
             devices = {p.device for p in group["params"]}
             if len(devices) > 1:
                 raise ValueError(
@@ -236,19 +259,21 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         params = self._all_params()
         index = self._name_index()
         changed = [i for i in indices if (params[i] in self._frozen) != frozen]
-        for i in indices if drop_state else ():
-            self.state.pop(params[i], None)
-        for i in changed:
-            p = params[i]
-            if frozen:
-                self._frozen.add(p)
-            else:
-                self._frozen.discard(p)
-            if not self._mask_only:
-                p.requires_grad_(not frozen)
+        try:  # the masks and plans follow whatever changed, even if interrupted (KeyboardInterrupt)
+            for i in indices if drop_state else ():
+                self.state.pop(params[i], None)
+            for i in changed:
+                p = params[i]
+                if not self._mask_only:
+                    p.requires_grad_(not frozen)
+                    if frozen:
+                        p.grad = None  # requires_grad off: the grad would only hold memory
                 if frozen:
-                    p.grad = None  # requires_grad off: the grad would only hold memory
-        self._refresh_masks()
+                    self._frozen.add(p)
+                else:
+                    self._frozen.discard(p)
+        finally:
+            self._refresh_masks()
         return [index.name_of(i) for i in changed]
 
     def _refresh_masks(self) -> None:
@@ -277,6 +302,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a frozenopt or torch.optim checkpoint; a frozenopt one restores its frozen set."""
+        self._check_loadable(state_dict)
         frozen = state_dict.get("frozen")
         indices = None
         if frozen is not None:
@@ -296,6 +322,36 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._set_frozen([i for i in all_indices if i not in indices], False)
         self._invalidate()
 
+    def _check_loadable(self, state_dict: Any) -> None:
+        """Refuse, before anything changes, what torch.optim would load partly or wrongly."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        for key in ("state", "param_groups"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no '{key}' entry: not an optimizer state_dict")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        owner: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
+        for group, saved in zip(self.param_groups, saved_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
+                                 "of optimizer's group")
+            owner.update((k, (p, group)) for k, p in zip(saved["params"], group["params"]))
+            self._check_hyper({**group, **{k: v for k, v in saved.items() if k not in ("params", "param_names")}})
+        extra = [k for k in state_dict["state"] if k not in owner]
+        if extra:
+            raise ValueError(f"state_dict has state for parameter ids {extra[:5]} that no param group lists")
+        for k, entry in state_dict["state"].items():
+            p, group = owner[k]
+            if not isinstance(entry, dict):
+                raise ValueError(f"state_dict state[{k}] must be a dict, got {type(entry).__name__}")
+            for name, value in entry.items():
+                if isinstance(value, Tensor) and name != "step" and value.shape != p.shape:
+                    raise ValueError(f"state_dict state[{k}][{name!r}] has shape {list(value.shape)} but its param "
+                                     f"{self._name_of(p)} has shape {list(p.shape)}")
+            self._check_state_entry(k, entry)
+
     # -------------------------------------------------------------------- step
 
     @torch.no_grad()
@@ -307,6 +363,9 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if not torch.compiler.is_compiling():
+            for group in self.param_groups:  # a bad group fails the step before any group moves
+                self._check_hyper(group)
         if torch.compiler.is_compiling() or any(
                 _is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
             self._step_traced(grad_scale, found_inf)
@@ -335,6 +394,11 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 for p in fresh:
                     self.state[p].update(self._new_state(p, group))
                 self._step_fresh(group, fresh, grad_scale, found_inf)
+                if self._kind == "sgd" and found_inf is not None and bool(found_inf):
+                    # A skipped first step must leave no momentum buffer: a zero one would make
+                    # the next step blend (dampening) instead of taking the grad as torch does.
+                    for p in fresh:
+                        self.state.pop(p, None)
                 self._plans[gi] = None  # the fresh params join the plan from the next step
             self._run_plan(plans[gi], group, grad_scale, found_inf)
 
@@ -384,6 +448,12 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._run_op(group, params, None, fresh, grad_scale, found_inf)
 
     # Hooks each optimizer fills in.
+    def _check_hyper(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _check_state_entry(self, key: Any, entry: dict[str, Any]) -> None:
+        pass
+
     def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
         raise NotImplementedError
 
@@ -426,6 +496,14 @@ class SGD(_FreezableOptimizer):
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
         super().__init__(params, defaults, mask_only=mask_only)
+
+    def _check_hyper(self, group):
+        _check_number(group["lr"], "lr", "Invalid learning rate")
+        momentum = _check_number(group["momentum"], "momentum", "Invalid momentum value")
+        dampening = _check_number(group["dampening"], "dampening", "Invalid dampening value", at_least_zero=False)
+        _check_number(group["weight_decay"], "weight_decay", "Invalid weight_decay value")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _has_state(self, p, group):
         return group["momentum"] == 0 or self.state.get(p, {}).get("momentum_buffer") is not None
@@ -486,6 +564,8 @@ class Adam(_FreezableOptimizer):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         if not 0.0 <= betas[0] < 1.0:
             raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
         if not 0.0 <= betas[1] < 1.0:
@@ -497,6 +577,27 @@ class Adam(_FreezableOptimizer):
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, mask_only=mask_only)
+
+    def _check_hyper(self, group):
+        _check_number(group["lr"], "lr", "Invalid learning rate")
+        _check_number(group["eps"], "eps", "Invalid epsilon value")
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= _check_number(beta, f"beta{i + 1}", f"Invalid beta parameter at index {i}") < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        _check_number(group["weight_decay"], "weight_decay", "Invalid weight_decay value")
+
+    def _check_state_entry(self, key, entry):
+        keys = ("exp_avg", "exp_avg_sq", "step")
+        present, missing = [k for k in keys if k in entry], [k for k in keys if k not in entry]
+        if present and missing:
+            raise ValueError(f"state_dict state[{key}] has {present[0]} but no {missing[0]}")
+        step = entry.get("step", 0)
+        if not (isinstance(step, (int, float)) or isinstance(step, Tensor) and step.numel() == 1):
+            raise ValueError(f"state_dict state[{key}]['step'] must be a number or a one-element tensor, "
+                             f"got {step!r}")
 
     def _has_state(self, p, group):
         state = self.state.get(p)
