@@ -463,26 +463,31 @@ def test_frozen_tensors_are_not_loaded(shim, kind):
     poisoned = shim.poisoned_page()
     params = make_params(torch.float32, [100, 5000, 7, CHUNK + 3])
     grads = make_grads(params, 0)
+    states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    steps = [torch.zeros(()) for _ in params]
+    mask = torch.tensor([0, 1, 0, 1], dtype=torch.uint8)
+    numels = [p.numel() for p in params]
+    if kind == "sgd":
+        rows = [[p.data_ptr(), g.data_ptr(), b.data_ptr()] for p, g, b in zip(params, grads, states[0])]
+    else:
+        rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr()]
+                for p, g, m, v, s in zip(params, grads, states[0], states[1], steps)]
+    for i in (1, 3):
+        rows[i] = [poisoned] * len(rows[i])  # every row, the step counter too
+    # Everything is prepared before the fork: the child makes no torch calls
+    # (another thread of the parent may hold a lock it would wait on forever).
     pid = os.fork()
     if pid == 0:  # child
+        code = 3
         try:
-            rows_mask = torch.tensor([0, 1, 0, 1], dtype=torch.uint8)
             if kind == "sgd":
-                rows = [[p.data_ptr(), g.data_ptr(), torch.zeros_like(p).data_ptr()] for p, g in zip(params, grads)]
-                for i in (1, 3):
-                    rows[i] = [poisoned] * 3
-                shim.sgd(rows, [p.numel() for p in params], [0] * 4, rows_mask.data_ptr(), (0, 0, 0.0),
-                         (0, 0, 1.0), (0, 0, 0.1), 0.9, 0.0, 0.0, False, False, False)
+                shim.sgd(rows, numels, [0] * 4, mask.data_ptr(), (0, 0, 0.0), (0, 0, 1.0), (0, 0, 0.1), 0.9, 0.0,
+                         0.0, False, False, True)
             else:
-                steps = [torch.zeros(()) for _ in params]
-                rows = [[p.data_ptr(), g.data_ptr(), torch.zeros_like(p).data_ptr(), torch.zeros_like(p).data_ptr(),
-                         s.data_ptr()] for p, g, s in zip(params, grads, steps)]
-                for i in (1, 3):
-                    rows[i] = [poisoned] * 5  # the step counter too
-                shim.adam(rows, [p.numel() for p in params], [0] * 4, rows_mask.data_ptr(), (0, 0, 0.0),
-                          (0, 0, 1.0), (0, 0, 0.1), 0.9, 0.999, 1e-8, 0.0, False, False, False)
-            os._exit(0)
-        except BaseException:
-            os._exit(3)
+                shim.adam(rows, numels, [0] * 4, mask.data_ptr(), (0, 0, 0.0), (0, 0, 1.0), (0, 0, 0.1), 0.9,
+                          0.999, 1e-8, 0.0, False, False, False)
+            code = 0
+        finally:
+            os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child died: status {status}"
