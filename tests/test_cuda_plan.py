@@ -8,6 +8,8 @@ more are checked as well.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -179,3 +181,25 @@ def test_step_launches():
 def test_any_sizes_and_limits(numels, max_tensors, max_blocks, depth):
     launches = plan_mod.plan(depth, numels, max_tensors=max_tensors, max_blocks=max_blocks)
     check_plan(depth, numels, launches, max_tensors, max_blocks)
+
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "cuda_bytes.py"
+
+
+@pytest.mark.skipif(not BENCH.exists(), reason="benchmarks/ not beside the tests")
+def test_bytes_model_meets_the_floor(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("cuda_bytes", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--model", "bert-base", "--frozen", "0.5", "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    floors = {"sgd": 12, "sgd_momentum": 20, "adam": 28, "adamw": 28, "adam_amsgrad": 36}
+    for row in report["rows"]:
+        if row["dtype"] == "float32":
+            assert row["floor_bytes_per_element"] == floors[row["optimizer"]]
+        assert row["bytes_per_frozen_element"] == 0
+        assert 1.0 <= row["ratio_to_floor"] < 1.001
+        assert row["launches_per_step_eager"] <= row["launches_per_step_graph"]
