@@ -358,7 +358,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         torch.optim's first step (the buffer takes the grad) only without
         dampening, so a group with momentum and dampening is refused.
         """
-        for group in self.param_groups:
+        for group in self.param_groups:  # checked first: a refusal changes nothing
             if self._kind == "sgd" and group["momentum"] != 0 and group["dampening"] != 0:
                 missing = [p for p in group["params"] if not self._has_state(p, group)]
                 if missing:
@@ -366,6 +366,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                         "prepare_capture: SGD with momentum and dampening cannot pre-create momentum "
                         f"buffers exactly ({len(missing)} param(s) have none, e.g. "
                         f"{self._name_of(missing[0])}); run an eager step with them unfrozen first")
+        for group in self.param_groups:
             for p in group["params"]:
                 if not self._has_state(p, group):
                     self.state[p].update(self._new_state(p, group))

@@ -31,8 +31,11 @@ fi
 py="$(cd "$venv" && pwd)/bin/python"
 if ! "$py" -c "import torch, pybind11, ninja, pytest, hypothesis, numpy, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
   say "installing torch==2.14.1 (CUDA 13.0 build) and the test tools into $venv"
-  "$py" -m pip install -q --upgrade pip setuptools wheel
-  "$py" -m pip install -q torch==2.14.1 pybind11 ninja pytest hypothesis numpy
+  {
+    "$py" -m pip install -q --upgrade pip setuptools wheel
+    "$py" -m pip install -q torch==2.14.1 pybind11 ninja pytest hypothesis numpy
+  } 2>&1 | { grep -vE "Location '.*' is ignored" || true; } >&2
+  "$py" -c "import torch" || { echo "cuda_check: installing torch==2.14.1 into $venv failed" >&2; exit 1; }
 fi
 site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 "$py" -c "import torch, sys; sys.exit(torch.version.cuda is None)" || { echo "cuda_check: $venv's torch is not a CUDA build" >&2; exit 1; }
@@ -71,8 +74,8 @@ say "building frozenopt with CUDA (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-
   TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
   FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-2} \
     "$py" -m pip install -q --no-build-isolation --no-deps --force-reinstall . 2>&1 \
-    | grep -vE "Location '.*' is ignored|BuildBackendWarning|SetuptoolsDeprecationWarning" >&2 || true
-)
+    | { grep -vE "Location '.*' is ignored" || true; } >&2
+) || { echo "cuda_check: the CUDA build failed" >&2; exit 1; }
 
 # 3. Import it from outside the checkout and check the registrations.
 say "checking the installed build"

@@ -17,6 +17,7 @@ pytestmark = [
     pytest.mark.skipif(not _C.cuda_plan.built_with_cuda, reason="frozenopt was built without its CUDA kernels"),
 ]
 
+DEVICE = "cuda"  # a module constant, so the test logic itself can be dry-run on "cpu"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 HALF = (torch.float16, torch.bfloat16)
 SIZES = [0, 1, 3, 64, 1000, 2 * 65536 + 5, 4096, 0, 33]
@@ -35,12 +36,12 @@ def names(indices):
 
 def make(dtype, seed=0, sizes=SIZES):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype).cuda() for n in sizes]
+    return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype).to(DEVICE) for n in sizes]
 
 
 def grads_for(params, step):
     g = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype).cuda() for p in params]
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype).to(DEVICE) for p in params]
 
 
 def tol(dtype):
@@ -157,7 +158,7 @@ def test_launches_per_step_match_the_planner(kind):
     # 300 params (200 small, 100 of 3 chunks), 30% frozen: the eager plan sends
     # only the unfrozen ones.
     sizes = [257] * 200 + [3 * 65536] * 100
-    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in sizes]
+    params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in sizes]
     named = [(f"p{i}", p) for i, p in enumerate(params)]
     opt = {"sgd": lambda: frozenopt.SGD(named, lr=0.1),
            "sgd_momentum": lambda: frozenopt.SGD(named, lr=0.1, momentum=0.9),
@@ -181,12 +182,12 @@ def test_launches_per_step_match_the_planner(kind):
 
 def test_step_does_not_synchronise():
     params = [torch.nn.Parameter(p) for p in make(torch.float32, seed=4) if p.numel()]
-    opt = frozenopt.Adam(params, lr=torch.tensor(0.01, device="cuda"))
+    opt = frozenopt.Adam(params, lr=torch.tensor(0.01, device=DEVICE))
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    opt.grad_scale = torch.tensor(2.0, device="cuda")
-    opt.found_inf = torch.tensor(0.0, device="cuda")
+    opt.grad_scale = torch.tensor(2.0, device=DEVICE)
+    opt.found_inf = torch.tensor(0.0, device=DEVICE)
     torch.cuda.set_sync_debug_mode("error")
     try:
         opt.step()
@@ -205,8 +206,8 @@ def test_found_inf_moves_nothing(cls):
     opt.step()
     before = [p.detach().clone() for p in params]
     state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
-    opt.found_inf = torch.ones((), device="cuda")
-    opt.grad_scale = torch.tensor(1024.0, device="cuda")
+    opt.found_inf = torch.ones((), device=DEVICE)
+    opt.grad_scale = torch.tensor(1024.0, device=DEVICE)
     opt.step()
     del opt.found_inf, opt.grad_scale
     for p, b in zip(params, before):
@@ -219,13 +220,13 @@ def test_grad_scaler_skips_an_overflowing_step():
     model = torch.nn.Linear(16, 4).cuda()
     opt = frozenopt.AdamW(model, lr=0.1)
     scaler = torch.amp.GradScaler("cuda")
-    model(torch.randn(8, 16, device="cuda")).sum().backward()
+    model(torch.randn(8, 16, device=DEVICE)).sum().backward()
     scaler.step(opt)
     scaler.update()
     before = [p.detach().clone() for p in model.parameters()]
     steps = [opt.state[p]["step"].clone() for p in model.parameters()]
     opt.zero_grad()
-    scaler.scale(model(torch.randn(8, 16, device="cuda")).sum() * float("inf")).backward()
+    scaler.scale(model(torch.randn(8, 16, device=DEVICE)).sum() * float("inf")).backward()
     scaler.step(opt)
     scaler.update()
     for p, b, s in zip(model.parameters(), before, steps):
@@ -285,13 +286,13 @@ def test_cuda_graph_capture_follows_mask_only_freeze_and_unfreeze(cls):
 
 
 def test_non_dense_params_are_stepped_through_copies():
-    base = torch.randn(64, 64, device="cuda")
+    base = torch.randn(64, 64, device=DEVICE)
     strided = torch.nn.Parameter(base[:, ::2])  # not dense: copied, stepped, written back
     ref = torch.nn.Parameter(strided.detach().clone())
     opt = frozenopt.Adam([strided], lr=0.1)
     ref_opt = torch.optim.Adam([ref], lr=0.1, fused=True)
     for step in range(3):
-        g = torch.randn(64, 32, device="cuda")
+        g = torch.randn(64, 32, device=DEVICE)
         strided.grad, ref.grad = g.clone(), g.clone()
         opt.step()
         ref_opt.step()
