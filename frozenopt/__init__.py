@@ -6,6 +6,7 @@ without rebuilding anything.
 """
 
 from frozenopt.optim import SGD, Adam, AdamW
+from frozenopt.finetune import FineTuner, GradualUnfreeze, frozen_bn_eval, layer_groups, spread_lr, stop_gradient  # noqa: E402,I001
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "FineTuner", "GradualUnfreeze", "frozen_bn_eval", "layer_groups", "spread_lr", "stop_gradient"]
 __version__ = "0.1.0"

@@ -7,6 +7,7 @@ The fake kernels let ``torch.compile`` trace through them.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence, Union
 
 import torch
@@ -47,6 +48,14 @@ if _C is not None:
         return None
 
 
+def _local(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
+    """DTensors (FSDP2 shards) replaced by their local tensors, which the kernels step in place."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None or not any(isinstance(t, dtensor.DTensor) for t in tensors):
+        return tensors
+    return [t._local_tensor if isinstance(t, dtensor.DTensor) else t for t in tensors]
+
+
 def split_lr(lr: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
     """(float lr, tensor lr or None): the ops take a 0-dim tensor lr as its own argument."""
     if isinstance(lr, Tensor):
@@ -61,7 +70,8 @@ def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Se
     """One fused SGD step over the lists; ``momentum_buffers`` is empty when momentum is 0."""
     lr_value, lr_tensor = split_lr(lr)
     torch.ops.frozenopt.sgd_(
-        params, grads, momentum_buffers, mask, lr=lr_value, lr_tensor=lr_tensor, momentum=momentum,
+        _local(params), _local(grads), _local(momentum_buffers), mask, lr=lr_value, lr_tensor=lr_tensor,
+        momentum=momentum,
         dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
         is_first_step=is_first_step, grad_scale=grad_scale, found_inf=found_inf)
 
@@ -74,7 +84,8 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
     """One fused Adam (AdamW when decoupled) step; ``max_exp_avg_sqs`` is empty without amsgrad."""
     lr_value, lr_tensor = split_lr(lr)
     torch.ops.frozenopt.adam_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, lr=lr_value,
+        _local(params), _local(grads), _local(exp_avgs), _local(exp_avg_sqs), _local(max_exp_avg_sqs),
+        _local(state_steps), mask, lr=lr_value,
         lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
         grad_scale=grad_scale, found_inf=found_inf)

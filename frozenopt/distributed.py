@@ -1,0 +1,107 @@
+"""torch.distributed.checkpoint (DCP) save/load that keeps frozenopt's frozen set and state.
+
+DCP's ``get_state_dict``/``set_state_dict`` rebuild the optimizer state dict in torch.optim's
+layout, so two things need help:
+
+- the frozen set (frozenopt's ``state_dict()["frozen"]``) is dropped: it is saved here beside
+  the state, by name;
+- DCP loads only the state entries the destination optimizer already has, and a fresh
+  optimizer has none for params that are frozen (``requires_grad`` off): the state of a param
+  that was trained and later frozen would be silently left out of the load. Here the names
+  of the params that have state are saved too, and placeholders are made for exactly those
+  before loading (zeros shaped and sharded like each param, then overwritten).
+
+Works for plain tensors and FSDP2/DTensor params, in one process or many.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from torch import nn
+
+__all__ = ["save_checkpoint", "load_checkpoint"]
+
+_KEY = "frozenopt"
+
+
+def _names(optimizer: Any) -> list[tuple[str, Any, dict]]:
+    out = []
+    for group in optimizer.param_groups:
+        names = group.get("param_names")
+        if not names:
+            raise ValueError("save_checkpoint/load_checkpoint need an optimizer built with names "
+                             "(a Module, named_parameters() or named param groups)")
+        out += [(n, p, group) for n, p in zip(names, group["params"])]
+    return out
+
+
+def save_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, extra: Optional[dict] = None,
+                    **save_kwargs: Any) -> None:
+    """``dcp.save`` of the model, the optimizer, its frozen set and which params have state.
+
+    ``extra`` entries (e.g. a scheduler's ``state_dict()``) are saved alongside under their keys.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    meta = {"frozen": list(optimizer.frozen),
+            "stateful": [n for n, p, _ in _names(optimizer) if optimizer.state.get(p)]}
+    state = {"model": model_sd, "optim": optim_sd, _KEY: json.dumps(meta), **(extra or {})}
+    dcp.save(state, checkpoint_id=checkpoint_id, **save_kwargs)
+
+
+def load_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, extra: Optional[dict] = None,
+                    **load_kwargs: Any) -> dict:
+    """Load what :func:`save_checkpoint` wrote into ``model`` and ``optimizer``; returns ``extra``, loaded.
+
+    The optimizer ends with the saved frozen set and the saved state, including that of
+    params that were trained and then frozen; params that had no state get none.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_state_dict, set_model_state_dict, set_optimizer_state_dict)
+
+    head = {_KEY: ""}
+    dcp.load(head, checkpoint_id=checkpoint_id, **load_kwargs)
+    meta = json.loads(head[_KEY])
+    stateful = set(meta["stateful"])
+    named = _names(optimizer)
+    unknown = (stateful | set(meta["frozen"])) - {n for n, _, _ in named}
+    if unknown:
+        raise ValueError(f"the checkpoint names params this optimizer does not have: {sorted(unknown)[:5]}")
+    for name, p, group in named:
+        if name in stateful and not optimizer.state.get(p):
+            optimizer.state[p].update(optimizer._new_state(p, group))  # placeholders DCP loads into
+        elif name not in stateful:
+            optimizer.state.pop(p, None)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, **(extra or {})}
+    if stateful:
+        state["optim"] = optim_sd
+    dcp.load(state, checkpoint_id=checkpoint_id, **load_kwargs)
+    set_model_state_dict(model, state["model"])
+    if stateful:
+        # DCP hands over only the state of params with requires_grad on, which frozen params
+        # have off (frozenopt's default mode): turn it on for the load, then put it back.
+        # strict=False: params with no saved state (never trained, or SGD without momentum)
+        # are not an error; the placeholders above made sure nothing saved is left out.
+        requires_grad = [(p, p.requires_grad) for _, p, _ in named]
+        try:
+            for p, _ in requires_grad:
+                p.requires_grad_(True)
+            set_optimizer_state_dict(model, optimizer, state["optim"], options=StateDictOptions(strict=False))
+        finally:
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+    else:  # get_state_dict may have given it a zero-lr step to create state: drop it
+        optimizer.state.clear()
+    frozen, now = set(meta["frozen"]), set(optimizer.frozen)
+    if now - frozen:
+        optimizer.unfreeze(*sorted(now - frozen))
+    if frozen - now:
+        optimizer.freeze(*sorted(frozen - now))
+    getattr(optimizer, "_invalidate", lambda: None)()  # state changed under the optimizer's cached plans
+    return {k: state[k] for k in (extra or {})}

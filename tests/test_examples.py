@@ -1,0 +1,48 @@
+"""The scripts in examples/ run to the end (each asserts what it shows); skipped without their library."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name, *args, timeout=180):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+                            timeout=timeout, env=env, cwd=EXAMPLES.parent)
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def needs(module):
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"{module} is not installed (pip install {module})")
+
+
+def test_plain_loop():
+    out = run_example("plain_loop.py", "--steps", "24")
+    assert "frozen now ['backbone.0.weight', 'backbone.0.bias']" in out
+    assert "frozen now []" in out
+    assert out.rstrip().endswith("then trained")
+
+
+@needs("lightning")
+def test_lightning_configure_optimizers():
+    out = run_example("lightning_module.py", "--epochs", "3")
+    assert "epoch 0: backbone unchanged = True" in out
+    assert "epoch 1: unfreezing ['backbone.0.weight'" in out
+    assert "epoch 2: backbone unchanged = False" in out
+
+
+@needs("transformers")
+@needs("accelerate")
+def test_hugging_face_trainer_optimizers():
+    out = run_example("hf_trainer.py", "--steps", "8")
+    assert "step 4: unfreezing 16 params" in out
+    assert "done: " in out
