@@ -7,9 +7,9 @@
 #      non-editable into .venv-cuda, so the checkout's CPU build is untouched;
 #   3. the build imported, its CUDA kernels checked to be registered for the
 #      CUDA dispatch key;
-#   4. the test suite run against that build, from a copy of tests/ outside
-#      the checkout (so the checkout's frozenopt/ does not shadow it). The GPU
-#      tests skip themselves; everything else runs on the CPU.
+#   4. the test suite run against that build, from a copy of the checkout
+#      without frozenopt/ (so the checkout's package does not shadow the
+#      installed one). The GPU tests skip themselves; the rest runs on the CPU.
 # Environment: FROZENOPT_CUDA_VENV (default .venv-cuda), CUDA_HOME (default
 # /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default 8.0;9.0 here, for speed),
 # FROZENOPT_CUDA_CHECK_PYTEST (extra pytest arguments).
@@ -98,11 +98,27 @@ print(f"cuda_check: {frozenopt.__file__}: torch {torch.__version__} (CUDA {torch
 PY
 )
 
-# 4. The test suite against the installed CUDA build.
+# 4. The test suite against the installed CUDA build, from a copy of the
+# checkout without frozenopt/ (tests read README.md, examples/, benchmarks/
+# beside them; the package itself must come from .venv-cuda).
 say "running the test suite against it"
-cp -r tests "$work/tests"
+"$py" - "$root" "$work/tree" <<'PY'
+import shutil, sys
+from pathlib import Path
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+skip = {"frozenopt", "build", ".git", ".pytest_cache", ".hypothesis", "__pycache__"}
+ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
+dst.mkdir(parents=True)
+for entry in src.iterdir():
+    if entry.name in skip or entry.name.startswith(".venv") or entry.name.endswith(".egg-info"):
+        continue
+    if entry.is_dir():
+        shutil.copytree(entry, dst / entry.name, ignore=ignore, symlinks=True)
+    elif entry.is_file():
+        shutil.copy2(entry, dst / entry.name)
+PY
 status=0
-(cd "$work" && FROZENOPT_CSRC="$root/csrc" FROZENOPT_SHIM_BUILD="$root/build/cuda_shim" \
+(cd "$work/tree" && FROZENOPT_SHIM_BUILD="$root/build/cuda_shim" \
   "$py" -m pytest -q -p no:cacheprovider ${FROZENOPT_CUDA_CHECK_PYTEST:-} tests) || status=$?
 say "done (pytest exit $status)"
 exit $status
