@@ -3,16 +3,21 @@
 // The ops take every param of a group plus one mask entry per param, so a
 // compiled graph or a captured CUDA graph stays valid when the mask flips.
 // The plan is the eager fast path: it holds only the unfrozen params and their
-// state, reads param.grad() itself, and calls the same ops through the
-// dispatcher, so per-step host work is a C++ loop over the unfrozen params.
+// state, reads param.grad() itself and, on the CPU, runs the kernels on a
+// cached launch (see StepPlan), so per-step host work is a short C++ loop
+// over the unfrozen params.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/stl.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
+#include "cpu/launch.h"
 #include "ops.h"
 
 TORCH_LIBRARY(frozenopt, m) {
@@ -36,6 +41,15 @@ using OptTensor = std::optional<at::Tensor>;
 
 // The unfrozen params of one param group whose state exists, in group order.
 // Python rebuilds a plan when the frozen set, the state or the group changes.
+//
+// On the CPU a step does not go through the dispatcher: the plan keeps, per
+// param, the raw pointers the kernel needs (a cpu::Slot) together with what
+// they were taken from (the grad's TensorImpl, the data pointers, the size).
+// Each step compares those with param.grad() and re-validates only the params
+// whose grad or storage changed, with the op's own checks; when nothing
+// changed (grads kept between steps) the cached launch runs as it is. The op
+// path (dispatcher) remains for other devices, non-contiguous tensors, tensor
+// subclasses and active dispatch modes, and it gives the op's error messages.
 class StepPlan {
  public:
   // states: the op's state lists in its order (sgd: momentum_buffers; adam:
@@ -50,13 +64,24 @@ class StepPlan {
       TORCH_CHECK(list.empty() || list.size() == params_.size(), "StepPlan: a state list has ",
                   list.size(), " entries for ", params_.size(), " params");
     }
+    adam_ = lists == 4;
+    op_name_ = adam_ ? "frozenopt::adam_" : "frozenopt::sgd_";
+    direct_ = std::all_of(params_.begin(), params_.end(), [](const at::Tensor& p) { return plain_cpu(p); });
+    for (const auto& list : states_) {
+      for (const auto& t : list) direct_ = direct_ && plain_cpu(t);
+    }
+    entries_.resize(params_.size());
   }
 
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
 
-  // The op's own checks, without stepping: lets a step over several groups
-  // fail before any of them has moved.
-  void check_grads() const {
+  // The op's checks, without stepping: lets a step over several groups fail
+  // before any of them has moved.
+  void check_grads() {
+    if (use_direct()) {
+      refresh(/*from_check_grads=*/true);
+      return;
+    }
     const Gathered g = gather();
     check_step_args("frozenopt step", g.params, g.grads, {}, std::nullopt, std::nullopt, std::nullopt,
                     std::nullopt);
@@ -64,6 +89,28 @@ class StepPlan {
 
   void sgd(double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay,
            bool nesterov, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
+    const bool has_momentum = momentum != 0.0;
+    // momentum without buffers is the op's error to give.
+    if (use_direct() && !(has_momentum && states_[0].empty()) && refresh(false)) {
+      if (active_.empty()) return;
+      RECORD_FUNCTION("frozenopt::sgd_ (step plan)", std::vector<c10::IValue>());
+      check_scalars(lr_tensor, grad_scale, found_inf);
+      lr = value_of(lr_tensor, lr);
+      check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov);
+      if (skipped_for_overflow(found_inf)) return;
+      sgd_launch_.coef = {lr,           momentum,   1.0 - dampening, weight_decay,
+                          1.0 / value_of(grad_scale, 1.0),          weight_decay != 0.0,
+                          has_momentum, nesterov,   maximize,        /*first_step=*/false};
+      sgd_launch_.slots.swap(slots_);
+      try {
+        cpu::run_sgd_best(sgd_launch_);
+      } catch (...) {
+        sgd_launch_.slots.swap(slots_);
+        throw;
+      }
+      sgd_launch_.slots.swap(slots_);
+      return;
+    }
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("frozenopt::sgd_", "")
                          .typed<void(at::TensorList, at::TensorList, at::TensorList, const OptTensor&, double,
@@ -78,6 +125,52 @@ class StepPlan {
   void adam(double lr, const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps,
             bool amsgrad, bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale,
             const OptTensor& found_inf) {
+    // amsgrad without max_exp_avg_sqs is the op's error to give.
+    if (use_direct() && !(amsgrad && states_[2].empty()) && refresh(false)) {
+      if (active_.empty()) return;
+      RECORD_FUNCTION("frozenopt::adam_ (step plan)", std::vector<c10::IValue>());
+      check_scalars(lr_tensor, grad_scale, found_inf);
+      lr = value_of(lr_tensor, lr);
+      check_adam_hyper(lr, beta1, beta2, weight_decay, eps);
+      if (skipped_for_overflow(found_inf)) return;
+      math::AdamCoef<double> base{};
+      base.lr = lr;
+      base.beta1 = beta1;
+      base.beta2 = beta2;
+      base.eps = eps;
+      base.weight_decay = weight_decay;
+      base.inv_grad_scale = 1.0 / value_of(grad_scale, 1.0);
+      base.has_weight_decay = weight_decay != 0.0;
+      base.decoupled_weight_decay = decoupled_weight_decay;
+      base.amsgrad = amsgrad;
+      base.maximize = maximize;
+      // The step counter advances for every param with a grad, empty ones too,
+      // as in torch.optim; the bias corrections are computed once per distinct
+      // step count (usually one for the whole group).
+      for (const int32_t i : active_) *entries_[i].step += 1.0f;
+      auto& coefs = adam_launch_.coefs;
+      coefs.resize(slots_.size());
+      float last_step = -1.0f;
+      math::AdamCoef<double> coef = base;
+      for (size_t k = 0; k < slots_.size(); ++k) {
+        const float step = *entries_[slot_entry_[k]].step;
+        if (step != last_step) {
+          coef = base;
+          math::adam_step_scalars(coef, lr, beta1, beta2, double(step));
+          last_step = step;
+        }
+        coefs[k] = coef;
+      }
+      adam_launch_.slots.swap(slots_);
+      try {
+        cpu::run_adam_best(adam_launch_);
+      } catch (...) {
+        adam_launch_.slots.swap(slots_);
+        throw;
+      }
+      adam_launch_.slots.swap(slots_);
+      return;
+    }
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("frozenopt::adam_", "")
                          .typed<void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
@@ -95,6 +188,193 @@ class StepPlan {
     std::vector<at::Tensor> params, grads;
     std::vector<std::vector<at::Tensor>> states;
   };
+
+  // What the cached slot of one param was built from, and the slot itself.
+  struct Entry {
+    c10::TensorImpl* grad = nullptr;  // the grad checked last; nullptr: no grad then
+    const void* param_data = nullptr;
+    const void* grad_data = nullptr;
+    int64_t numel = -1;
+    bool direct = false;  // every tensor of the param contiguous, plain CPU
+    cpu::Slot slot{};
+    float* step = nullptr;  // adam's step counter
+  };
+
+  // A dense CPU tensor the kernels may read through a raw pointer.
+  static bool plain_cpu(const at::Tensor& t) {
+    if (!t.defined()) return false;
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    const c10::DispatchKeySet keys = impl->key_set();
+    return impl->device_type() == c10::DeviceType::CPU && impl->layout() == c10::kStrided &&
+           impl->has_storage() && !keys.has(c10::DispatchKey::Python) &&
+           !keys.has(c10::DispatchKey::Conjugate) && !keys.has(c10::DispatchKey::Negative) &&
+           !keys.has(c10::DispatchKey::Functionalize);
+  }
+
+  // Where a tensor's elements start, for noticing a changed storage (set_,
+  // .data =, a resize): TensorImpl::data() without its checks, which is all
+  // the per-step test of an unchanged param needs. Only for tensors that
+  // passed the checks (they have storage).
+  static const void* raw_data(const c10::TensorImpl* t) {
+    const c10::Storage& storage = t->unsafe_storage();
+    if (!storage) return nullptr;
+    return static_cast<const char*>(storage.unsafeGetStorageImpl()->data_ptr().get()) +
+           t->storage_offset() * static_cast<int64_t>(t->dtype().itemsize());
+  }
+
+  // The direct path is for CPU plans, and not while a Python dispatch mode
+  // (which must see the op) is active.
+  bool use_direct() const { return direct_ && c10::impl::TorchDispatchModeTLS::stack_len() == 0; }
+
+  static double value_of(const OptTensor& t, double otherwise) {
+    return t.has_value() ? t->item<double>() : otherwise;
+  }
+
+  static bool skipped_for_overflow(const OptTensor& found_inf) {
+    return found_inf.has_value() && found_inf->item<double>() != 0.0;
+  }
+
+  // The op's checks of its scalar-tensor arguments (against the first param).
+  void check_scalars(const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) const {
+    const at::Tensor& p = params_[active_.front()];
+    const at::Tensor& g = p.grad();
+    check_step_args(op_name_, at::TensorList(&p, 1), at::TensorList(&g, 1), {}, std::nullopt, lr_tensor,
+                    grad_scale, found_inf);
+  }
+
+  // Brings the cached slots in line with the params' current grads. Returns
+  // false when some param needs the op path (a non-contiguous tensor).
+  // Raises the op's error, changing nothing, when a grad is bad.
+  bool refresh(bool from_check_grads) {
+    bool changed = false;
+    const size_t n = params_.size();
+    for (size_t i = 0; i < n; ++i) {
+      Entry& e = entries_[i];
+      const c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
+      // TensorImpl::grad, not Tensor::grad: the latter asks is_leaf() each time.
+      const at::Tensor& grad = p->grad();
+      if (!grad.defined()) {
+        if (e.grad != nullptr) {
+          if (!e.direct) --indirect_;
+          e = Entry{};
+          changed = true;
+        }
+        continue;
+      }
+      c10::TensorImpl* g = grad.unsafeGetTensorImpl();
+      if (g == e.grad && p->numel() == e.numel && g->numel() == e.numel && raw_data(p) == e.param_data &&
+          raw_data(g) == e.grad_data && (!e.direct || (p->is_contiguous() && g->is_contiguous()))) {
+        continue;
+      }
+      if (e.grad != nullptr && !e.direct) --indirect_;
+      e = Entry{};
+      changed = true;
+      validate(i, grad, from_check_grads);
+      if (!e.direct) ++indirect_;
+    }
+    if (changed) rebuild_slots();
+    return indirect_ == 0;
+  }
+
+  // The op's checks for param i alone; fills its entry. On an error the
+  // whole list is checked again so the message names the same index the op's
+  // would.
+  void validate(size_t i, const at::Tensor& grad, bool from_check_grads) {
+    const at::Tensor& p = params_[i];
+    try {
+      check_one(i, grad);
+    } catch (const c10::Error&) {
+      entries_[i] = Entry{};
+      rebuild_slots();
+      fail_with_op_message(from_check_grads);
+      throw;
+    }
+    Entry& e = entries_[i];
+    e.grad = grad.unsafeGetTensorImpl();
+    e.numel = p.numel();
+    bool direct = plain_cpu(p) && plain_cpu(grad) && p.is_contiguous() && grad.is_contiguous();
+    for (const auto& list : states_) {
+      if (!list.empty()) direct = direct && list[i].is_contiguous();
+    }
+    e.direct = direct;
+    e.param_data = raw_data(p.unsafeGetTensorImpl());
+    e.grad_data = raw_data(grad.unsafeGetTensorImpl());
+    if (!direct) return;  // the op path steps this param
+    auto ptr = [&](size_t k) -> void* {
+      return k < states_.size() && !states_[k].empty() ? states_[k][i].data_ptr() : nullptr;
+    };
+    e.slot = {p.data_ptr(), grad.const_data_ptr(), ptr(0), adam_ ? ptr(1) : nullptr, adam_ ? ptr(2) : nullptr,
+              p.numel(), p.scalar_type()};
+    if (adam_) e.step = states_[3][i].data_ptr<float>();
+  }
+
+  void check_one(size_t i, const at::Tensor& grad) const {
+    const at::TensorList p(&params_[i], 1), g(&grad, 1);
+    auto one = [&](size_t k) { return at::TensorList(&states_[k][i], 1); };
+    if (!adam_) {
+      if (states_[0].empty()) {
+        check_step_args(op_name_, p, g, {}, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+      } else {
+        check_step_args(op_name_, p, g, {{"momentum_buffers", one(0)}}, std::nullopt, std::nullopt,
+                        std::nullopt, std::nullopt);
+      }
+      return;
+    }
+    if (states_[2].empty()) {
+      check_step_args(op_name_, p, g, {{"exp_avgs", one(0)}, {"exp_avg_sqs", one(1)}}, std::nullopt,
+                      std::nullopt, std::nullopt, std::nullopt);
+    } else {
+      check_step_args(op_name_, p, g,
+                      {{"exp_avgs", one(0)}, {"exp_avg_sqs", one(1)}, {"max_exp_avg_sqs", one(2)}},
+                      std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+    }
+    check_steps(op_name_, p, one(3));
+  }
+
+  // Re-runs the checks over the whole gathered list (the op's view), which
+  // raises the error with the op's index; returns if they pass.
+  void fail_with_op_message(bool from_check_grads) const {
+    const Gathered g = gather();
+    if (from_check_grads) {
+      check_step_args("frozenopt step", g.params, g.grads, {}, std::nullopt, std::nullopt, std::nullopt,
+                      std::nullopt);
+    }
+    if (!adam_) {
+      if (g.states[0].empty()) {
+        check_step_args(op_name_, g.params, g.grads, {}, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+      } else {
+        check_step_args(op_name_, g.params, g.grads, {{"momentum_buffers", g.states[0]}}, std::nullopt,
+                        std::nullopt, std::nullopt, std::nullopt);
+      }
+      return;
+    }
+    if (g.states[2].empty()) {
+      check_step_args(op_name_, g.params, g.grads, {{"exp_avgs", g.states[0]}, {"exp_avg_sqs", g.states[1]}},
+                      std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+    } else {
+      check_step_args(op_name_, g.params, g.grads,
+                      {{"exp_avgs", g.states[0]}, {"exp_avg_sqs", g.states[1]}, {"max_exp_avg_sqs", g.states[2]}},
+                      std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+    }
+    check_steps(op_name_, g.params, g.states[3]);
+  }
+
+  // The launch's slot list from the entries: params with a grad, in order;
+  // empty tensors take no slot (the kernels skip them) but do count a step.
+  void rebuild_slots() {
+    active_.clear();
+    slots_.clear();
+    slot_entry_.clear();
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      const Entry& e = entries_[i];
+      if (e.grad == nullptr) continue;
+      active_.push_back(static_cast<int32_t>(i));
+      if (e.direct && e.numel > 0) {
+        slots_.push_back(e.slot);
+        slot_entry_.push_back(static_cast<int32_t>(i));
+      }
+    }
+  }
 
   // The params that have a grad this step, like torch.optim's grad-is-None skip.
   Gathered gather() const {
@@ -117,6 +397,16 @@ class StepPlan {
 
   std::vector<at::Tensor> params_;
   std::vector<std::vector<at::Tensor>> states_;
+  bool adam_ = false;
+  const char* op_name_ = "";
+  bool direct_ = false;              // a CPU plan of plain tensors
+  std::vector<Entry> entries_;       // parallel to params_
+  int64_t indirect_ = 0;             // entries with a grad that need the op path
+  std::vector<int32_t> active_;      // entries with a grad
+  std::vector<cpu::Slot> slots_;     // their non-empty ones, for the kernels
+  std::vector<int32_t> slot_entry_;  // entry of each slot
+  cpu::SGDLaunch sgd_launch_;
+  cpu::AdamLaunch adam_launch_;
 };
 
 }  // namespace

@@ -24,7 +24,7 @@ TOP_FIELDS = [
 RECIPE_FIELDS = [
     "recipe", "ok", "median_step_s", "median_iter_s", "peak_memory_bytes", "peak_memory_kind",
     "baseline_rss_bytes", "state_bytes", "grad_bytes", "frozen_max_abs_change",
-    "frozen_bitwise_unchanged", "vs_reference", "stages", "losses", "threads",
+    "frozen_bitwise_unchanged", "max_update_abs", "vs_reference", "stages", "losses", "threads",
 ]
 STAGE_FIELDS = [
     "stage", "transition_s", "rebuilt_optimizer", "state_survived", "median_step_s",
@@ -71,6 +71,9 @@ def test_json_has_every_field(fixed):
         assert f in report, f
     assert report["machine"]["torch"]
     assert report["reference_recipe"] == "filtered"
+    tol = report["tolerance"]
+    ref_update = report["recipes"]["filtered"]["max_update_abs"]
+    assert ref_update > 0 and tol["atol"] == pytest.approx(0.05 * ref_update)
     for name, res in report["recipes"].items():
         for f in RECIPE_FIELDS:
             assert f in res, (name, f)

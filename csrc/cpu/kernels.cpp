@@ -3,8 +3,8 @@
 // CPU_CAPABILITY_* define and -m flags, so at::vec really vectorises.
 //
 // A step is one parallel region over the concatenation of all unfrozen
-// tensors: each thread takes an equal share of elements, which may start and
-// end inside a tensor, so thousands of small tensors cost one region and large
+// tensors, cut into chunks that may start and end inside a tensor (see
+// for_each_piece), so thousands of small tensors cost one region and large
 // tensors are split evenly.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <numeric>
 
 #include "launch.h"
@@ -55,7 +56,8 @@ template <>
 math::AdamCoef<float> narrow(const math::AdamCoef<double>& c) {
   return {float(c.lr), float(c.beta1), float(c.beta2), float(c.eps), float(c.weight_decay),
           float(c.step_size), float(c.bias_correction2_sqrt), float(c.inv_grad_scale),
-          c.has_weight_decay, c.decoupled_weight_decay, c.amsgrad, c.maximize};
+          c.has_weight_decay, c.decoupled_weight_decay, c.amsgrad, c.maximize,
+          float(c.one_minus_beta1), float(c.one_minus_beta2)};
 }
 template <>
 math::AdamCoef<double> narrow(const math::AdamCoef<double>& c) { return c; }
@@ -159,19 +161,33 @@ void adam_range(const Slot& s, int64_t lo, int64_t hi, const math::AdamCoef<doub
 }
 
 // Calls body(slot_index, lo, hi) for every piece of the concatenated element
-// range, split evenly over the threads. Small steps stay on one thread: a
+// range of all slots, so thousands of small tensors cost one parallel region
+// and large ones are split.
+//
+// The range is cut into a few chunks per thread (boundaries on multiples of
+// kAlign elements, so a cut adds no scalar tail to tensors whose size is a
+// multiple of it), and the threads take chunks from a shared counter. On an
+// idle machine that is the even split; when a thread gets descheduled (other
+// work on the machine), the others take its chunks instead of waiting for
+// it at the end of the region. Small steps stay on the calling thread: a
 // parallel region costs more than updating a few thousand elements.
 template <typename Body>
 void for_each_piece(const std::vector<Slot>& slots, const Body& body) {
   constexpr int64_t kMinElementsPerThread = 1 << 15;
+  constexpr int64_t kChunksPerThread = 8;
+  constexpr int64_t kAlign = 64;
   std::vector<int64_t> ends(slots.size());
   int64_t total = 0;
   for (size_t i = 0; i < slots.size(); ++i) ends[i] = (total += slots[i].numel);
   if (total == 0) return;
-  const int64_t pieces =
+  const int64_t threads =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerThread));
-  auto run_piece = [&](int64_t piece) {
-    const int64_t lo = total * piece / pieces, hi = total * (piece + 1) / pieces;
+  const int64_t chunks = threads == 1 ? 1 : std::min(threads * kChunksPerThread, total / kAlign);
+  auto boundary = [&](int64_t c) {
+    return c >= chunks ? total : (total / chunks * c + std::min(c, total % chunks)) / kAlign * kAlign;
+  };
+  auto run_chunk = [&](int64_t c) {
+    const int64_t lo = boundary(c), hi = boundary(c + 1);
     size_t t = std::upper_bound(ends.begin(), ends.end(), lo) - ends.begin();
     for (int64_t pos = lo; pos < hi && t < slots.size(); ++t) {
       const int64_t start = ends[t] - slots[t].numel;
@@ -180,13 +196,17 @@ void for_each_piece(const std::vector<Slot>& slots, const Body& body) {
       pos = stop;
     }
   };
-  if (pieces == 1) {
-    run_piece(0);
-  } else {
-    at::parallel_for(0, pieces, 1, [&](int64_t b, int64_t e) {
-      for (int64_t piece = b; piece < e; ++piece) run_piece(piece);
-    });
+  if (chunks == 1) {
+    run_chunk(0);
+    return;
   }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      run_chunk(c);
+    }
+  });
 }
 
 template <typename Fn>

@@ -6,9 +6,11 @@
 // each copy in its own namespace; dispatch.cpp picks one at run time.
 #pragma once
 
+#include <ATen/Version.h>
 #include <ATen/core/ScalarType.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../update_math.h"
@@ -46,6 +48,36 @@ FROZENOPT_DECLARE_KERNELS(DEFAULT)
 FROZENOPT_DECLARE_KERNELS(AVX2)
 FROZENOPT_DECLARE_KERNELS(AVX512)
 #undef FROZENOPT_DECLARE_KERNELS
+
+// The best kernel build this CPU allows (at::get_cpu_capability honours
+// ATEN_CPU_CAPABILITY), for callers outside the ops (the step plan).
+inline int best_kernel_build() {
+  static const int cap = [] {
+    const std::string name = at::get_cpu_capability();
+    return name == "AVX512" ? 2 : name == "AVX2" ? 1 : 0;
+  }();
+  return cap;
+}
+
+inline void run_sgd_best(const SGDLaunch& launch) {
+#if defined(__x86_64__) || defined(_M_X64)
+  switch (best_kernel_build()) {
+    case 2: return AVX512::run_sgd(launch);
+    case 1: return AVX2::run_sgd(launch);
+  }
+#endif
+  DEFAULT::run_sgd(launch);
+}
+
+inline void run_adam_best(const AdamLaunch& launch) {
+#if defined(__x86_64__) || defined(_M_X64)
+  switch (best_kernel_build()) {
+    case 2: return AVX512::run_adam(launch);
+    case 1: return AVX2::run_adam(launch);
+  }
+#endif
+  DEFAULT::run_adam(launch);
+}
 
 }  // namespace cpu
 }  // namespace frozenopt

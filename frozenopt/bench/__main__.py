@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: filtered; requires_grad with --schedule gradual)")
     p.add_argument("--atol", type=float, default=None,
                    help="absolute tolerance for 'trained weights agree with the reference' "
-                        "(default lr/10: a tenth of one AdamW step; rtol is 1e-5)")
+                        "(default: 5%% of the largest change any weight made in the reference "
+                        "run; rtol is 1e-5)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)

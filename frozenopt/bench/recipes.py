@@ -429,6 +429,9 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
                 d = max(d, float((a.double() - b.double()).abs().max()))
         drift_by_stage[label] = d
         drift_max = max(drift_max, d)
+    # How far training moved the weights at all: the scale for "agrees with the reference".
+    max_update = max(float((final[n].double() - init[n].detach().double()).abs().max())
+                     for n in final)
 
     result = {
         "recipe": recipe_name,
@@ -455,6 +458,7 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "frozen_max_abs_change": drift_max,
         "frozen_bitwise_unchanged": drift_bitwise,
         "frozen_change_by_stage": drift_by_stage,
+        "max_update_abs": max_update,
         "final_head_state": final_head,
         "losses": losses,
         "stages": stage_results,

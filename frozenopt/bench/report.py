@@ -162,7 +162,7 @@ NOTES_FIXED = (
     "frozen drift: largest |change| of any frozen parameter over the run"
     " (* 'full' freezes nothing: the would-be frozen params moved this far).\n"
     "= {ref}: final weights of every parameter vs the '{ref}' run (torch.allclose rtol={rtol:g}, "
-    "atol={atol:g} ({atol_rule}); max |diff| in brackets)."
+    "atol={atol:.2g}: {atol_rule}; max |diff| in brackets)."
 )
 
 NOTES_GRADUAL = (
@@ -173,7 +173,8 @@ NOTES_GRADUAL = (
     "needs no rebuild; filtered and lr0 must build a new optimizer at every stage.\n"
     "state/grads (top table): the largest over the stages. frozen drift: largest |change| of a "
     "param while it was frozen (* 'full' freezes nothing). = {ref}: final weights vs "
-    "'{ref}' (the torch recipe that keeps its state), torch.allclose rtol={rtol:g}, atol={atol:g} ({atol_rule})."
+    "'{ref}' (the torch recipe that keeps its state), torch.allclose rtol={rtol:g}, "
+    "atol={atol:.2g}: {atol_rule}."
 )
 
 
@@ -182,6 +183,8 @@ def notes(report: Dict[str, Any]) -> str:
     base = min((r["baseline_rss_bytes"] for r in ok), default=0) / MiB
     tmpl = NOTES_FIXED if report["args"]["schedule"] == "fixed" else NOTES_GRADUAL
     tol = {"atol_rule": "", **report["tolerance"]}
+    if tol.get("atol") is None:
+        tol["atol"] = float("nan")
     return tmpl.format(base=base, ref=report["reference_recipe"], **tol)
 
 

@@ -15,12 +15,15 @@ from .progress import progress_bar
 from .recipes import ALL_RECIPES, FROZENOPT_RECIPES, PROGRESS_TAG
 
 # "Trained params agree with the reference recipe": torch.allclose with RTOL and an
-# absolute tolerance of a tenth of one step's largest move (lr). Two correct AdamW
-# implementations differ by rounding only (torch's own fused and for-loop AdamW drift
-# apart by ~1e-6 over a few dozen steps of this bench), while a real difference (state
-# lost at a stage change, a different frozen set) moves weights by ~lr per step.
+# absolute tolerance of ATOL_FRACTION of the largest change any weight made in the
+# reference run. Two correct AdamW implementations differ by rounding only, and on a
+# whole training run that rounding is amplified: torch's own fused and for-loop AdamW
+# end ~8e-5 apart after the default 27 steps (lr 1e-3, weights moved up to ~3e-2), so a
+# fixed atol such as 1e-6 would call torch itself wrong. A real difference (optimizer
+# state lost at a stage change, a different frozen set) is of the size of the update
+# itself, so 5 % of the update separates the two by an order of magnitude either way.
 RTOL = 1e-5
-ATOL_PER_LR = 0.1
+ATOL_FRACTION = 0.05
 
 
 class BenchError(RuntimeError):
@@ -201,13 +204,13 @@ def run_bench(args) -> Dict[str, Any]:
     if args.model == "builtin" and args.freeze:
         _check_targets(args)
 
-    atol = args.atol if args.atol is not None else ATOL_PER_LR * args.lr
     reference = args.reference or ("filtered" if args.schedule == "fixed" else "requires_grad")
     n_stages = 1 if args.schedule == "fixed" else 3
     per_recipe = (args.warmup + args.steps) * n_stages
     started = _dt.datetime.now(_dt.timezone.utc)
 
     tmp_root = tempfile.mkdtemp(prefix="frozenopt-bench-")
+    atol, rule = None, "not computed"
     results: Dict[str, Dict[str, Any]] = {}
     weights: Dict[str, str] = {}
     bar = progress_bar(per_recipe * len(recipes), desc="frozenopt-bench", disable=args.quiet)
@@ -247,10 +250,19 @@ def run_bench(args) -> Dict[str, Any]:
         bar.close()
 
         # Cross-recipe comparison of the trained weights.
+        ref_res = results.get(reference, {})
+        if args.atol is not None:
+            atol, rule = args.atol, "given by --atol"
+        elif ref_res.get("ok"):
+            atol = ATOL_FRACTION * ref_res["max_update_abs"]
+            rule = (f"{ATOL_FRACTION:.0%} of the largest weight change in the {reference} run, "
+                    f"{ref_res['max_update_abs']:.3g}")
+        else:
+            atol, rule = None, "no reference run"
         for recipe, res in results.items():
             if not res.get("ok"):
                 continue
-            if reference in weights and recipe != reference:
+            if reference in weights and recipe != reference and atol is not None:
                 res["vs_reference"] = compare_weights(weights[recipe], weights[reference], atol=atol)
             elif recipe == reference:
                 res["vs_reference"] = {"max_abs_diff": 0.0, "allclose": True, "bitwise_equal": True,
@@ -273,8 +285,7 @@ def run_bench(args) -> Dict[str, Any]:
         "args": {k: v for k, v in vars(args).items() if k not in ("argv",)},
         "machine": machine_info(),
         "reference_recipe": reference,
-        "tolerance": {"rtol": RTOL, "atol": atol,
-                      "atol_rule": "given by --atol" if args.atol is not None else "lr/10"},
+        "tolerance": {"rtol": RTOL, "atol": atol, "atol_rule": rule},
         "model": first.get("model_info"),
         "param_elements": first.get("param_elements"),
         "param_tensors": first.get("param_tensors"),

@@ -1,0 +1,349 @@
+"""Optimizer step time on the CPU: frozenopt against torch.optim's fused and foreach paths.
+
+    python benchmarks/bench_step.py                 # the full run (a few minutes on 2 cores)
+    python benchmarks/bench_step.py --quick         # small sizes, a smoke run (seconds)
+    python benchmarks/bench_step.py --cases b,c --repeats 9
+
+Cases (each for AdamW and for SGD with momentum=0.9):
+  a  ~50M params in 80 large tensors       target: frozenopt at least 1.0x torch fused
+  b  20,000 tensors of 256 elements         target: frozenopt at least 10x torch fused
+  c  the same 20,000 with 90% frozen        target: frozenopt stepping all 20,000 with 90% frozen
+     (every tenth tensor left unfrozen)     within 1.2x of frozenopt holding only the unfrozen 10%
+
+How it measures. Every contender of a case steps the same param and grad tensors
+(grads are set once; every step reuses them, as the task defines it). Each
+contender is warmed up first (state allocation and first steps are not timed),
+and a number of steps per measurement is chosen so one measurement lasts long
+enough for the clock. Then each repeat times every contender once, in an order
+rotated from repeat to repeat, so load on the machine hits all of them alike.
+The figures are medians over the repeats: the step time of each contender, and
+the ratio of two contenders measured in the same repeat (paired, which cancels
+most machine noise).
+
+In case c frozenopt is built with ``mask_only=True`` and the frozen params keep
+their grads, the harder case for a masked step: the grads are there, and the
+step must not read them. (With the default ``mask_only=False``, freeze() drops
+the grads of frozen params instead.) The optimizers that hold only the unfrozen
+10% are built over the very same 2,000 tensors.
+
+The results are printed as a table and written as JSON to
+benchmarks/results/bench_step.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import frozenopt
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_step.json"
+
+LR = 1e-3
+MOMENTUM = 0.9
+
+# (tensor count, elements per tensor, frozen fraction) per case, full and quick.
+SIZES = {
+    "a": {"full": (80, 625_000), "quick": (4, 20_000)},
+    "b": {"full": (20_000, 256), "quick": (300, 256)},
+    "c": {"full": (20_000, 256), "quick": (300, 256)},
+}
+FROZEN_FRACTION = 0.9
+KEEP_EVERY = 10  # case c: tensor i stays unfrozen when i % KEEP_EVERY == 0
+
+def case_title(case: str, count: int, numel: int) -> str:
+    if case == "a":
+        return f"{count * numel / 1e6:.3g}M params in {count} large tensors"
+    title = f"{count:,} tensors of {numel:,} elements"
+    return title + (f", {FROZEN_FRACTION:.0%} frozen" if case == "c" else "")
+
+
+@dataclass
+class Target:
+    """A goal for one case: numerator time / denominator time compared with a bound."""
+
+    text: str
+    numerator: str
+    denominator: str
+    kind: str  # "speedup_at_least": denominator/numerator >= bound; "slowdown_at_most": numerator/denominator <= bound
+    bound: float
+
+    def value(self, ratios: dict[str, float]) -> float:
+        r = ratios[self.denominator]  # time(denominator) / time(numerator), see ratio_to_reference
+        return r if self.kind == "speedup_at_least" else 1.0 / r
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.kind == "speedup_at_least" else value <= self.bound
+
+
+@dataclass
+class Contender:
+    name: str
+    label: str
+    make: Callable[[], torch.optim.Optimizer]
+    opt: Optional[torch.optim.Optimizer] = None
+    inner: int = 1
+    times: list[float] = field(default_factory=list)  # seconds per step, one per repeat
+
+
+# ---------------------------------------------------------------- set-up
+
+def make_params(count: int, numel: int, seed: int) -> list[torch.nn.Parameter]:
+    """count float32 params of numel elements, each with a fixed random grad."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (numel // 1000, 1000) if numel % 1000 == 0 and numel >= 100_000 else (numel,)
+    params = []
+    for _ in range(count):
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen))
+        p.grad = torch.randn(shape, generator=gen)
+        params.append(p)
+    return params
+
+
+def optimizer_factories(kind: str):
+    """(frozenopt class + kwargs, torch class + kwargs) for "adamw" or "sgd"."""
+    if kind == "adamw":
+        return (frozenopt.AdamW, torch.optim.AdamW), dict(lr=LR)
+    return (frozenopt.SGD, torch.optim.SGD), dict(lr=LR, momentum=MOMENTUM)
+
+
+def build_contenders(case: str, kind: str, params: list[torch.nn.Parameter]) -> tuple[list[Contender], Target]:
+    (fo_cls, torch_cls), kw = optimizer_factories(kind)
+    if case in ("a", "b"):
+        contenders = [
+            Contender("frozenopt", "frozenopt", lambda: fo_cls(params, **kw)),
+            Contender("torch_fused", "torch fused=True", lambda: torch_cls(params, fused=True, **kw)),
+            Contender("torch_foreach", "torch foreach=True", lambda: torch_cls(params, foreach=True, **kw)),
+        ]
+        bound = 1.0 if case == "a" else 10.0
+        target = Target(f"frozenopt >= {bound:g}x torch fused", "frozenopt", "torch_fused", "speedup_at_least",
+                        bound)
+        return contenders, target
+
+    unfrozen = [p for i, p in enumerate(params) if i % KEEP_EVERY == 0]
+    frozen = [p for i, p in enumerate(params) if i % KEEP_EVERY != 0]
+
+    def fo_frozen():
+        opt = fo_cls(params, mask_only=True, **kw)
+        opt.freeze(*frozen)
+        return opt
+
+    contenders = [
+        Contender("frozenopt_90pct_frozen", f"frozenopt, all {len(params)}, 90% frozen", fo_frozen),
+        Contender("frozenopt_only_unfrozen", f"frozenopt holding only the {len(unfrozen)}",
+                  lambda: fo_cls(unfrozen, **kw)),
+        Contender("torch_fused_only_unfrozen", f"torch fused holding only the {len(unfrozen)}",
+                  lambda: torch_cls(unfrozen, fused=True, **kw)),
+        Contender("torch_foreach_only_unfrozen", f"torch foreach holding only the {len(unfrozen)}",
+                  lambda: torch_cls(unfrozen, foreach=True, **kw)),
+    ]
+    target = Target("frozenopt 90% frozen <= 1.2x frozenopt holding only the 10%", "frozenopt_90pct_frozen",
+                    "frozenopt_only_unfrozen", "slowdown_at_most", 1.2)
+    return contenders, target
+
+
+# ---------------------------------------------------------------- timing
+
+def time_steps(opt: torch.optim.Optimizer, steps: int) -> float:
+    """Seconds per step over `steps` back-to-back steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def warm_up(c: Contender, min_measure_s: float, max_inner: int) -> None:
+    c.opt = c.make()
+    c.opt.step()  # allocates state (and, for frozenopt, builds the plan next step)
+    c.opt.step()
+    one = time_steps(c.opt, 1)
+    c.inner = max(1, min(max_inner, math.ceil(min_measure_s / max(one, 1e-6))))
+    time_steps(c.opt, min(c.inner, 3))
+
+
+def run_case(case: str, kind: str, args) -> dict:
+    count, numel = SIZES[case]["quick" if args.quick else "full"]
+    params = make_params(count, numel, seed=0)
+    contenders, target = build_contenders(case, kind, params)
+    for c in contenders:
+        warm_up(c, args.min_measure_s, args.max_inner)
+    for r in range(args.repeats):
+        gc.collect()
+        shift = r % len(contenders)
+        for c in contenders[shift:] + contenders[:shift]:
+            c.times.append(time_steps(c.opt, c.inner))
+
+    ref = contenders[0]
+    per_repeat = {
+        c.name: [c_t / ref_t for c_t, ref_t in zip(c.times, ref.times)] for c in contenders[1:]
+    }
+    ratios = {name: statistics.median(v) for name, v in per_repeat.items()}
+    value = target.value(ratios)
+    result = {
+        "case": case,
+        "title": case_title(case, count, numel),
+        "optimizer": "AdamW" if kind == "adamw" else "SGD(momentum=0.9)",
+        "tensors": count,
+        "elements_per_tensor": numel,
+        "elements": count * numel,
+        "frozen_fraction": FROZEN_FRACTION if case == "c" else 0.0,
+        "stepped_elements": (count // KEEP_EVERY if case == "c" else count) * numel,
+        "reference": ref.name,
+        "contenders": {
+            c.name: {
+                "label": c.label,
+                "median_ms": statistics.median(c.times) * 1e3,
+                "min_ms": min(c.times) * 1e3,
+                "steps_per_measurement": c.inner,
+                "times_ms": [t * 1e3 for t in c.times],
+            }
+            for c in contenders
+        },
+        # time(contender) / time(reference), median of the per-repeat ratios
+        "ratio_to_reference": {name: {"median": ratios[name], "per_repeat": v} for name, v in per_repeat.items()},
+        "target": {
+            "text": target.text,
+            "kind": target.kind,
+            "bound": target.bound,
+            "value": value,
+            "met": target.met(value),
+        },
+    }
+    for c in contenders:  # free the state before the next case
+        c.opt = None
+    del params, contenders
+    gc.collect()
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    lines = []
+    header = f"{'case':<5}{'optimizer':<19}{'contender':<44}{'ms/step':>10}{'vs first':>11}"
+    lines.append(header)
+    lines.append("-" * len(header))
+    for res in results:
+        first = True
+        for name, c in res["contenders"].items():
+            ratio = res["ratio_to_reference"].get(name)
+            if ratio is None:
+                rel = "ref"
+            elif res["case"] == "c":
+                rel = f"{1.0 / ratio['median']:.2f}x"  # time(first) / time(this)
+            else:
+                rel = f"{ratio['median']:.1f}x"  # time(this) / time(first): the first's speed-up
+            lines.append(f"{res['case'] if first else '':<5}{res['optimizer'] if first else '':<19}"
+                         f"{c['label']:<44}{c['median_ms']:>10.2f}{rel:>11}")
+            first = False
+        t = res["target"]
+        shown = f"{t['value']:.2f}x" if t["kind"] == "slowdown_at_most" else f"{t['value']:.1f}x"
+        lines.append(f"{'':<5}target: {t['text']}: {shown} -> {'MET' if t['met'] else 'NOT MET'}")
+        lines.append("")
+    lines.append("vs first: for a and b, time of that contender / time of frozenopt (frozenopt's speed-up);")
+    lines.append("for c, time of frozenopt with 90% frozen / time of that contender (lower is better for frozenopt).")
+    lines.append("Each figure is the median over the repeats of ratios measured within one repeat.")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7, help="timed repeats per contender (default 7)")
+    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run, figures not meaningful")
+    ap.add_argument("--cases", default="a,b,c", help="comma-separated subset of a,b,c (default all)")
+    ap.add_argument("--optimizers", default="adamw,sgd", help="comma-separated subset of adamw,sgd")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    ap.add_argument("--min-measure-ms", type=float, default=None,
+                    help="least time per measurement (default 200, 5 with --quick)")
+    ap.add_argument("--max-inner", type=int, default=200, help="most steps per measurement (default 200)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for every contender (default: torch's own choice)")
+    args = ap.parse_args(argv)
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    args.optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
+    bad = [c for c in args.cases if c not in SIZES] + [o for o in args.optimizers if o not in ("adamw", "sgd")]
+    if bad or not args.cases or not args.optimizers:
+        ap.error(f"unknown or empty --cases/--optimizers: {bad}")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    if args.min_measure_ms is None:
+        args.min_measure_ms = 5.0 if args.quick else 200.0
+    args.min_measure_s = args.min_measure_ms / 1e3
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    report_start = machine_info()
+    results = []
+    for case in args.cases:
+        for kind in args.optimizers:
+            count, numel = SIZES[case]["quick" if args.quick else "full"]
+            print(f"case {case} ({case_title(case, count, numel)}), {kind} ...", file=sys.stderr, flush=True)
+            results.append(run_case(case, kind, args))
+    machine = dict(report_start, loadavg_at_end=machine_info()["loadavg"])
+    machine["loadavg_at_start"] = machine.pop("loadavg")
+    report = {
+        "tool": "benchmarks/bench_step.py",
+        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "machine": machine,
+        "wall_s": time.perf_counter() - started,
+        "results": results,
+        "all_targets_met": all(r["target"]["met"] for r in results),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    m = report["machine"]
+    load = "/".join(f"{x:.1f}" for x in m["loadavg_at_start"]) if m["loadavg_at_start"] else "?"
+    print(f"{m['cpu']} ({m['logical_cpus']} logical CPUs, load average {load} at start), "
+          f"{m['torch_threads']} torch threads, torch {m['torch']}, "
+          f"CPU capability {m['cpu_capability']}; {args.repeats} repeats"
+          f"{' (QUICK: sizes too small for the targets to mean anything)' if args.quick else ''}")
+    print(format_table(results))
+    print(f"all targets met: {report['all_targets_met']}; JSON: {args.out}; {report['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
