@@ -5,6 +5,14 @@ AVX512), each with the defines and -m flags that make at::vec vectorise, and
 the objects are linked into the extension; csrc/cpu/ops_cpu.cpp picks one at
 run time. Build with `pip install --no-build-isolation .` against an installed
 torch (build isolation would fetch a different torch from the registry).
+
+CUDA: when torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME or
+nvcc on PATH), csrc/cuda/ is compiled too, whether or not a GPU is visible.
+FORCE_CUDA=1 insists (an error if it cannot), USE_CUDA=0 skips it. When
+TORCH_CUDA_ARCH_LIST is unset it defaults to 7.0;7.5;8.0;8.6;8.9;9.0+PTX
+(without 7.0 on CUDA >= 13, which dropped Volta); a value the user set is
+never changed. With CUDA >= 12.1 and every architecture sm_70 or newer the
+kernels take 32 KB of launch metadata, else 4 KB (FROZENOPT_SMALL_KERNEL_ARGS).
 """
 
 import os
@@ -70,15 +78,90 @@ class BuildWithCapabilities(BuildExtension):
             return list(pool.map(compile_one, _capabilities()))
 
 
+DEFAULT_CUDA_ARCHS = ["7.0", "7.5", "8.0", "8.6", "8.9", "9.0+PTX"]
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_build():
+    """(build the CUDA sources?, why not) from torch, the toolkit and FORCE_CUDA/USE_CUDA."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if os.environ.get("USE_CUDA", "").strip() in ("0", "false", "no", "off"):
+        if _flag("FORCE_CUDA"):
+            raise SystemExit("FORCE_CUDA=1 and USE_CUDA=0 contradict each other")
+        return False, "USE_CUDA=0"
+    why = None
+    if torch.version.cuda is None:
+        why = f"torch {torch.__version__} is not a CUDA build"
+    elif CUDA_HOME is None:
+        why = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    if why and _flag("FORCE_CUDA"):
+        raise SystemExit(f"FORCE_CUDA=1 but {why}")
+    return why is None, why
+
+
+def _nvcc_version():
+    import re
+    import subprocess
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _cuda_arch_flags(nvcc):
+    """Sets TORCH_CUDA_ARCH_LIST when the user has not; returns the extra defines it implies."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not archs:
+        default = [a for a in DEFAULT_CUDA_ARCHS if not (nvcc >= (13, 0) and a.startswith("7.0"))]
+        archs = ";".join(default)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        print(f"frozenopt: TORCH_CUDA_ARCH_LIST unset, building for {archs}", file=sys.stderr)
+    numbers = []
+    for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
+        arch = arch.split("+")[0].strip()
+        if arch:
+            try:
+                numbers.append(float(arch.rstrip("a").rstrip("f")))
+            except ValueError:
+                pass  # names like "Ampere": torch resolves them; assume modern
+    large_args = nvcc >= (12, 1) and all(n >= 7.0 for n in numbers)
+    return [] if large_args else ["-DFROZENOPT_SMALL_KERNEL_ARGS"]
+
+
 def _extension():
     from torch.utils.cpp_extension import include_paths
 
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "frozenopt.cpp", CSRC / "checks.cpp", CSRC / "cpu" / "ops_cpu.cpp"]]
-    return CppExtension(
+    cpu_sources = [CSRC / "frozenopt.cpp", CSRC / "checks.cpp", CSRC / "cpu" / "ops_cpu.cpp", CSRC / "cuda" / "plan_py.cpp"]
+    with_cuda, why_not = _cuda_build()
+    if not with_cuda:
+        if why_not and why_not != "USE_CUDA=0":
+            print(f"frozenopt: building the CPU ops only ({why_not})", file=sys.stderr)
+        return CppExtension(
+            name="frozenopt._C",
+            sources=[str(p.relative_to(ROOT)) for p in cpu_sources],
+            include_dirs=include_paths() + [str(CSRC)],
+            extra_compile_args={"cxx": CXX_FLAGS},
+        )
+
+    from torch.utils.cpp_extension import CUDAExtension
+
+    defines = ["-DFROZENOPT_WITH_CUDA"] + _cuda_arch_flags(_nvcc_version())
+    sources = cpu_sources + [CSRC / "cuda" / "ops_cuda.cpp", CSRC / "cuda" / "kernels.cu"]
+    return CUDAExtension(
         name="frozenopt._C",
-        sources=sources,
-        include_dirs=include_paths() + [str(CSRC)],
-        extra_compile_args={"cxx": CXX_FLAGS},
+        sources=[str(p.relative_to(ROOT)) for p in sources],
+        include_dirs=[str(CSRC)],
+        extra_compile_args={
+            "cxx": CXX_FLAGS + defines,
+            "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"] + defines,
+        },
     )
 
 

@@ -447,12 +447,17 @@ class StepPlan {
 };
 
 }  // namespace
+
+// csrc/cuda/plan_py.cpp: the CUDA launch planner, exposed as _C.cuda_plan.
+void bind_launch_plan(pybind11::module_& m);
+
 }  // namespace frozenopt
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   using frozenopt::StepPlan;
   m.doc() = "frozenopt's compiled ops (torch.ops.frozenopt.*) and the eager step plan";
+  frozenopt::bind_launch_plan(m);
   m.def(
       "check_grads",
       [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {

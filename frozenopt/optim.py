@@ -412,25 +412,77 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         return self._plans[gi]
 
     def _step_traced(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        capturing = any(_is_capturing(g["params"][0].device) for g in self.param_groups if g["params"])
         for gi, group in enumerate(self.param_groups):
             positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             if not positions:
                 continue
             params = [group["params"][i] for i in positions]
             fresh = [p for p in params if not self._has_state(p, group)]
+            if fresh and capturing:
+                # A state made here would be zero-filled again at every replay
+                # of the graph, and SGD's first-step rule would be baked in.
+                raise RuntimeError(
+                    f"{len(fresh)} param(s) with a grad have no optimizer state yet (e.g. "
+                    f"{self._name_of(fresh[0])}, frozen since construction), and state cannot be "
+                    "created inside a CUDA graph capture. Call opt.prepare_capture() before capturing "
+                    "(it creates the state of every param, frozen ones included), or run an eager "
+                    "step first.")
             for p in fresh:
                 self.state[p].update(self._new_state(p, group))
-            mask = self._masks[gi]
-            if len(positions) < len(group["params"]) and torch.compiler.is_compiling():
-                # A constant of the graph: filling the cache below while tracing would
-                # change what the guards saw and force a recompile on the next step.
-                mask = mask.index_select(0, torch.tensor(positions, device=mask.device))
-            elif len(positions) < len(group["params"]):
-                key = (gi, tuple(positions))
-                if key not in self._mask_subsets:
-                    self._mask_subsets[key] = torch.tensor(positions, device=mask.device)
-                mask = mask.index_select(0, self._mask_subsets[key])
+            mask = self._mask_for(gi, positions, capturing)
             self._run_op(group, params, mask, fresh, grad_scale, found_inf)
+
+    def _mask_for(self, gi: int, positions: list[int], capturing: bool) -> Tensor:
+        """The group mask's entries at ``positions``, read from the group mask on the device.
+
+        Every variant reads the mask tensor itself (a view or a gather kernel),
+        so a graph captured with it follows later in-place freeze/unfreeze.
+        None copies host data to the device: that is not allowed in a capture.
+        """
+        mask = self._masks[gi]
+        if len(positions) == mask.numel():
+            return mask
+        if positions == list(range(positions[0], positions[0] + len(positions))):
+            return mask.narrow(0, positions[0], len(positions))
+        if capturing:
+            return torch.stack([mask[i] for i in positions])
+        if torch.compiler.is_compiling():
+            # A constant of the graph: filling the cache below while tracing would
+            # change what the guards saw and force a recompile on the next step.
+            return mask.index_select(0, torch.tensor(positions, device=mask.device))
+        key = (gi, tuple(positions))
+        if key not in self._mask_subsets:
+            self._mask_subsets[key] = torch.tensor(positions, device=mask.device)
+        return mask.index_select(0, self._mask_subsets[key])
+
+    @torch.no_grad()
+    def prepare_capture(self) -> None:
+        """Create the state of every param now, frozen ones included, before a CUDA graph capture.
+
+        A captured ``step()`` covers every param that has a grad, frozen or not,
+        so that ``mask_only`` freeze/unfreeze after the capture take effect on
+        replay; their state must exist before the capture (made inside it, it
+        would be zero-filled at every replay). The new state is what a first
+        step would start from. For SGD with momentum, a buffer made here starts
+        at zero and the first real step blends into it, which equals
+        torch.optim's first step (the buffer takes the grad) only without
+        dampening, so a group with momentum and dampening is refused.
+        """
+        for group in self.param_groups:  # checked first: a refusal changes nothing
+            if self._kind == "sgd" and group["momentum"] != 0 and group["dampening"] != 0:
+                missing = [p for p in group["params"] if not self._has_state(p, group)]
+                if missing:
+                    raise ValueError(
+                        "prepare_capture: SGD with momentum and dampening cannot pre-create momentum "
+                        f"buffers exactly ({len(missing)} param(s) have none, e.g. "
+                        f"{self._name_of(missing[0])}); run an eager step with them unfrozen first")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self._has_state(p, group):
+                    self.state[p].update(self._new_state(p, group))
+            self._state_lists(group["params"], group)  # normalises loaded Adam steps onto the device
+        self._invalidate()
 
     def _step_sharded(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
         """DTensor params (FSDP2, tensor parallel): the ops step each param's local shard.

@@ -1,0 +1,187 @@
+// CUDA bodies of the step ops (TORCH_LIBRARY_IMPL(frozenopt, CUDA, m)).
+//
+// Host work only: the shared argument checks, grouping by dtype, the launch
+// metadata, and the launches on the current stream (kernels.cu). Nothing here
+// reads device memory: found_inf, grad_scale, a CUDA lr tensor, the mask and
+// the step counters are read by the kernels, so step() never synchronises
+// and can be captured in a CUDA graph. A frozen tensor (mask entry non-zero)
+// still gets its metadata slot (the captured graph must cover it when it is
+// unfrozen), and its blocks return before loading anything.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../ops.h"
+#include "launch.h"
+
+namespace frozenopt {
+namespace cuda {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kDouble: return DType::kDouble;
+    case at::kHalf: return DType::kHalf;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "frozenopt: unsupported dtype ", t.scalar_type());
+  }
+}
+
+// A CUDA tensor is read by the kernel where it lies; a CPU one (or none) is a
+// host value (reading a CPU tensor is no device synchronisation).
+ScalarArg scalar_arg(const char* op, const char* what, const OptTensor& t, double otherwise) {
+  if (!t.has_value()) return host_scalar(otherwise);
+  if (t->is_cpu()) return host_scalar(t->item<double>());
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", what,
+              " must be float32 or float64 on CUDA, got ", t->scalar_type());
+  return {t->data_ptr(), t->scalar_type() == at::kDouble ? 1 : 0, 0.0};
+}
+
+StepArgs step_args(const char* op, const OptTensor& mask, const OptTensor& lr_tensor, double lr,
+                   const OptTensor& grad_scale, const OptTensor& found_inf, std::vector<at::Tensor>& keep) {
+  StepArgs a{};
+  if (mask.has_value()) {
+    at::Tensor m = mask->contiguous();  // bool and uint8 are both one byte per entry
+    keep.push_back(m);
+    a.mask = static_cast<const uint8_t*>(m.data_ptr());
+  }
+  a.found_inf = scalar_arg(op, "found_inf", found_inf, 0.0);
+  a.grad_scale = scalar_arg(op, "grad_scale", grad_scale, 1.0);
+  a.lr = scalar_arg(op, "lr", lr_tensor, lr);
+  return a;
+}
+
+// The tensors of one op as launcher rows. The kernels walk memory in storage
+// order, which is right when every tensor of a row has the param's dense
+// layout; other tensors are stepped through contiguous copies written back
+// afterwards (extra copy kernels, only for such odd layouts).
+class Rows {
+ public:
+  void add(const at::Tensor& p, const at::Tensor& g, std::initializer_list<at::Tensor> states) {
+    OpTensor t{};
+    t.dtype = dtype_of(p);
+    t.numel = p.numel();
+    if (t.numel > 0) {
+      bool direct = p.is_non_overlapping_and_dense() && g.strides() == p.strides();
+      for (const auto& s : states) direct = direct && (!s.defined() || s.strides() == p.strides());
+      t.rows[row::kParam] = direct ? p.data_ptr() : copy(p, true);
+      t.rows[row::kGrad] = direct ? g.data_ptr() : copy(g, false);
+      int r = row::kGrad + 1;
+      for (const auto& s : states) t.rows[r++] = s.defined() ? (direct ? s.data_ptr() : copy(s, true)) : nullptr;
+    }
+    tensors_.push_back(t);
+  }
+
+  std::vector<OpTensor>& tensors() { return tensors_; }
+
+  void write_back() {
+    for (auto& [original, copy] : copies_) original.copy_(copy);
+  }
+
+ private:
+  void* copy(const at::Tensor& t, bool write_back) {
+    at::Tensor c = t.contiguous();
+    if (write_back) copies_.emplace_back(t, c);
+    keep_.push_back(c);
+    return c.data_ptr();
+  }
+
+  std::vector<OpTensor> tensors_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies_;
+  std::vector<at::Tensor> keep_;
+};
+
+void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const OptTensor& mask,
+              double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay,
+              bool nesterov, bool maximize, bool is_first_step, const OptTensor& grad_scale,
+              const OptTensor& found_inf) {
+  constexpr const char* op = "frozenopt::sgd_";
+  const bool has_momentum = momentum != 0.0;
+  check_step_args(op, params, grads,
+                  has_momentum ? std::initializer_list<NamedList>{{"momentum_buffers", momentum_buffers}}
+                               : std::initializer_list<NamedList>{},
+                  mask, lr_tensor, grad_scale, found_inf);
+  if (lr_tensor.has_value() && lr_tensor->is_cpu()) lr = lr_tensor->item<double>();
+  // A CUDA lr tensor is not read on the host (that would synchronise).
+  check_sgd_hyper(lr_tensor.has_value() && !lr_tensor->is_cpu() ? 0.0 : lr, momentum, dampening, weight_decay,
+                  nesterov);
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+
+  std::vector<at::Tensor> keep;
+  SGDArgs args{};
+  args.common = step_args(op, mask, lr_tensor, lr, grad_scale, found_inf, keep);
+  args.momentum = momentum;
+  args.dampening = dampening;
+  args.weight_decay = weight_decay;
+  args.nesterov = nesterov;
+  args.maximize = maximize;
+  args.first_step = is_first_step;
+
+  Rows rows;
+  for (size_t i = 0; i < params.size(); ++i) {
+    rows.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()});
+  }
+  launch_sgd(rows.tensors(), args, has_momentum, stream_of(params[0]));
+  rows.write_back();
+}
+
+void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const OptTensor& mask, double lr,
+               const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+               bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  constexpr const char* op = "frozenopt::adam_";
+  if (amsgrad) {
+    check_step_args(op, params, grads,
+                    {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs}},
+                    mask, lr_tensor, grad_scale, found_inf);
+  } else {
+    check_step_args(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, mask, lr_tensor,
+                    grad_scale, found_inf);
+  }
+  check_steps(op, params, state_steps);
+  if (lr_tensor.has_value() && lr_tensor->is_cpu()) lr = lr_tensor->item<double>();
+  check_adam_hyper(lr_tensor.has_value() && !lr_tensor->is_cpu() ? 0.0 : lr, beta1, beta2, weight_decay, eps);
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+
+  std::vector<at::Tensor> keep;
+  AdamArgs args{};
+  args.common = step_args(op, mask, lr_tensor, lr, grad_scale, found_inf, keep);
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.amsgrad = amsgrad;
+  args.maximize = maximize;
+  args.decoupled_weight_decay = decoupled_weight_decay;
+
+  // The launchers advance every unfrozen tensor's step (empty tensors' too, as
+  // torch.optim) in a launch of their own, on the device, before the Adam
+  // launches read it.
+  Rows rows;
+  for (size_t i = 0; i < params.size(); ++i) {
+    rows.add(params[i], grads[i],
+             {exp_avgs[i], exp_avg_sqs[i], at::Tensor(), amsgrad ? max_exp_avg_sqs[i] : at::Tensor()});
+    rows.tensors().back().rows[row::kStep] = state_steps[i].data_ptr<float>();
+  }
+  launch_adam(rows.tensors(), args, stream_of(params[0]));
+  rows.write_back();
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace frozenopt
+
+TORCH_LIBRARY_IMPL(frozenopt, CUDA, m) {
+  m.impl("sgd_", &frozenopt::cuda::sgd_cuda);
+  m.impl("adam_", &frozenopt::cuda::adam_cuda);
+}

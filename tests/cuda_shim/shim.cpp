@@ -1,0 +1,132 @@
+// csrc/cuda/kernels.cuh compiled for the CPU under host_shim.h, with a small
+// Python binding: the tests call the same run_sgd/run_adam the CUDA ops call,
+// on CPU tensors' memory (passed as data_ptr integers), and compare with
+// torch.optim. Deliberately includes no torch/extension.h, to compile fast.
+#include "host_shim.h"
+
+// Order matters: the shim's macros must be defined before the kernel source.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "cuda/kernels.cuh"
+
+namespace py = pybind11;
+using namespace frozenopt::cuda;
+
+namespace {
+
+void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+// rows: per tensor, the addresses of its rows (param, grad, states...; Adam's
+// step counter in row 4); numels and dtypes per tensor.
+std::vector<OpTensor> op_tensors(const std::vector<std::vector<uintptr_t>>& rows, const std::vector<int64_t>& numels,
+                                 const std::vector<int>& dtypes) {
+  if (rows.size() != numels.size() || rows.size() != dtypes.size()) throw py::value_error("list lengths differ");
+  std::vector<OpTensor> out(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    out[i].dtype = static_cast<DType>(dtypes[i]);
+    out[i].numel = numels[i];
+    if (rows[i].size() > size_t(frozenopt::mt::kMaxDepth)) throw py::value_error("too many rows");
+    for (size_t r = 0; r < rows[i].size(); ++r) out[i].rows[r] = ptr(rows[i][r]);
+  }
+  return out;
+}
+
+// (address or 0, is_double, host value)
+ScalarArg scalar(const py::tuple& t) {
+  return {ptr(t[0].cast<uintptr_t>()), t[1].cast<int>(), t[2].cast<double>()};
+}
+
+StepArgs step_args(uintptr_t mask, const py::tuple& found_inf, const py::tuple& grad_scale, const py::tuple& lr) {
+  return {static_cast<const uint8_t*>(ptr(mask)), scalar(found_inf), scalar(grad_scale), scalar(lr)};
+}
+
+LimitOverride limits(int max_tensors, int max_blocks, int max_steps) { return {max_tensors, max_blocks, max_steps}; }
+
+py::dict stats_dict() {
+  py::dict d;
+  d["launches"] = shim::stats.launches;
+  d["blocks"] = shim::stats.blocks;
+  d["threads"] = shim::stats.threads;
+  d["barriers"] = shim::stats.barriers;
+  d["grids"] = shim::stats.grid_of_launch;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "frozenopt's CUDA kernels run on the CPU under a host shim (tests only)";
+  m.def(
+      "sgd",
+      [](const std::vector<std::vector<uintptr_t>>& rows, const std::vector<int64_t>& numels,
+         const std::vector<int>& dtypes, uintptr_t mask, py::tuple found_inf, py::tuple grad_scale, py::tuple lr,
+         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
+         int max_tensors, int max_blocks, bool small_budget) {
+        SGDArgs a{};
+        a.common = step_args(mask, found_inf, grad_scale, lr);
+        a.momentum = momentum;
+        a.dampening = dampening;
+        a.weight_decay = weight_decay;
+        a.nesterov = nesterov;
+        a.maximize = maximize;
+        a.first_step = first_step;
+        shim::Launcher launcher;
+        const auto tensors = op_tensors(rows, numels, dtypes);
+        const auto lim = limits(max_tensors, max_blocks, 0);
+        if (small_budget) return run_sgd<frozenopt::mt::kSmallArgBytes>(tensors, a, momentum != 0.0, launcher, lim);
+        return run_sgd<frozenopt::mt::kLargeArgBytes>(tensors, a, momentum != 0.0, launcher, lim);
+      },
+      py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
+      py::arg("grad_scale"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
+      py::arg("nesterov"), py::arg("maximize"), py::arg("first_step"), py::arg("max_tensors") = 0,
+      py::arg("max_blocks") = 0, py::arg("small_budget") = false);
+  m.def(
+      "adam",
+      [](const std::vector<std::vector<uintptr_t>>& rows, const std::vector<int64_t>& numels,
+         const std::vector<int>& dtypes, uintptr_t mask, py::tuple found_inf, py::tuple grad_scale, py::tuple lr,
+         double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+         int max_tensors, int max_blocks, int max_steps, bool small_budget) {
+        AdamArgs a{};
+        a.common = step_args(mask, found_inf, grad_scale, lr);
+        a.beta1 = beta1;
+        a.beta2 = beta2;
+        a.eps = eps;
+        a.weight_decay = weight_decay;
+        a.amsgrad = amsgrad;
+        a.maximize = maximize;
+        a.decoupled_weight_decay = decoupled;
+        shim::Launcher launcher;
+        const auto tensors = op_tensors(rows, numels, dtypes);
+        const auto lim = limits(max_tensors, max_blocks, max_steps);
+        if (small_budget) return run_adam<frozenopt::mt::kSmallArgBytes>(tensors, a, launcher, lim);
+        return run_adam<frozenopt::mt::kLargeArgBytes>(tensors, a, launcher, lim);
+      },
+      py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
+      py::arg("grad_scale"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
+      py::arg("max_tensors") = 0, py::arg("max_blocks") = 0, py::arg("max_steps") = 0,
+      py::arg("small_budget") = false);
+  m.def("stats", &stats_dict, "counters since the last reset: launches, blocks, threads, barriers, grids");
+  m.def("reset_stats", [] { shim::stats = shim::Stats{}; });
+  m.def(
+      "set_block_filter",
+      [](std::optional<std::vector<std::pair<int, int>>> allowed) {
+        shim::block_filter = shim::BlockFilter{};
+        if (allowed) {
+          shim::block_filter.on = true;
+          shim::block_filter.allowed = *allowed;
+        }
+      },
+      py::arg("allowed"), "run only these (launch, block) pairs of the next launches; None: run all");
+  m.def(
+      "poisoned_page",
+      [] {
+        // A page no access is allowed to: a kernel that loads from it crashes.
+        static void* page = mmap(nullptr, 1 << 16, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        return reinterpret_cast<uintptr_t>(page);
+      },
+      "the address of 64 KB of memory that may not be read or written");
+}

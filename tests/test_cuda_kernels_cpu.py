@@ -1,0 +1,493 @@
+"""frozenopt's CUDA kernels, run on the CPU.
+
+csrc/cuda/kernels.cuh (the kernels and the launchers the CUDA ops call: step
+launch, dtype groups, the planner) is compiled with g++ under
+tests/cuda_shim/host_shim.h, which runs every block and every thread of each
+launch in turn (threads are fibers, so __syncthreads is a real barrier). The
+results are compared with torch.optim. What this cannot show: anything about
+real GPU concurrency, memory ordering, the kernel-argument limit of a real
+launch, or nvcc's code generation; test_cuda_gpu.py covers those where a GPU
+exists.
+
+The shim module is built at test time with torch.utils.cpp_extension.load into
+build/cuda_shim/<hash of its sources> (reused while the sources are unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from frozenopt import ops
+
+TESTS = Path(__file__).resolve().parent
+CSRC = Path(os.environ.get("FROZENOPT_CSRC", TESTS.parent / "csrc"))
+SHIM_DIR = TESTS / "cuda_shim"
+SHIM_SOURCES = [SHIM_DIR / "shim.cpp", SHIM_DIR / "host_shim.h", CSRC / "update_math.h",
+                CSRC / "cuda" / "kernels.cuh", CSRC / "cuda" / "kernel_args.h", CSRC / "cuda" / "launch_plan.h"]
+CHUNK = 65536
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+FORK_OK = hasattr(os, "fork") and sys.platform.startswith("linux")
+
+
+@pytest.fixture(scope="session")
+def shim():
+    from torch.utils.cpp_extension import load
+
+    key = hashlib.sha256(torch.__version__.encode())
+    for path in SHIM_SOURCES:
+        key.update(path.read_bytes())
+    build = Path(os.environ.get("FROZENOPT_SHIM_BUILD", TESTS.parent / "build" / "cuda_shim")) / key.hexdigest()[:16]
+    build.mkdir(parents=True, exist_ok=True)
+    return load(name="frozenopt_cuda_shim", sources=[str(SHIM_DIR / "shim.cpp")],
+                extra_include_paths=[str(CSRC), str(SHIM_DIR)], extra_cflags=["-O2", "-std=c++20"],
+                build_directory=str(build), verbose=False)
+
+
+# ----------------------------------------------------------------- helpers
+
+def scalar(value, default):
+    """The kernels' ScalarArg: (address, is_double, host value). A tensor is read
+    through its address, the way a CUDA tensor is read on the device."""
+    if value is None:
+        return (0, 0, float(default))
+    if isinstance(value, torch.Tensor):
+        assert value.dtype in (torch.float32, torch.float64)
+        return (value.data_ptr(), int(value.dtype == torch.float64), 0.0)
+    return (0, 0, float(value))
+
+
+def mask_arg(mask):
+    return 0 if mask is None else mask.data_ptr()
+
+
+def run_sgd(shim, params, grads, bufs, mask, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+            nesterov=False, maximize=False, first_step=False, grad_scale=None, found_inf=None, **limits):
+    rows = [[p.data_ptr(), g.data_ptr()] + ([b.data_ptr()] if momentum else [])
+            for p, g, b in zip(params, grads, bufs if momentum else [None] * len(params))]
+    return shim.sgd(rows, [p.numel() for p in params], [DTYPE_CODE[p.dtype] for p in params], mask_arg(mask),
+                    scalar(found_inf, 0.0), scalar(grad_scale, 1.0), scalar(lr, 0.0), momentum, dampening,
+                    weight_decay, nesterov, maximize, first_step, **limits)
+
+
+def run_adam(shim, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, mask, *, lr, beta1=0.9, beta2=0.999,
+             eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, decoupled=False, grad_scale=None,
+             found_inf=None, **limits):
+    rows = []
+    for i, p in enumerate(params):
+        row = [p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+               steps[i].data_ptr()]
+        if amsgrad:
+            row.append(max_sqs[i].data_ptr())
+        rows.append(row)
+    return shim.adam(rows, [p.numel() for p in params], [DTYPE_CODE[p.dtype] for p in params], mask_arg(mask),
+                     scalar(found_inf, 0.0), scalar(grad_scale, 1.0), scalar(lr, 0.0), beta1, beta2, eps,
+                     weight_decay, amsgrad, maximize, decoupled, **limits)
+
+
+# Sizes that cover: empty (first, middle and last), one element, sizes that
+# are not a multiple of the vector width (scalar path), aligned ones (vector
+# path), several chunks with a ragged last chunk.
+SIZES = [0, 1, 3, 64, 0, 1000, 2 * CHUNK + 5, 4096, 0]
+
+
+def make_params(dtype, sizes=SIZES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) for n in sizes]
+
+
+def make_grads(params, step, seed=1):
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    return [torch.randn(p.numel(), generator=g, dtype=torch.float64).to(p.dtype) for p in params]
+
+
+HALF = (torch.float16, torch.bfloat16)
+HALF_VS_CPU_OP = {torch.float16: dict(rtol=1e-2, atol=1e-3), torch.bfloat16: dict(rtol=4e-2, atol=4e-3)}
+
+
+def tolerance(dtype):
+    # Half types are compared with a float64 run from the same start: a few
+    # units of their precision after 6 steps.
+    return {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-7, atol=1e-9),
+            torch.float16: dict(rtol=4e-3, atol=4e-3), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}[dtype]
+
+
+def reference_params(params):
+    """torch.optim's copies: the same dtype for float32/64; float64 for the half
+    types (torch.optim's own half paths round differently, and its fused CPU SGD
+    with momentum on half params is off by a whole update in torch 2.13)."""
+    return [(p.double() if p.dtype in HALF else p.clone()).requires_grad_() for p in params]
+
+
+def reference_optimizer(kind, params, **kw):
+    """torch.optim's for-loop implementation, on the CPU."""
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    return cls(params, **kw, foreach=False)
+
+
+def assert_close(actual, expected, dtype, msg=""):
+    torch.testing.assert_close(actual.to(expected.dtype), expected.detach(), **tolerance(dtype), msg=msg)
+
+
+# Steps 0..5; ALWAYS frozen from the start, SOMETIMES frozen on steps 2 and 3
+# (it resumes its state on step 4), as the reference sees with grad=None.
+STEPS = 6
+ALWAYS = {2, 7}
+SOMETIMES = {5, 6}
+
+
+def frozen_at(step):
+    return ALWAYS | (SOMETIMES if step in (2, 3) else set())
+
+
+SGD_CONFIGS = {
+    "plain": dict(),
+    "momentum": dict(momentum=0.9),
+    "dampening": dict(momentum=0.9, dampening=0.3),
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "weight_decay": dict(momentum=0.5, weight_decay=0.1),
+    "maximize": dict(momentum=0.9, maximize=True, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", sorted(SGD_CONFIGS))
+def test_sgd_kernel_matches_torch(shim, dtype, config):
+    kw = SGD_CONFIGS[config]
+    lr = 0.05
+    params = make_params(dtype)
+    ref_params = reference_params(params)
+    ref = reference_optimizer("sgd", ref_params, lr=lr, **kw)
+    frozen_start = [p.clone() for p in params]
+    momentum = kw.get("momentum", 0.0)
+    bufs = [torch.zeros_like(p) for p in params]
+    mask = torch.zeros(len(params), dtype=torch.uint8)
+    for step in range(STEPS):
+        grads = make_grads(params, step)
+        grads_before = [g.clone() for g in grads]
+        mask.zero_()
+        mask[list(frozen_at(step))] = 1
+        run_sgd(shim, params, grads, bufs, mask, lr=lr, first_step=step == 0, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_before)), "a kernel wrote into a grad"
+        for i, (rp, g) in enumerate(zip(ref_params, grads)):
+            rp.grad = None if i in frozen_at(step) else g.to(rp.dtype)
+        ref.step()
+    for i, (p, rp) in enumerate(zip(params, ref_params)):
+        assert_close(p, rp, dtype, msg=f"param {i}")
+        if momentum and i not in ALWAYS and p.numel():
+            assert_close(bufs[i], ref.state[rp]["momentum_buffer"], dtype)
+    for i in ALWAYS:
+        assert torch.equal(params[i], frozen_start[i])
+        assert torch.equal(bufs[i], torch.zeros_like(bufs[i]))
+
+
+ADAM_CONFIGS = {
+    "adam": ("adam", dict()),
+    "adam_l2": ("adam", dict(weight_decay=0.1)),
+    "adam_amsgrad_maximize": ("adam", dict(amsgrad=True, maximize=True, weight_decay=0.05)),
+    "adamw": ("adamw", dict(weight_decay=0.1)),
+    "adamw_amsgrad": ("adamw", dict(weight_decay=0.1, amsgrad=True, betas=(0.8, 0.99), eps=1e-6)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", sorted(ADAM_CONFIGS))
+def test_adam_kernel_matches_torch(shim, dtype, config):
+    kind, kw = ADAM_CONFIGS[config]
+    lr = 0.01
+    params = make_params(dtype)
+    ref_params = reference_params(params)
+    ref = reference_optimizer(kind, ref_params, lr=lr, **kw)
+    half = dtype in HALF
+    if half:
+        # Adam's state in half precision has an error of its own, which torch's
+        # fused CPU Adam (float math, like ours) shows too: we are held to it.
+        fused_params = [p.clone().requires_grad_() for p in params]
+        fused = (torch.optim.AdamW if kind == "adamw" else torch.optim.Adam)(fused_params, lr=lr, **kw, fused=True)
+    frozen_start = [p.clone() for p in params]
+    amsgrad = kw.get("amsgrad", False)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    vmax = [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    mask = torch.zeros(len(params), dtype=torch.bool)
+    beta1, beta2 = kw.get("betas", (0.9, 0.999))
+    for step in range(STEPS):
+        grads = make_grads(params, step)
+        mask.zero_()
+        mask[list(frozen_at(step))] = True
+        run_adam(shim, params, grads, m, v, vmax, steps, mask, lr=lr, beta1=beta1, beta2=beta2,
+                 eps=kw.get("eps", 1e-8), weight_decay=kw.get("weight_decay", 0.0), amsgrad=amsgrad,
+                 maximize=kw.get("maximize", False), decoupled=kind == "adamw")
+        for i, (rp, g) in enumerate(zip(ref_params, grads)):
+            rp.grad = None if i in frozen_at(step) else g.to(rp.dtype)
+        ref.step()
+        if half:
+            for i, (fp, g) in enumerate(zip(fused_params, grads)):
+                fp.grad = None if i in frozen_at(step) else g.clone()
+            fused.step()
+    for i, (p, rp) in enumerate(zip(params, ref_params)):
+        if i in ALWAYS:
+            continue
+        state = ref.state[rp]
+        assert steps[i].item() == float(state["step"]), f"step of param {i}"
+        if not half:
+            assert_close(p, rp, dtype, msg=f"param {i}")
+            assert_close(m[i], state["exp_avg"], dtype)
+            assert_close(v[i], state["exp_avg_sq"], dtype)
+            if amsgrad:
+                assert_close(vmax[i], state["max_exp_avg_sq"], dtype)
+            continue
+        if not p.numel():
+            continue
+        ours = (p.double() - rp.detach()).abs().max().item()
+        theirs = (fused_params[i].detach().double() - rp.detach()).abs().max().item()
+        assert ours <= 1.25 * theirs + 1e-3, f"param {i}: error {ours} vs torch fused's {theirs}"
+        tol = dict(rtol=1e-2, atol=2e-3) if dtype == torch.float16 else dict(rtol=4e-2, atol=1.6e-2)
+        fstate = fused.state[fused_params[i]]
+        torch.testing.assert_close(p, fused_params[i].detach(), **tol)
+        torch.testing.assert_close(m[i], fstate["exp_avg"], **tol)
+        torch.testing.assert_close(v[i], fstate["exp_avg_sq"], **tol)
+        if amsgrad:
+            torch.testing.assert_close(vmax[i], fstate["max_exp_avg_sq"], **tol)
+    for i in SOMETIMES:
+        assert steps[i].item() == STEPS - 2  # frozen for two steps: its step did not advance then
+    for i in ALWAYS:
+        assert torch.equal(params[i], frozen_start[i])
+        assert steps[i].item() == 0
+        assert not m[i].any() and not v[i].any() and not vmax[i].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernels_match_frozenopts_cpu_ops(shim, dtype):
+    """The shared update math gives the CUDA kernels and the CPU kernels the same result."""
+    params = make_params(dtype, seed=3)
+    cpu_params = [p.clone() for p in params]
+    m, v, vmax = ([torch.zeros_like(p) for p in params] for _ in range(3))
+    cm, cv, cvmax = ([torch.zeros_like(p) for p in params] for _ in range(3))
+    steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    csteps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    mask = torch.zeros(len(params), dtype=torch.uint8)
+    mask[[1, 5]] = 1
+    for step in range(3):
+        grads = make_grads(params, step, seed=4)
+        run_adam(shim, params, grads, m, v, vmax, steps, mask, lr=0.01, weight_decay=0.1, amsgrad=True,
+                 decoupled=True)
+        ops.adam_(cpu_params, grads, cm, cv, cvmax, csteps, mask, lr=0.01, beta1=0.9, beta2=0.999,
+                  weight_decay=0.1, eps=1e-8, amsgrad=True, maximize=False, decoupled_weight_decay=True)
+    # The same formulas in the same precision; only FMA contraction (the CPU
+    # kernels are built with -mfma) may differ, by an ulp that a half type can
+    # carry into the next steps.
+    tol = HALF_VS_CPU_OP.get(dtype, tolerance(dtype))
+    for a, b in zip(params + m + v + vmax, cpu_params + cm + cv + cvmax):
+        torch.testing.assert_close(a, b, **tol)
+    assert [s.item() for s in steps] == [s.item() for s in csteps]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sgd_kernel_matches_frozenopts_cpu_op(shim, dtype):
+    params = make_params(dtype, seed=6)
+    cpu_params = [p.clone() for p in params]
+    bufs, cbufs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    mask = torch.zeros(len(params), dtype=torch.uint8)
+    mask[[1, 5]] = 1
+    kw = dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, maximize=True)
+    for step in range(3):
+        grads = make_grads(params, step, seed=7)
+        run_sgd(shim, params, grads, bufs, mask, lr=0.05, first_step=step == 0, **kw)
+        ops.sgd_(cpu_params, grads, cbufs, mask, lr=0.05, is_first_step=step == 0, **kw)
+    tol = HALF_VS_CPU_OP.get(dtype, tolerance(dtype))
+    for a, b in zip(params + bufs, cpu_params + cbufs):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_vector_and_scalar_paths_agree_bitwise(shim, dtype):
+    """Aligned tensors take the packed-load path; the same data one element
+    off alignment takes the element-wise path. Same math, same bits."""
+    n = CHUNK + 1024  # a multiple of the vector width: only the alignment differs
+    base = make_params(dtype, [n + 1], seed=5)[0]
+    grad = make_grads([base], 0)[0]
+
+    def run(offset):
+        storage = [torch.zeros(n + 1, dtype=dtype) for _ in range(5)]
+        p, g, m, v, vmax = (s[offset:offset + n] for s in storage)
+        p.copy_(base[:n])
+        g.copy_(grad[:n])
+        step = torch.zeros((), dtype=torch.float32)
+        for _ in range(2):
+            run_adam(shim, [p], [g], [m], [v], [vmax], [step], None, lr=0.01, amsgrad=True, weight_decay=0.1)
+        return p, m, v, vmax
+
+    aligned, misaligned = run(0), run(1)
+    pack = 4 * base.element_size()  # the kernels load 4 elements at a time
+    assert aligned[0].data_ptr() % pack == 0 and misaligned[0].data_ptr() % pack != 0
+    for a, b in zip(aligned, misaligned):
+        assert torch.equal(a, b)
+
+
+def test_found_inf_moves_nothing(shim):
+    params = make_params(torch.float32)
+    before = [p.clone() for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.full((), 3.0) for _ in params]
+    grads = make_grads(params, 0)
+    found_inf = torch.ones((), dtype=torch.float32)
+    run_adam(shim, params, grads, m, v, [], steps, None, lr=0.1, found_inf=found_inf)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(s.item() == 3.0 for s in steps) and not any(t.any() for t in m + v)
+    bufs = [torch.zeros_like(p) for p in params]
+    run_sgd(shim, params, grads, bufs, None, lr=0.1, momentum=0.9, first_step=True, found_inf=found_inf)
+    assert all(torch.equal(a, b) for a, b in zip(params, before)) and not any(b.any() for b in bufs)
+    # found_inf == 0 read from "device" memory: the step happens.
+    found_inf.zero_()
+    run_adam(shim, params, grads, m, v, [], steps, None, lr=0.1, found_inf=found_inf)
+    assert all(s.item() == 4.0 for s in steps)
+    assert not torch.equal(params[3], before[3])
+
+
+@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
+def test_lr_and_grad_scale_read_from_device_memory(shim, lr_dtype):
+    params = make_params(torch.float64, [100, 7])
+    expected = [p.clone() for p in params]
+    grads = make_grads(params, 0)
+    lr = torch.tensor(0.25, dtype=lr_dtype)
+    grad_scale = torch.tensor(4.0)
+    run_sgd(shim, params, [g * 4 for g in grads], [], None, lr=lr, grad_scale=grad_scale)
+    for p, e, g in zip(params, expected, grads):
+        torch.testing.assert_close(p, e - 0.25 * g)
+    # The lr tensor is read when the kernel runs, not when the launch is built.
+    lr.fill_(0.0)
+    before = [p.clone() for p in params]
+    run_sgd(shim, params, grads, [], None, lr=lr)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_mixed_dtypes_keep_tensor_ids(shim):
+    """One op over params of several dtypes: one launch group per dtype, and the
+    mask is still indexed by list position."""
+    dtypes = [torch.float32, torch.float16, torch.float64, torch.float32, torch.bfloat16, torch.float16]
+    params = [torch.randn(300, dtype=torch.float64).to(d) for d in dtypes]
+    before = [p.clone() for p in params]
+    grads = [torch.ones_like(p) for p in params]
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros(()) for _ in params]
+    mask = torch.tensor([0, 1, 0, 1, 0, 0], dtype=torch.uint8)
+    shim.reset_stats()
+    launches = run_adam(shim, params, grads, m, v, [], steps, mask, lr=0.1)
+    assert launches == shim.stats()["launches"] == 1 + 4  # the step launch, then one per dtype
+    for i, (p, b) in enumerate(zip(params, before)):
+        if mask[i]:
+            assert torch.equal(p, b) and steps[i].item() == 0
+        else:
+            assert not torch.equal(p, b) and steps[i].item() == 1
+
+
+def test_many_launches_give_the_same_bits_as_one(shim):
+    """Tiny per-launch limits force carried-over slots, launches that end on a
+    tensor boundary, and empty tensors at launch ends."""
+    sizes = [0, 5, 3 * CHUNK + 17, 0, 8, CHUNK, 1, 0, 2 * CHUNK, 0]
+
+    def run(**limits):
+        params = make_params(torch.float32, sizes, seed=9)
+        m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+        steps = [torch.zeros(()) for _ in params]
+        mask = torch.zeros(len(sizes), dtype=torch.uint8)
+        mask[6] = 1
+        total = 0
+        for step in range(2):
+            total += run_adam(shim, params, make_grads(params, step), m, v, [], steps, mask, lr=0.01, **limits)
+        return params + m + v + steps, total
+
+    one, launches_one = run()
+    many, launches_many = run(max_tensors=2, max_blocks=3, max_steps=3)
+    assert launches_one == 2 * 2  # (step launch + one Adam launch) per step
+    plan = ops.require_extension().cuda_plan
+    expected = len(plan.plan(5, sizes, max_tensors=2, max_blocks=3)) + 4  # 10 steps / 3 per launch
+    assert launches_many == 2 * expected
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_block_count_and_barriers(shim):
+    """Each chunk is one block of 512 threads; every block passes its one barrier."""
+    params = make_params(torch.float32, [0, 10, CHUNK, CHUNK + 1, 0])
+    grads = make_grads(params, 0)
+    shim.reset_stats()
+    run_sgd(shim, params, grads, [], None, lr=0.1)
+    stats = shim.stats()
+    assert stats["launches"] == 1 and stats["grids"] == [4]
+    assert stats["blocks"] == 4 and stats["threads"] == 4 * 512 and stats["barriers"] == 4
+
+
+def test_offsets_past_2_31_elements_are_64_bit(shim):
+    """The last chunks of a tensor of 2^31 + 70,000 float32 elements: the
+    metadata points 'before' a small buffer, so only the chunks at element
+    offsets >= 2^31 have memory behind them, and only their blocks are run.
+    A 32-bit offset would land far outside the buffer."""
+    numel = 2**31 + 70_000
+    first_chunk = (2**31) // CHUNK  # 32768: starts exactly at 2^31
+    live = numel - first_chunk * CHUNK
+    plan = ops.require_extension().cuda_plan.plan(2, [numel], budget="large")
+    run_blocks = [(li, bi) for li, launch in enumerate(plan) for bi, (slot, chunk) in enumerate(launch["blocks"])
+                  if chunk >= first_chunk]
+    assert len(run_blocks) == 2
+    p_live = torch.randn(live)
+    g_live = torch.randn(live)
+    expected = p_live - 0.5 * g_live
+    elem = 4
+    fake_p = p_live.data_ptr() - first_chunk * CHUNK * elem
+    fake_g = g_live.data_ptr() - first_chunk * CHUNK * elem
+    shim.set_block_filter(run_blocks)
+    try:
+        launches = shim.sgd([[fake_p, fake_g]], [numel], [0], 0, (0, 0, 0.0), (0, 0, 1.0), (0, 0, 0.5), 0.0, 0.0,
+                            0.0, False, False, False)
+    finally:
+        shim.set_block_filter(None)
+    assert launches == len(plan)
+    torch.testing.assert_close(p_live, expected)
+
+
+@pytest.mark.skipif(not FORK_OK, reason="needs fork")
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_frozen_tensors_are_not_loaded(shim, kind):
+    """Frozen tensors point at memory that may not be read or written: the run
+    survives only if their blocks return before any load or store. Runs in a
+    forked child, so a fault fails this test, not the session."""
+    poisoned = shim.poisoned_page()
+    params = make_params(torch.float32, [100, 5000, 7, CHUNK + 3])
+    grads = make_grads(params, 0)
+    states = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    steps = [torch.zeros(()) for _ in params]
+    mask = torch.tensor([0, 1, 0, 1], dtype=torch.uint8)
+    numels = [p.numel() for p in params]
+    if kind == "sgd":
+        rows = [[p.data_ptr(), g.data_ptr(), b.data_ptr()] for p, g, b in zip(params, grads, states[0])]
+    else:
+        rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr()]
+                for p, g, m, v, s in zip(params, grads, states[0], states[1], steps)]
+    for i in (1, 3):
+        rows[i] = [poisoned] * len(rows[i])  # every row, the step counter too
+    # Everything is prepared before the fork: the child makes no torch calls
+    # (another thread of the parent may hold a lock it would wait on forever).
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 3
+        try:
+            if kind == "sgd":
+                shim.sgd(rows, numels, [0] * 4, mask.data_ptr(), (0, 0, 0.0), (0, 0, 1.0), (0, 0, 0.1), 0.9, 0.0,
+                         0.0, False, False, True)
+            else:
+                shim.adam(rows, numels, [0] * 4, mask.data_ptr(), (0, 0, 0.0), (0, 0, 1.0), (0, 0, 0.1), 0.9,
+                          0.999, 1e-8, 0.0, False, False, False)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child died: status {status}"
