@@ -1,0 +1,392 @@
+"""A torch.optim twin of a frozenopt optimizer, for differential tests.
+
+``Reference(opt)`` holds detached clones of ``opt``'s params, in the same param
+groups with the same hyper-parameters, inside the torch.optim optimizer of the
+same class. It keeps its own frozen set, resolved by its own (deliberately
+simple) reading of DESIGN.md's name rules rather than by frozenopt.names, and
+steps with ``grad=None`` for every frozen param: DESIGN.md's definition of
+frozen. ``check(opt)`` then asserts that frozenopt and the reference agree on
+every param, every state tensor, the step counters, the param groups, the
+frozen set and ``requires_grad``, and that a frozen param and its state are
+bitwise what they were when it was frozen.
+
+Other tests may reuse it; tests/test_fuzz.py drives it with random programs.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import re
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Reference", "clone_param", "tolerances", "snapshot", "assert_same", "state_bytes"]
+
+# rtol, atol of ours against torch.optim, per param dtype. float32/float64 are
+# torch.testing's defaults; the half types allow a few units in the last place,
+# since torch's for-loop path rounds after every op while the fused paths
+# (frozenopt's and torch's) round once per step.
+_TOL = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (4e-3, 4e-3),
+}
+
+
+def tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    return _TOL[dtype]
+
+
+def clone_param(p: Tensor, contiguous: bool = False) -> nn.Parameter:
+    """A detached copy of ``p`` with the same sizes and strides (so the same layout quirks), or contiguous."""
+    if contiguous:
+        return nn.Parameter(p.detach().clone(memory_format=torch.contiguous_format), requires_grad=True)
+    q = torch.empty_strided(p.size(), p.stride(), dtype=p.dtype, device=p.device)
+    q.copy_(p.detach())
+    return nn.Parameter(q, requires_grad=True)
+
+
+def _glob_regex(glob: str) -> "re.Pattern[str]":
+    # '*' and '?' stay within one dotted component, '**' crosses components.
+    out = []
+    i = 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^.]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+
+
+def snapshot(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Everything a bad call must leave alone, cloned: params (values, strides,
+    requires_grad, identity), grads, state, param groups, the frozen set and
+    the mask_only flag."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, p in enumerate(params):
+        if opt.state.get(p):
+            state[i] = {k: (v.detach().clone(), v.data_ptr()) if isinstance(v, Tensor) else copy.deepcopy(v)
+                        for k, v in opt.state[p].items()}
+    groups = []
+    for g in opt.param_groups:
+        groups.append({k: (v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v))
+                       for k, v in g.items() if k != "params"} | {"params": [id(p) for p in g["params"]]})
+    return {
+        "ids": [id(p) for p in params],
+        "values": [p.detach().clone() for p in params],
+        "strides": [p.stride() for p in params],
+        "requires_grad": [p.requires_grad for p in params],
+        "grads": [None if p.grad is None else (_plain(p.grad), str(p.grad.layout), id(p.grad)) for p in params],
+        "state": state,
+        "state_entries": sum(1 for p in opt.state if opt.state[p]),
+        "groups": groups,
+        "frozen": list(getattr(opt, "frozen", [])),
+    }
+
+
+def _plain(t: Tensor) -> Tensor:
+    """A dense CPU copy to compare bitwise (sparse grads densified)."""
+    t = t.detach()
+    return (t.to_dense() if t.layout != torch.strided else t).clone()
+
+
+def _diff(a: Any, b: Any, path: str = "") -> Optional[str]:
+    """Where two snapshot values differ (None when bitwise equal)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        same = (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+        return None if same else path or "tensor"
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and type(a) is type(b):
+        if len(a) != len(b):
+            return f"{path} (length {len(a)} -> {len(b)})"
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _diff(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return f"{path} (keys {sorted(map(str, a))} -> {sorted(map(str, b))})"
+        for k in a:
+            d = _diff(a[k], b[k], f"{path}[{k!r}]")
+            if d:
+                return d
+        return None
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return None  # NaN hyper-parameter stored on both sides
+    return None if a == b else f"{path} ({a!r} -> {b!r})"
+
+
+def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Assert that two snapshots are bitwise equal, naming the first difference."""
+    for key in before:
+        d = _diff(before[key], after[key], key)
+        assert d is None, f"changed: {d}"
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's state tensors (each storage counted once)."""
+    seen, total = set(), 0
+    for s in opt.state.values():
+        for v in s.values():
+            if isinstance(v, Tensor):
+                key = (v.untyped_storage().data_ptr(), v.device)
+                if key not in seen:
+                    seen.add(key)
+                    total += v.untyped_storage().nbytes()
+    return total
+
+
+class Reference:
+    """torch.optim twin of a frozenopt optimizer (see the module docstring).
+
+    impl: "forloop" (torch.optim's single-tensor path), "foreach" or "fused".
+    With "fused" the reference's params and grads are contiguous copies: torch
+    2.13's fused CPU SGD/Adam give wrong results when a grad's strides differ
+    from its param's or a param is not dense (found by this fuzzer, see
+    docs/guarantees.md), so it is only an oracle for contiguous tensors.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, impl: str = "forloop") -> None:
+        self.cls = getattr(torch.optim, type(opt).__name__)
+        self.impl = impl
+        self.mask_only = bool(getattr(opt, "mask_only", False))
+        self.names: list[Optional[str]] = []
+        self.group_sizes: list[int] = []
+        ours = []
+        for g in opt.param_groups:
+            self.names += g.get("param_names") or [None] * len(g["params"])
+            self.group_sizes.append(len(g["params"]))
+            ours += g["params"]
+        self.params = [clone_param(p, contiguous=impl == "fused") for p in ours]
+        self.initial_requires_grad = [p.requires_grad for p in ours]
+        self.frozen: set[int] = {i for i, p in enumerate(ours) if not p.requires_grad}
+        self.snapshots: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
+        self.opt = self._build(opt.param_groups)
+
+    # ------------------------------------------------------------ building
+
+    def _impl_flags(self) -> dict[str, Any]:
+        return {"forloop": dict(foreach=False, fused=None), "foreach": dict(foreach=True, fused=None),
+                "fused": dict(foreach=None, fused=True)}[self.impl]
+
+    def _build(self, groups: Sequence[dict[str, Any]]) -> torch.optim.Optimizer:
+        flat, start, ref_groups = self.params, 0, []
+        # a tensor hyper-parameter shared by groups (a tensor lr in the defaults) stays shared
+        clones: dict[int, Any] = {}
+        for g, n in zip(groups, self.group_sizes):
+            hyper = {k: (clones.setdefault(id(v), v.detach().clone()) if isinstance(v, Tensor) else copy.deepcopy(v))
+                     for k, v in g.items() if k not in ("params", "param_names")}
+            hyper.update(self._impl_flags())
+            ref_groups.append({"params": flat[start:start + n], **hyper})
+            start += n
+        return self.cls(ref_groups, lr=ref_groups[0]["lr"])
+
+    def groups_of(self) -> list[range]:
+        out, start = [], 0
+        for n in self.group_sizes:
+            out.append(range(start, start + n))
+            start += n
+        return out
+
+    # ------------------------------------------------------------ targets
+
+    def resolve(self, targets: Iterable[Any], ours_params: Sequence[Tensor],
+                modules: Optional[dict[int, nn.Module]] = None) -> set[int]:
+        """Indices matched by the targets, by DESIGN.md's rules: a plain name
+        is a module prefix (cut at dots) or an exact param name; '*'/'?' globs
+        stay within a component; a compiled regex must fullmatch a prefix;
+        Modules and Parameters by identity."""
+        found: set[int] = set()
+        for t in targets:
+            if isinstance(t, nn.Module):
+                ids = {id(p) for p in t.parameters()}
+                found |= {i for i, p in enumerate(ours_params) if id(p) in ids}
+            elif isinstance(t, Tensor):
+                found |= {i for i, p in enumerate(ours_params) if p is t}
+            elif isinstance(t, re.Pattern) or any(c in t for c in "*?["):
+                rx = t if isinstance(t, re.Pattern) else _glob_regex(t)
+                found |= {i for i, n in enumerate(self.names)
+                          if n is not None and any(rx.fullmatch(x) for x in _prefixes(n))}
+            else:
+                found |= {i for i, n in enumerate(self.names) if n is not None and t in _prefixes(n)}
+        return found
+
+    def name_of(self, i: int) -> str:
+        return self.names[i] if self.names[i] is not None else f"<param {i}>"
+
+    # ------------------------------------------------------------ the contract
+
+    def freeze(self, indices: Iterable[int], release_state: bool = False) -> list[str]:
+        """Freeze; returns the names that changed, in optimizer order (what frozenopt returns)."""
+        indices = sorted(set(indices))
+        changed = [i for i in indices if i not in self.frozen]
+        if release_state:
+            for i in indices:
+                self.opt.state.pop(self.params[i], None)
+                self.snapshots.pop(i, None)  # its state is legitimately gone
+        self.frozen |= set(indices)
+        return [self.name_of(i) for i in changed]
+
+    def unfreeze(self, indices: Iterable[int], reset_state: bool = False) -> list[str]:
+        indices = sorted(set(indices))
+        changed = [i for i in indices if i in self.frozen]
+        if reset_state:
+            for i in indices:
+                self.opt.state.pop(self.params[i], None)
+        self.frozen -= set(indices)
+        for i in changed:
+            self.snapshots.pop(i, None)
+        return [self.name_of(i) for i in changed]
+
+    def step(self, grads: Sequence[Optional[Tensor]]) -> None:
+        """One torch.optim step; frozen params get grad=None whatever ``grads`` holds."""
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if g is None or i in self.frozen:
+                p.grad = None
+            else:
+                p.grad = torch.empty_like(p).copy_(g.detach())  # laid out like its param
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # torch's fused CPU path opens a parallel region per tensor
+        try:
+            self.opt.step()
+        finally:
+            torch.set_num_threads(threads)
+
+    def set_lr(self, group: int, lr: Any) -> None:
+        cur = self.opt.param_groups[group]["lr"]
+        if isinstance(cur, Tensor):
+            cur.fill_(float(lr))
+        else:
+            self.opt.param_groups[group]["lr"] = float(lr)
+
+    def reload(self) -> None:
+        """state_dict through torch.save/torch.load into a fresh torch.optim optimizer."""
+        self.opt = self.load_fresh(self.opt.state_dict())
+
+    def load_fresh(self, state_dict: dict[str, Any]) -> torch.optim.Optimizer:
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=True)
+        fresh = self._build(self.opt.param_groups)
+        fresh.load_state_dict(loaded)
+        if self.impl == "fused":  # torch's fused path needs state laid out like its (contiguous) param
+            for st in fresh.state.values():
+                for k, v in st.items():
+                    if isinstance(v, Tensor) and k != "step":
+                        st[k] = v.contiguous()
+        for g in fresh.param_groups:
+            g.update(self._impl_flags())
+        return fresh
+
+    # ------------------------------------------------------------ checking
+
+    def check(self, opt: torch.optim.Optimizer, where: str = "") -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # comparing is cheap on one thread, and costly when 2 contend
+        try:
+            self._check(opt, where)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _check(self, opt: torch.optim.Optimizer, where: str) -> None:
+        ours = [p for g in opt.param_groups for p in g["params"]]
+        assert len(ours) == len(self.params), where
+        at = f" ({where})" if where else ""
+
+        # the frozen set and requires_grad
+        expect_frozen = [self.name_of(i) for i in sorted(self.frozen)]
+        assert list(opt.frozen) == expect_frozen, f"frozen set {opt.frozen} != {expect_frozen}{at}"
+        for i, p in enumerate(ours):
+            want = self.initial_requires_grad[i] if self.mask_only else i not in self.frozen
+            assert p.requires_grad == want, f"param {self.name_of(i)} requires_grad={p.requires_grad}{at}"
+
+        # param groups: same hyper-parameters
+        for gi, (g, r) in enumerate(zip(opt.param_groups, self.opt.param_groups)):
+            for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize",
+                      "betas", "eps", "amsgrad"):
+                if k in r:
+                    a, b = g[k], r[k]
+                    a = float(a) if isinstance(a, Tensor) else a
+                    b = float(b) if isinstance(b, Tensor) else b
+                    assert a == b, f"group {gi} {k}: {a} != {b}{at}"
+
+        for i, (p, q) in enumerate(zip(ours, self.params)):
+            name = self.name_of(i)
+            s_ours = opt.state.get(p) or {}
+            s_ref = self.opt.state.get(q) or {}
+            if not s_ref and _is_fresh(s_ours):
+                s_ours = {}  # Adam state allocated on a skipped (GradScaler) first step: the same as none
+            assert set(s_ours) == set(s_ref), f"{name}: state keys {sorted(s_ours)} != {sorted(s_ref)}{at}"
+            _close(p.detach(), q.detach(), f"{name}{at}")
+            for k in s_ref:
+                a, b = s_ours[k], s_ref[k]
+                if k == "step":
+                    assert float(a) == float(b), f"{name}: step {float(a)} != {float(b)}{at}"
+                else:
+                    assert a.shape == p.shape and a.dtype == p.dtype, f"{name}: {k} is {a.dtype} {a.shape}{at}"
+                    _close(a, b, f"{name}.{k}{at}")
+
+            # frozen is exact: bitwise what it was when it froze
+            if i in self.frozen:
+                if i not in self.snapshots:
+                    self.snapshots[i] = (p.detach().clone(), {k: v.detach().clone() for k, v in s_ours.items()})
+                else:
+                    value, state = self.snapshots[i]
+                    assert torch.equal(p.detach(), value), f"frozen {name} moved{at}"
+                    assert set(state) == set(s_ours), f"frozen {name}: state keys changed{at}"
+                    for k, v in state.items():
+                        assert torch.equal(s_ours[k], v), f"frozen {name}: state {k} changed{at}"
+            else:
+                self.snapshots.pop(i, None)
+
+
+def _is_fresh(state: dict[str, Any]) -> bool:
+    """Adam state that no step has touched: step 0 and all-zero buffers."""
+    return ("step" in state and float(state["step"]) == 0
+            and all(not v.any() for k, v in state.items() if k != "step"))
+
+
+def _close(a: Tensor, b: Tensor, what: str) -> None:
+    """torch's tolerances for the dtype, elementwise, plus 4*rtol of the tensor's largest
+    finite magnitude: a rounding difference in (grad - exp_avg) is relative to the grad, not
+    to the (possibly much smaller) result. NaN matches NaN, inf matches the same inf."""
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if a.numel() == 0 or torch.equal(a, b):
+        return
+    rtol, atol = _TOL[a.dtype]
+    b_abs = b.abs()
+    scale = float(b_abs.amax())
+    if math.isfinite(scale):  # fast path: max(|a - b| - rtol*|b|) <= atol' (False when NaN)
+        if float((a - b).abs_().sub_(b_abs.mul_(rtol)).amax()) <= atol + 4 * rtol * scale:
+            return
+    else:
+        finite = b[torch.isfinite(b)]
+        scale = float(finite.abs().amax()) if finite.numel() else 0.0
+    ok = torch.isclose(a, b, rtol=rtol, atol=atol + 4 * rtol * scale, equal_nan=True)
+    if not bool(ok.all()):
+        bad = ~ok
+        k = int(bad.flatten().nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {a.numel()} {a.dtype} elements differ; first at flat index {k}: "
+            f"ours {a.flatten()[k].item()!r} vs torch.optim {b.flatten()[k].item()!r}")
