@@ -20,9 +20,9 @@ enum class Capability { kDefault, kAVX2, kAVX512 };
 // build of the kernels on one machine.
 Capability best_capability() {
   static const Capability cap = [] {
-    const std::string name = at::get_cpu_capability();
-    if (name == "AVX512") return Capability::kAVX512;
-    if (name == "AVX2") return Capability::kAVX2;
+    const int build = best_kernel_build();  // launch.h: shared with the step plan
+    if (build == 2) return Capability::kAVX512;
+    if (build == 1) return Capability::kAVX2;
     return Capability::kDefault;
   }();
   return cap;
