@@ -363,16 +363,23 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if not torch.compiler.is_compiling():
-            for group in self.param_groups:  # a bad group fails the step before any group moves
-                self._check_hyper(group)
         if torch.compiler.is_compiling() or any(
                 _is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
             self._step_traced(grad_scale, found_inf)
-        elif self._sharded:
-            self._step_sharded(grad_scale, found_inf)
-        else:
-            self._step_eager(grad_scale, found_inf)
+            return loss
+        try:
+            for group in self.param_groups:  # a bad group fails the step before any group moves
+                self._check_hyper(group)
+            if self._sharded:
+                self._step_sharded(grad_scale, found_inf)
+            else:
+                self._step_eager(grad_scale, found_inf)
+        except BaseException:
+            # GradScaler sets grad_scale/found_inf for one step() and deletes them only after
+            # a step that returned: left behind, they would rescale the next plain step().
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
         return loss
 
     def _step_eager(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
