@@ -65,6 +65,11 @@ def _glob_regex(glob: str) -> "re.Pattern[str]":
         elif glob[i] == "?":
             out.append("[^.]")
             i += 1
+        elif glob[i] == "[" and "]" in glob[i + 2:]:  # a character class, '!' negates
+            close = glob.index("]", i + 2)
+            body = glob[i + 1:close]
+            out.append("[^." + body[1:] + "]" if body[0] in "!^" else "[" + body + "]")
+            i = close + 1
         else:
             out.append(re.escape(glob[i]))
             i += 1

@@ -340,3 +340,26 @@ def test_keyboard_interrupt_between_freeze_and_step(kind):
             pass
         ref.check(opt, f"after interrupt {step}")
     _consistent(opt, net, mask_only=False)
+
+
+@pytest.mark.parametrize("kind", ["SGD", "Adam"])
+def test_failed_step_under_grad_scaler_leaves_no_amp_arguments_behind(kind):
+    """GradScaler sets opt.grad_scale/opt.found_inf for one step() and deletes them only when
+    step() returns. When step() raises (a sparse grad here), frozenopt drops them itself:
+    otherwise the next plain opt.step() would silently divide its grads by the old scale
+    (or skip, if found_inf was set)."""
+    net, opt = make(kind)
+    ref = Reference(opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(torch.ones(()))
+    grads(net, 0)
+    net[0].bias.grad = net[0].bias.grad.to_sparse()
+    before = params_and_state(opt)
+    with pytest.raises(RuntimeError, match="sparse"):
+        scaler.step(opt)
+    assert_params_and_state_same(before, params_and_state(opt))
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    grads(net, 1)
+    opt.step()  # a plain step: unscaled grads, nothing skipped
+    ref.step([p.grad for p in net.parameters()])
+    ref.check(opt, "plain step after the failed scaled one")

@@ -1,0 +1,179 @@
+"""Memory: a param frozen from the start never allocates state; release_state/reset_state
+and freezing give memory back (state byte counts, weak references, and the process RSS
+for a large model).
+
+Byte counts are those of the storages the optimizer's state tensors hold
+(tests/reference.py: state_bytes), each storage counted once.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import frozenopt
+from reference import Reference, state_bytes
+
+# Adam/AdamW: exp_avg + exp_avg_sq (+ max_exp_avg_sq) per element, and a 4-byte step per param.
+KINDS = {
+    "SGD": (dict(lr=0.1, momentum=0.9), lambda numel, params, itemsize: numel * itemsize),
+    "Adam": (dict(lr=1e-3), lambda numel, params, itemsize: 2 * numel * itemsize + 4 * params),
+    "AdamW-amsgrad": (dict(lr=1e-3, amsgrad=True), lambda numel, params, itemsize: 3 * numel * itemsize + 4 * params),
+}
+
+
+def make_opt(kind, params, **extra):
+    kwargs, _ = KINDS[kind]
+    return getattr(frozenopt, kind.split("-")[0])(params, **kwargs, **extra)
+
+
+def expected_bytes(kind, params) -> int:
+    _, per = KINDS[kind]
+    params = list(params)
+    return sum(per(p.numel(), 1, p.element_size()) for p in params)
+
+
+class Net(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(100, 16, dtype=dtype)
+        self.body = nn.Sequential(nn.Linear(16, 32, dtype=dtype), nn.Linear(32, 32, dtype=dtype))
+        self.head = nn.Linear(32, 4, dtype=dtype)
+
+
+def all_grads(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in net.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["requires_grad", "freeze_before_step"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_from_the_start_allocates_no_state(kind, how, dtype):
+    """Frozen before its first step (requires_grad=False at construction, the Flux request,
+    or freeze() before any step): no state entry at all, however many steps run and whatever
+    grads it is given; the state holds exactly the unfrozen params' bytes."""
+    net = Net(dtype)
+    if how == "requires_grad":
+        for p in [*net.embed.parameters(), *net.body.parameters()]:
+            p.requires_grad_(False)
+        opt = make_opt(kind, net, mask_only=True)
+    else:
+        opt = make_opt(kind, net, mask_only=True)
+        opt.freeze("embed", "body")
+    assert opt.frozen == ["embed.weight", "body.0.weight", "body.0.bias", "body.1.weight", "body.1.bias"]
+    for step in range(5):
+        all_grads(net, step)  # the frozen params get grads too
+        opt.step()
+    frozen = [*net.embed.parameters(), *net.body.parameters()]
+    assert all(p not in opt.state or not opt.state[p] for p in frozen)
+    assert state_bytes(opt) == expected_bytes(kind, net.head.parameters()) > 0
+    assert set(opt.state_dict()["state"]) == {5, 6}  # only head.weight and head.bias
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mask_only", [False, True])
+def test_release_state_gives_the_memory_back(kind, mask_only):
+    """freeze(..., release_state=True) drops exactly the matched params' state bytes, the
+    state tensors are really freed (no cached step plan or mask keeps them alive), a plain
+    freeze keeps them, and unfreeze then starts them afresh (Adam's step counts from 1)."""
+    net = Net()
+    opt = make_opt(kind, net, mask_only=mask_only)
+    for step in range(3):
+        all_grads(net, step)
+        opt.step()
+    total = state_bytes(opt)
+    assert total == expected_bytes(kind, net.parameters())
+
+    opt.freeze("body")  # a plain freeze keeps the state (unfreeze resumes it)
+    assert state_bytes(opt) == total
+    refs = [weakref.ref(t) for p in net.body.parameters() for t in opt.state[p].values()
+            if isinstance(t, torch.Tensor)]
+    opt.freeze("body", release_state=True)
+    gc.collect()
+    assert state_bytes(opt) == total - expected_bytes(kind, net.body.parameters())
+    assert all(r() is None for r in refs), "released state tensors are still alive"
+    all_grads(net, 10)
+    opt.step()  # a step while released allocates nothing for them
+    assert state_bytes(opt) == total - expected_bytes(kind, net.body.parameters())
+
+    opt.unfreeze("body")
+    all_grads(net, 11)
+    opt.step()
+    assert state_bytes(opt) == total
+    if kind != "SGD":
+        assert float(opt.state[net.body[0].weight]["step"]) == 1
+        assert float(opt.state[net.head.weight]["step"]) == 5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reset_state_frees_and_restarts(kind):
+    net = Net()
+    opt = make_opt(kind, net)
+    ref = Reference(opt)
+    for step in range(3):
+        all_grads(net, step)
+        opt.step()
+        ref.step([p.grad for p in net.parameters()])
+    refs = [weakref.ref(t) for t in opt.state[net.head.weight].values() if isinstance(t, torch.Tensor)]
+    assert opt.unfreeze("head", reset_state=True) == []  # nothing was frozen; the state still goes
+    ref.unfreeze([5, 6], reset_state=True)
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert state_bytes(opt) == expected_bytes(kind, [p for n, p in net.named_parameters() if "head" not in n])
+    all_grads(net, 3)
+    opt.step()
+    ref.step([p.grad for p in net.parameters()])
+    ref.check(opt, "after reset_state")
+
+
+def test_freezing_drops_grads_in_the_default_mode():
+    """Default mode: freeze() turns requires_grad off and drops the grad, so the frozen
+    params' grad memory goes too (mask_only keeps both, for DDP)."""
+    net = Net()
+    opt = frozenopt.AdamW(net)
+    all_grads(net)
+    grads = [weakref.ref(p.grad) for p in net.body.parameters()]
+    opt.freeze("body")
+    gc.collect()
+    assert all(r() is None for r in grads)
+    assert all(p.grad is None and not p.requires_grad for p in net.body.parameters())
+    loss = net.head(net.body(net.embed(torch.tensor([1, 2, 3])))).sum()
+    loss.backward()
+    assert all(p.grad is None for p in net.body.parameters())  # autograd skipped them
+
+    net = Net()
+    opt = frozenopt.AdamW(net, mask_only=True)
+    all_grads(net)
+    opt.freeze("body")
+    assert all(p.grad is not None and p.requires_grad for p in net.body.parameters())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc (Linux) to read the RSS")
+def test_release_state_lowers_the_process_rss():
+    """The bytes are given back to the system, not just dropped from opt.state: 2 x 64 MiB
+    of Adam state for one 16M-element param, released, lowers the RSS by most of it."""
+    big = nn.Parameter(torch.zeros(16 * 2**20))
+    small = nn.Parameter(torch.zeros(10))
+    opt = frozenopt.Adam([("big", big), ("small", small)], lr=1e-3, mask_only=True)  # keeps the grad
+    big.grad, small.grad = torch.ones_like(big), torch.ones_like(small)
+    opt.step()
+    gc.collect()
+    before = _rss()
+    opt.freeze("big", release_state=True)
+    gc.collect()
+    freed = before - _rss()
+    assert state_bytes(opt) == 2 * 4 * 10 + 4
+    assert freed > 100 * 2**20, f"RSS fell by only {freed / 2**20:.1f} MiB"
