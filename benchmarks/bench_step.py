@@ -199,12 +199,15 @@ def run_case(case: str, kind: str, args) -> dict:
     contenders, target = build_contenders(case, kind, params)
     for c in contenders:
         warm_up(c, args.min_measure_s, args.max_inner)
-    # The two sides of the target take the same number of steps per measurement:
-    # with interleaved rounds, a contender with more steps would run its extra
-    # ones back to back (caches warm with its own data), a bias when its data fits.
+    # When the two sides of the target run at similar speeds, they take the
+    # same number of steps per measurement: with interleaved rounds, a
+    # contender with more steps would run its extra ones back to back, with
+    # caches warm from its own data (a bias when that data fits in cache).
     pair = [c for c in contenders if c.name in (target.numerator, target.denominator)]
-    for c in pair:
-        c.inner = max(d.inner for d in pair)
+    most, least = max(c.inner for c in pair), min(c.inner for c in pair)
+    if most <= 4 * least:
+        for c in pair:
+            c.inner = most
     for r in range(args.repeats):
         gc.collect()
         run_repeat(contenders, r % len(contenders))
@@ -341,8 +344,11 @@ def main(argv=None) -> int:
     for case in args.cases:
         for kind in args.optimizers:
             count, numel = SIZES[case]["quick" if args.quick else "full"]
-            print(f"case {case} ({case_title(case, count, numel)}), {kind} ...", file=sys.stderr, flush=True)
+            print(f"case {case} ({case_title(case, count, numel)}), {kind} ...", end=" ", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             results.append(run_case(case, kind, args))
+            results[-1]["wall_s"] = time.perf_counter() - t0
+            print(f"{results[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
     machine = dict(report_start, loadavg_at_end=machine_info()["loadavg"])
     machine["loadavg_at_start"] = machine.pop("loadavg")
     report = {
