@@ -6,7 +6,9 @@
 # 20-200 operations checked against torch.optim after every operation. Prints
 # the number of examples that ran to the end, the result and the wall time;
 # logs are in $FROZENOPT_FUZZ_LOGS (default build/fuzz). Exit status 0 only
-# when every process passed.
+# when every process passed. The processes take turns over the CPU kernel
+# builds through ATEN_CPU_CAPABILITY (FROZENOPT_FUZZ_CAPS, default
+# "auto avx512 default"; auto = the build frozenopt picks, AVX2 on x86-64).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 examples=${1:-10000}
@@ -19,12 +21,16 @@ per=$(( (examples + procs - 1) / procs ))
 start=$(date +%s)
 seed0=${FROZENOPT_FUZZ_SEED:-$start}
 echo "fuzz: $examples examples in $procs processes ($per each), seeds $seed0.., commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- frozenopt csrc || echo '+local changes')"
+read -r -a caps <<<"${FROZENOPT_FUZZ_CAPS:-auto avx512 default}"
 pids=()
 for ((i = 0; i < procs; i++)); do
-  FROZENOPT_FUZZ_PROFILE=fuzz-long FROZENOPT_FUZZ_EXAMPLES=$per FROZENOPT_FUZZ_COUNT="$logs/count.$i" \
+  cap=${caps[$((i % ${#caps[@]}))]}
+  echo "  process $i: seed $((seed0 + i)), ATEN_CPU_CAPABILITY=$cap"
+  ( [ "$cap" = auto ] && unset ATEN_CPU_CAPABILITY || export ATEN_CPU_CAPABILITY=$cap
+  exec env FROZENOPT_FUZZ_PROFILE=fuzz-long FROZENOPT_FUZZ_EXAMPLES=$per FROZENOPT_FUZZ_COUNT="$logs/count.$i" \
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} \
     "$py" -m pytest tests/test_fuzz.py::test_differential_fuzz -q -p no:cacheprovider \
-    --hypothesis-seed=$((seed0 + i)) --hypothesis-show-statistics >"$logs/run.$i.log" 2>&1 &
+    --hypothesis-seed=$((seed0 + i)) --hypothesis-show-statistics >"$logs/run.$i.log" 2>&1 ) &
   pids+=($!)
 done
 status=0

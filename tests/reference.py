@@ -8,7 +8,10 @@ steps with ``grad=None`` for every frozen param: DESIGN.md's definition of
 frozen. ``check(opt)`` then asserts that frozenopt and the reference agree on
 every param, every state tensor, the step counters, the param groups, the
 frozen set and ``requires_grad``, and that a frozen param and its state are
-bitwise what they were when it was frozen.
+bitwise what they were when it was frozen. After a check passes the reference
+takes frozenopt's values (``sync``), so each step is compared from the same
+starting point: two correct float implementations drift apart by rounding over
+hundreds of steps, and that drift is not what is being tested.
 
 Other tests may reuse it; tests/test_fuzz.py drives it with random programs.
 """
@@ -16,7 +19,6 @@ Other tests may reuse it; tests/test_fuzz.py drives it with random programs.
 from __future__ import annotations
 
 import copy
-import io
 import math
 import re
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -36,6 +38,9 @@ _TOL = {
     torch.bfloat16: (3e-2, 3e-2),
     torch.float16: (4e-3, 4e-3),
 }
+
+
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
@@ -169,6 +174,12 @@ class Reference:
     2.13's fused CPU SGD/Adam give wrong results when a grad's strides differ
     from its param's or a param is not dense (found by this fuzzer, see
     docs/guarantees.md), so it is only an oracle for contiguous tensors.
+
+    With "forloop" or "foreach", bfloat16/float16 params are stepped on float32
+    twins (``work``) that are rounded to the half type after every step, state
+    included: torch's update rule done in float32 and rounded once per step,
+    which is what frozenopt (and torch's fused kernels) do. torch.optim's own
+    for-loop on half tensors rounds after every op and drifts from both.
     """
 
     def __init__(self, opt: torch.optim.Optimizer, impl: str = "forloop") -> None:
@@ -183,9 +194,12 @@ class Reference:
             self.group_sizes.append(len(g["params"]))
             ours += g["params"]
         self.params = [clone_param(p, contiguous=impl == "fused") for p in ours]
+        self.work = [nn.Parameter(p.detach().float()) if impl != "fused" and p.dtype in _HALF else p
+                     for p in self.params]  # what the torch.optim optimizer steps
         self.initial_requires_grad = [p.requires_grad for p in ours]
         self.frozen: set[int] = {i for i, p in enumerate(ours) if not p.requires_grad}
         self.snapshots: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
+        self.scales: dict[tuple[int, str], float] = {}  # largest magnitude going into the last step
         self.opt = self._build(opt.param_groups)
 
     # ------------------------------------------------------------ building
@@ -195,7 +209,7 @@ class Reference:
                 "fused": dict(foreach=None, fused=True)}[self.impl]
 
     def _build(self, groups: Sequence[dict[str, Any]]) -> torch.optim.Optimizer:
-        flat, start, ref_groups = self.params, 0, []
+        flat, start, ref_groups = self.work, 0, []
         # a tensor hyper-parameter shared by groups (a tensor lr in the defaults) stays shared
         clones: dict[int, Any] = {}
         for g, n in zip(groups, self.group_sizes):
@@ -247,7 +261,7 @@ class Reference:
         changed = [i for i in indices if i not in self.frozen]
         if release_state:
             for i in indices:
-                self.opt.state.pop(self.params[i], None)
+                self.opt.state.pop(self.work[i], None)
                 self.snapshots.pop(i, None)  # its state is legitimately gone
         self.frozen |= set(indices)
         return [self.name_of(i) for i in changed]
@@ -257,7 +271,7 @@ class Reference:
         changed = [i for i in indices if i in self.frozen]
         if reset_state:
             for i in indices:
-                self.opt.state.pop(self.params[i], None)
+                self.opt.state.pop(self.work[i], None)
         self.frozen -= set(indices)
         for i in changed:
             self.snapshots.pop(i, None)
@@ -265,17 +279,26 @@ class Reference:
 
     def step(self, grads: Sequence[Optional[Tensor]]) -> None:
         """One torch.optim step; frozen params get grad=None whatever ``grads`` holds."""
-        for i, (p, g) in enumerate(zip(self.params, grads)):
+        for i, (p, g) in enumerate(zip(self.work, grads)):
             if g is None or i in self.frozen:
                 p.grad = None
             else:
                 p.grad = torch.empty_like(p).copy_(g.detach())  # laid out like its param
+                self.scales[i, "grad"] = _amax(p.grad)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # torch's fused CPU path opens a parallel region per tensor
         try:
             self.opt.step()
         finally:
             torch.set_num_threads(threads)
+        with torch.no_grad():
+            for p, w in zip(self.params, self.work):
+                if w is not p:  # round the float32 twin (and its state) once, to the half type
+                    p.copy_(w)
+                    w.copy_(p)
+                    for k, v in self.opt.state.get(w, {}).items():
+                        if k != "step" and isinstance(v, Tensor):
+                            v.copy_(v.to(p.dtype))
 
     def set_lr(self, group: int, lr: Any) -> None:
         cur = self.opt.param_groups[group]["lr"]
@@ -285,14 +308,12 @@ class Reference:
             self.opt.param_groups[group]["lr"] = float(lr)
 
     def reload(self) -> None:
-        """state_dict through torch.save/torch.load into a fresh torch.optim optimizer."""
+        """state_dict into a fresh torch.optim optimizer."""
         self.opt = self.load_fresh(self.opt.state_dict())
 
     def load_fresh(self, state_dict: dict[str, Any]) -> torch.optim.Optimizer:
-        buf = io.BytesIO()
-        torch.save(state_dict, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=True)
+        """A fresh torch.optim optimizer loaded from a (deep) copy of state_dict."""
+        loaded = copy.deepcopy(state_dict)
         fresh = self._build(self.opt.param_groups)
         fresh.load_state_dict(loaded)
         if self.impl == "fused":  # torch's fused path needs state laid out like its (contiguous) param
@@ -306,13 +327,31 @@ class Reference:
 
     # ------------------------------------------------------------ checking
 
-    def check(self, opt: torch.optim.Optimizer, where: str = "") -> None:
+    def check(self, opt: torch.optim.Optimizer, where: str = "", sync: bool = True) -> None:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # comparing is cheap on one thread, and costly when 2 contend
         try:
             self._check(opt, where)
+            if sync:
+                self.sync(opt)
         finally:
             torch.set_num_threads(threads)
+
+    @torch.no_grad()
+    def sync(self, opt: torch.optim.Optimizer) -> None:
+        """Take frozenopt's param and state values (already checked to match), and note the
+        magnitudes going into the next step for the tolerance of the next check."""
+        ours = [p for g in opt.param_groups for p in g["params"]]
+        self.scales = {}
+        for i, p in enumerate(ours):
+            for t in {id(self.params[i]): self.params[i], id(self.work[i]): self.work[i]}.values():
+                t.copy_(p)
+            self.scales[i, "param"] = _amax(p)
+            s_ours, s_ref = opt.state.get(p) or {}, self.opt.state.get(self.work[i]) or {}
+            for k, v in s_ref.items():
+                if k != "step" and isinstance(v, Tensor) and k in s_ours:
+                    v.copy_(s_ours[k])
+                    self.scales[i, k] = _amax(v)
 
     def _check(self, opt: torch.optim.Optimizer, where: str) -> None:
         ours = [p for g in opt.param_groups for p in g["params"]]
@@ -339,18 +378,19 @@ class Reference:
         for i, (p, q) in enumerate(zip(ours, self.params)):
             name = self.name_of(i)
             s_ours = opt.state.get(p) or {}
-            s_ref = self.opt.state.get(q) or {}
+            s_ref = self.opt.state.get(self.work[i]) or {}
             if not s_ref and _is_fresh(s_ours):
                 s_ours = {}  # Adam state allocated on a skipped (GradScaler) first step: the same as none
             assert set(s_ours) == set(s_ref), f"{name}: state keys {sorted(s_ours)} != {sorted(s_ref)}{at}"
-            _close(p.detach(), q.detach(), f"{name}{at}")
+            grad = self.scales.get((i, "grad"), 0.0)
+            _close(p.detach(), q.detach(), f"{name}{at}", max(grad, self.scales.get((i, "param"), 0.0)))
             for k in s_ref:
                 a, b = s_ours[k], s_ref[k]
                 if k == "step":
                     assert float(a) == float(b), f"{name}: step {float(a)} != {float(b)}{at}"
                 else:
                     assert a.shape == p.shape and a.dtype == p.dtype, f"{name}: {k} is {a.dtype} {a.shape}{at}"
-                    _close(a, b, f"{name}.{k}{at}")
+                    _close(a, b.to(a.dtype), f"{name}.{k}{at}", max(grad, self.scales.get((i, k), 0.0)))
 
             # frozen is exact: bitwise what it was when it froze
             if i in self.frozen:
@@ -372,22 +412,31 @@ def _is_fresh(state: dict[str, Any]) -> bool:
             and all(not v.any() for k, v in state.items() if k != "step"))
 
 
-def _close(a: Tensor, b: Tensor, what: str) -> None:
-    """torch's tolerances for the dtype, elementwise, plus 4*rtol of the tensor's largest
-    finite magnitude: a rounding difference in (grad - exp_avg) is relative to the grad, not
-    to the (possibly much smaller) result. NaN matches NaN, inf matches the same inf."""
+def _amax(t: Tensor) -> float:
+    """Largest finite magnitude in t (0 for an empty or all-nonfinite tensor)."""
+    if t.numel() == 0:
+        return 0.0
+    m = float(t.detach().abs().amax())
+    if not math.isfinite(m):
+        finite = t[torch.isfinite(t)]
+        m = float(finite.abs().amax()) if finite.numel() else 0.0
+    return m
+
+
+def _close(a: Tensor, b: Tensor, what: str, inputs: float = 0.0) -> None:
+    """torch's tolerances for the dtype, elementwise, plus 4*rtol of the largest finite
+    magnitude in b or in what went into the step (`inputs`: the grad, the tensor before the
+    step): a rounding difference in (grad - exp_avg), or in p - lr*u when the result nearly
+    cancels, is relative to those, not to the (possibly much smaller) result. NaN matches
+    NaN, inf matches the same inf."""
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
     if a.numel() == 0 or torch.equal(a, b):
         return
     rtol, atol = _TOL[a.dtype]
-    b_abs = b.abs()
-    scale = float(b_abs.amax())
-    if math.isfinite(scale):  # fast path: max(|a - b| - rtol*|b|) <= atol' (False when NaN)
-        if float((a - b).abs_().sub_(b_abs.mul_(rtol)).amax()) <= atol + 4 * rtol * scale:
+    scale = max(_amax(b), inputs)
+    if math.isfinite(float(b.abs().amax())):  # fast path: max(|a - b| - rtol*|b|) <= atol' (False when NaN)
+        if float((a - b).abs_().sub_(b.abs().mul_(rtol)).amax()) <= atol + 4 * rtol * scale:
             return
-    else:
-        finite = b[torch.isfinite(b)]
-        scale = float(finite.abs().amax()) if finite.numel() else 0.0
     ok = torch.isclose(a, b, rtol=rtol, atol=atol + 4 * rtol * scale, equal_nan=True)
     if not bool(ok.all()):
         bad = ~ok

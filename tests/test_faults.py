@@ -306,7 +306,7 @@ def test_keyboard_interrupt_inside_freeze(monkeypatch, kind, mask_only, where, a
     done = indices[:at_call - 1]  # what happened before the interrupt
     if drop:
         for i in done:
-            ref.opt.state.pop(ref.params[i], None)
+            ref.opt.state.pop(ref.work[i], None)
     else:
         getattr(ref, method)(done)
     ref.check(opt, "after the interrupt")

@@ -256,12 +256,12 @@ def programs(draw, max_ops: int = 200):
         splits = tuple(sorted(draw(st.sets(st.integers(1, n - 1), min_size=k, max_size=k))))
     group_lrs = tuple(draw(st.sampled_from([None, None, 1e-3, 0.05])) for _ in range(len(splits) + 1))
     tensor_lr = draw(st.integers(0, 5)) == 0
-    # The oracle for the half types is torch's fused Adam (which, like frozenopt, does the math in
-    # float32 and rounds once); torch 2.13's fused CPU SGD is no oracle for them (it leaves all but
-    # the scalar tail of a half tensor unchanged), nor when some momentum buffers exist and others
-    # not (it raises), so SGD uses the for-loop there.
+    # For the half types the oracle does the math in float32 and rounds once per step, as
+    # frozenopt does: torch's fused Adam, or its for-loop on float32 twins (reference.py).
+    # torch 2.13's fused CPU SGD is no oracle for them (it leaves all but the scalar tail of a
+    # half tensor unchanged), nor when some momentum buffers exist and others not (it raises).
     if half:
-        impls = ["fused"] if opt != "SGD" else ["forloop"]
+        impls = ["fused", "forloop"] if opt != "SGD" else ["forloop"]
     else:
         impls = (["forloop"] * 3 + (["fused"] if opt != "SGD" or hyper["momentum"] == 0 else [])
                  + ([] if tensor_lr and opt != "SGD" else ["foreach"]))
@@ -492,3 +492,38 @@ def test_fuzz_catches_a_wrong_optimizer(monkeypatch) -> None:
     monkeypatch.setattr(frozenopt.SGD, "step", leaky_step)
     with pytest.raises(AssertionError, match="fc2.weight"):
         run_program(prog)
+
+
+@pytest.mark.parametrize("error", [1.3e-5, 0.0])
+def test_reference_catches_a_small_relative_error(monkeypatch, error):
+    """The tolerances are tight enough for the kind of bug this fuzzer found in the kernels:
+    (1 - beta2) rounded to float32 put a 1.3e-5 relative error into exp_avg_sq. Such an
+    error on top of a correct step is caught within a few steps of large grads; no error
+    passes (the control)."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(16)) for _ in range(3)]
+    opt = frozenopt.Adam(params, lr=1e-3)
+    ref = Reference(opt)
+    real_step = frozenopt.Adam.step
+
+    def skewed_step(self, closure=None):
+        out = real_step(self, closure)
+        for p in params:
+            self.state[p]["exp_avg_sq"].mul_(1 + error)
+        return out
+
+    monkeypatch.setattr(frozenopt.Adam, "step", skewed_step)
+
+    def run():
+        for step in range(5):
+            for p in params:
+                p.grad = torch.randn(16) * 1e3
+            opt.step()
+            ref.step([p.grad for p in params])
+            ref.check(opt, f"step {step}")
+
+    if error:
+        with pytest.raises(AssertionError, match="exp_avg_sq"):
+            run()
+    else:
+        run()
