@@ -388,6 +388,9 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._pending = [[] for _ in self.param_groups]
         # Every grad is checked before anything is allocated or moves, so a bad
         # grad in any group leaves the optimizer as it was.
+        for gi, group in enumerate(self.param_groups):
+            if any(self._has_state(p, group) for p in self._pending[gi]):
+                self._plans[gi] = None  # a traced step gave them state: they join the plan
         plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
         fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending]
         for plan, fresh in zip(plans, fresh_by_group):

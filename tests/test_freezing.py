@@ -362,3 +362,17 @@ def test_cpu_capabilities_agree():
         env = dict(__import__("os").environ, ATEN_CPU_CAPABILITY=cap)
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
         assert float(out.stdout) < 2e-2, (cap, out.stdout)  # bfloat16 rounding bounds this
+
+
+def test_state_made_by_a_traced_step_is_kept_by_the_next_eager_step():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    opt = frozenopt.Adam(model, lr=0.1)
+    model[0].weight.grad = torch.ones(3, 3)
+    opt.step()  # the other params are pending: no grad, no state yet
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt._step_traced(None, None)  # the compiled path creates their state
+    exp_avg = opt.state[model[1].weight]["exp_avg"].clone()
+    opt.step()
+    assert opt.state[model[1].weight]["step"].item() == 2
+    assert not torch.equal(opt.state[model[1].weight]["exp_avg"], torch.zeros_like(exp_avg))
