@@ -120,6 +120,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         self._frozen: set[Tensor] = set()
         self._plans: Optional[list] = None  # one StepPlan per group, None when stale
         self._pending: list[list[Tensor]] = []  # per group: unfrozen params with no state yet
+        self._plan_keys: dict[int, Any] = {}  # per group: the _plan_key its plan was built for
         self._masks: list[Tensor] = []
         self._mask_subsets: dict[tuple, Tensor] = {}
         super().__init__(_as_param_groups(params), defaults)
@@ -391,6 +392,8 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             if any(self._has_state(p, group) for p in self._pending[gi]):
                 self._plans[gi] = None  # a traced step gave them state: they join the plan
+            elif self._plan_keys.get(gi) != self._plan_key(group):
+                self._plans[gi] = None  # momentum turned on or off, amsgrad toggled: other state lists
         plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
         fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending]
         for plan, fresh in zip(plans, fresh_by_group):
@@ -419,6 +422,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             params = [p for p in unfrozen if self._has_state(p, group)]
             self._pending[gi] = [p for p in unfrozen if not self._has_state(p, group)]
             self._plans[gi] = self._extension.StepPlan(self._kind, params, self._state_lists(params, group))
+            self._plan_keys[gi] = self._plan_key(group)
         return self._plans[gi]
 
     def _step_traced(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
@@ -516,6 +520,10 @@ class _FreezableOptimizer(torch.optim.Optimizer):
     def _check_state_entry(self, key: Any, entry: dict[str, Any]) -> None:
         pass
 
+    def _plan_key(self, group: dict[str, Any]) -> Any:
+        """What a group's plan depends on besides its params (a change rebuilds the plan)."""
+        return None
+
     def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
         raise NotImplementedError
 
@@ -566,6 +574,9 @@ class SGD(_FreezableOptimizer):
         _check_number(group["weight_decay"], "weight_decay", "Invalid weight_decay value")
         if group["nesterov"] and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _plan_key(self, group):
+        return group["momentum"] != 0
 
     def _has_state(self, p, group):
         return group["momentum"] == 0 or self.state.get(p, {}).get("momentum_buffer") is not None
@@ -660,6 +671,9 @@ class Adam(_FreezableOptimizer):
         if not (isinstance(step, (int, float)) or isinstance(step, Tensor) and step.numel() == 1):
             raise ValueError(f"state_dict state[{key}]['step'] must be a number or a one-element tensor, "
                              f"got {step!r}")
+
+    def _plan_key(self, group):
+        return bool(group["amsgrad"])
 
     def _has_state(self, p, group):
         state = self.state.get(p)

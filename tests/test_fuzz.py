@@ -209,7 +209,7 @@ def _hyper(draw, opt: str) -> dict[str, Any]:
 
 OP_KINDS = (["step"] * 10 + ["closure"] * 2 + ["step_none", "zero_grad"] + ["freeze"] * 4 + ["unfreeze"] * 3
             + ["unfreeze_all", "freeze_bare", "freeze_to", "reload", "load_torch", "to_torch",
-               "lr", "lr", "bad_target"])
+               "lr", "lr", "hyper", "bad_target"])
 
 
 def _target(draw, names: list[str], n_params: int, named: bool):
@@ -284,6 +284,18 @@ def programs(draw, max_ops: int = 200):
             ops.append(("freeze_to", draw(st.integers(-3, 3))))
         elif kind == "lr":
             ops.append(("lr", draw(st.integers(0, len(splits))), draw(st.sampled_from([0.0, 1e-3, 0.02, 0.3]))))
+        elif kind == "hyper":  # what OneCycleLR (momentum/betas) or a user edits mid-training
+            if opt == "SGD":  # the fused SGD oracle keeps momentum 0 (see impls above)
+                key = draw(st.sampled_from(["dampening", "weight_decay", "maximize"]
+                                           + (["momentum"] if impl != "fused" else [])))
+                value = {"momentum": st.sampled_from([0.0, 0.5, 0.9]), "dampening": st.sampled_from([0.0, 0.3]),
+                         "weight_decay": st.sampled_from([0.0, 0.05]), "maximize": st.booleans()}[key]
+            else:
+                key = draw(st.sampled_from(["betas", "weight_decay", "eps", "maximize"]))
+                value = {"betas": st.tuples(st.sampled_from([0.0, 0.85, 0.9]), st.sampled_from([0.9, 0.999])),
+                         "weight_decay": st.sampled_from([0.0, 0.05]), "eps": st.sampled_from([1e-8, 1e-4]),
+                         "maximize": st.booleans()}[key]
+            ops.append(("hyper", draw(st.integers(0, len(splits))), key, draw(value)))
         elif kind == "bad_target":
             ops.append(("bad_target", draw(st.sampled_from(["fc3", "enc.lay", "fc2.weight.x", "enc.layer.2",
                                                             "nothing.*", "fc2."]))))
@@ -450,6 +462,16 @@ def _run_op(prog: Program, k: int, op: tuple, opt, ref: Reference, root, params,
         else:
             opt.param_groups[gi]["lr"] = op[2]
         ref.set_lr(gi, op[2])
+    elif kind == "hyper":
+        gi, key, value = op[1] % n_groups, op[2], op[3]
+        group = opt.param_groups[gi]
+        if group.get("nesterov") and (key == "momentum" and value == 0 or key == "dampening" and value != 0):
+            old, group[key] = group[key], value
+            _must_fail(opt, opt.step, "Nesterov")  # refused before anything moves
+            group[key] = old
+        else:
+            group[key] = value
+            ref.opt.param_groups[gi][key] = value
     elif kind == "bad_target":
         msg = "by name|ends with" if all(x is None for x in ref.names) else "closest|top-level|ends with"
         _must_fail(opt, lambda: opt.freeze(op[1]), msg)

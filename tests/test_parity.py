@@ -139,3 +139,39 @@ def test_grads_are_never_written():
         del opt.grad_scale, opt.found_inf
         for p, g in zip(model.parameters(), grads):
             assert torch.equal(p.grad, g)
+
+
+# Hyper-parameters edited between steps, as a user or a scheduler that cycles momentum
+# does; turning momentum or amsgrad on and off changes which state each step reads.
+EDITS = {
+    "SGD": [dict(momentum=0.9), dict(dampening=0.3), dict(momentum=0.0), dict(momentum=0.5, weight_decay=0.05)],
+    "Adam": [dict(amsgrad=True), dict(betas=(0.85, 0.99)), dict(amsgrad=False), dict(eps=1e-4, maximize=True)],
+}
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_hyper_parameter_edits_between_steps_follow_torch(name):
+    model = make_model(torch.float32)
+    reference = copy.deepcopy(model)
+    ours = getattr(frozenopt, name)(model, lr=0.01)
+    theirs = getattr(torch.optim, name)(reference.parameters(), lr=0.01, foreach=False)
+    gen = torch.Generator().manual_seed(2)
+    edits = EDITS["SGD" if name == "SGD" else "Adam"]
+    for step in range(2 * len(edits) + 1):
+        if step % 2 == 1:
+            for opt in (ours, theirs):
+                opt.param_groups[0].update(edits[step // 2])
+            if theirs.param_groups[0].get("amsgrad"):
+                # torch.optim raises KeyError when amsgrad is turned on after the first step;
+                # frozenopt starts the running max at zero, as a fresh param's would be.
+                for q in reference.parameters():
+                    theirs.state[q].setdefault("max_exp_avg_sq", torch.zeros_like(q))
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, msg=lambda m: f"step {step}: {m}")
+            for key, value in theirs.state[q].items():
+                torch.testing.assert_close(ours.state[p][key], value, msg=lambda m: f"step {step} {key}: {m}")
