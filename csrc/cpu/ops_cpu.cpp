@@ -1,11 +1,8 @@
 // CPU bodies of the step ops: checks, AMP skip, the mask, then one call into
 // the kernel built for the best capability this CPU (or ATEN_CPU_CAPABILITY)
-// allows.
-#include <ATen/Version.h>
+// allows (launch.h picks it, for the step plan too).
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
-
-#include <string>
 
 #include "../ops.h"
 #include "launch.h"
@@ -13,36 +10,6 @@
 namespace frozenopt {
 namespace cpu {
 namespace {
-
-enum class Capability { kDefault, kAVX2, kAVX512 };
-
-// at::get_cpu_capability honours ATEN_CPU_CAPABILITY, so tests can force each
-// build of the kernels on one machine.
-Capability best_capability() {
-  static const Capability cap = [] {
-    const int build = best_kernel_build();  // launch.h: shared with the step plan
-    if (build == 2) return Capability::kAVX512;
-    if (build == 1) return Capability::kAVX2;
-    return Capability::kDefault;
-  }();
-  return cap;
-}
-
-void run(const SGDLaunch& l) {
-  switch (best_capability()) {
-    case Capability::kAVX512: return AVX512::run_sgd(l);
-    case Capability::kAVX2: return AVX2::run_sgd(l);
-    default: return DEFAULT::run_sgd(l);
-  }
-}
-
-void run(const AdamLaunch& l) {
-  switch (best_capability()) {
-    case Capability::kAVX512: return AVX512::run_adam(l);
-    case Capability::kAVX2: return AVX2::run_adam(l);
-    default: return DEFAULT::run_adam(l);
-  }
-}
 
 double value_of(const std::optional<at::Tensor>& t, double otherwise) {
   return t.has_value() ? t->item<double>() : otherwise;
@@ -123,7 +90,7 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
     if (frozen[i] || params[i].numel() == 0) continue;
     launch.slots.push_back(builder.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()}));
   }
-  run(launch);
+  run_sgd_best(launch);
   builder.write_back();
 }
 
@@ -172,7 +139,7 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     launch.slots.push_back(builder.add(params[i], grads[i],
                                        {exp_avgs[i], exp_avg_sqs[i], amsgrad ? max_exp_avg_sqs[i] : at::Tensor()}));
   }
-  run(launch);
+  run_adam_best(launch);
   builder.write_back();
 }
 
