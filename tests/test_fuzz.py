@@ -10,7 +10,8 @@ params get grads too), closure steps, grad=None steps, freeze/unfreeze of
 random targets (names, module prefixes, globs, regexes, Modules, Parameters,
 with release_state/reset_state), bare freeze(), freeze_to(n), state_dict
 save+load into a fresh optimizer (ours into ours, torch.optim's into ours,
-ours into torch.optim), lr changes, and calls that must fail. After every
+ours into torch.optim), lr changes, other hyper-parameters edited between
+steps, and calls that must fail. After every
 operation every param, state tensor, step counter, group hyper-parameter, the
 frozen set and requires_grad match the reference, and frozen params and their
 state are bitwise unchanged.
