@@ -9,7 +9,6 @@ Measured (torch 2.13, CPU), compiling ``opt.step`` with ``fullgraph=True``:
   already seen reuses its graph.
 """
 
-import os
 
 import pytest
 import torch
@@ -179,8 +178,6 @@ def test_compiled_step_with_lr_scheduler_tensor_lr_no_recompile():
         torch.testing.assert_close(p, q)
 
 
-@pytest.mark.skipif(not os.environ.get("FROZENOPT_INDUCTOR_TESTS"),
-                    reason="inductor compiles C++ (~35 s cold on 2 cores); set FROZENOPT_INDUCTOR_TESTS=1")
 def test_inductor_mask_only_matches_eager():
     model = make_model()
     twin = clone_model(model)
