@@ -37,7 +37,11 @@ CPU_CAPABILITIES = {
     ),
 }
 
-CXX_FLAGS = ["-O3", "-std=c++20", "-fPIC"]
+# at::parallel_for only runs in parallel in code compiled with OpenMP on (its
+# OpenMP body is a header inline); without it the one parallel region of a
+# step runs on one thread. The module then needs libgomp, which torch has loaded.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CXX_FLAGS = ["-O3", "-std=c++20", "-fPIC"] + OPENMP_FLAGS
 
 
 def _capabilities():
@@ -148,6 +152,7 @@ def _extension():
             sources=[str(p.relative_to(ROOT)) for p in cpu_sources],
             include_dirs=include_paths() + [str(CSRC)],
             extra_compile_args={"cxx": CXX_FLAGS},
+            extra_link_args=OPENMP_FLAGS,
         )
 
     from torch.utils.cpp_extension import CUDAExtension
@@ -162,6 +167,7 @@ def _extension():
             "cxx": CXX_FLAGS + defines,
             "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"] + defines,
         },
+        extra_link_args=OPENMP_FLAGS,
     )
 
 
