@@ -14,9 +14,10 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-if ! "$py" -c "import torch, pybind11, ninja, pytest, hypothesis, matplotlib" 2>/dev/null; then
+# lightning and accelerate: the examples' tests run them (installed with torch pinned).
+if ! "$py" -c "import torch, pybind11, ninja, pytest, hypothesis, matplotlib, lightning, accelerate" 2>/dev/null; then
   "$py" -m pip install -q --upgrade pip setuptools wheel
-  "$py" -m pip install -q "$torch_spec" pybind11 ninja pytest hypothesis numpy matplotlib
+  "$py" -m pip install -q "$torch_spec" pybind11 ninja pytest hypothesis numpy matplotlib lightning accelerate
 fi
 scripts/build.sh "$venv"
 
