@@ -14,10 +14,10 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-# lightning and accelerate: the examples' tests run them (installed with torch pinned).
-if ! "$py" -c "import torch, pybind11, ninja, pytest, hypothesis, matplotlib, lightning, accelerate" 2>/dev/null; then
+# lightning, transformers and accelerate: the examples' tests run them (torch stays pinned).
+if ! "$py" -c "import torch, pybind11, ninja, pytest, hypothesis, matplotlib, lightning, transformers, accelerate" 2>/dev/null; then
   "$py" -m pip install -q --upgrade pip setuptools wheel
-  "$py" -m pip install -q "$torch_spec" pybind11 ninja pytest hypothesis numpy matplotlib lightning accelerate
+  "$py" -m pip install -q "$torch_spec" pybind11 ninja pytest hypothesis numpy matplotlib lightning transformers accelerate
 fi
 scripts/build.sh "$venv"
 
