@@ -231,14 +231,6 @@ class StepPlan {
   // (which must see the op) is active.
   bool use_direct() const { return direct_ && c10::impl::TorchDispatchModeTLS::stack_len() == 0; }
 
-  static double value_of(const OptTensor& t, double otherwise) {
-    return t.has_value() ? t->item<double>() : otherwise;
-  }
-
-  static bool skipped_for_overflow(const OptTensor& found_inf) {
-    return found_inf.has_value() && found_inf->item<double>() != 0.0;
-  }
-
   // The op's checks of its scalar-tensor arguments (against the first param).
   void check_scalars(const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) const {
     const at::Tensor& p = params_[active_.front()];

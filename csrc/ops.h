@@ -31,4 +31,13 @@ void check_steps(const char* op, at::TensorList params, at::TensorList steps);
 void check_sgd_hyper(double lr, double momentum, double dampening, double weight_decay, bool nesterov);
 void check_adam_hyper(double lr, double beta1, double beta2, double weight_decay, double eps);
 
+// Host values of a CPU step's optional scalar tensors (lr, grad_scale, found_inf).
+inline double value_of(const std::optional<at::Tensor>& t, double otherwise) {
+  return t.has_value() ? t->item<double>() : otherwise;
+}
+
+inline bool skipped_for_overflow(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->item<double>() != 0.0;
+}
+
 }  // namespace frozenopt

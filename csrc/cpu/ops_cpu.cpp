@@ -11,14 +11,6 @@ namespace frozenopt {
 namespace cpu {
 namespace {
 
-double value_of(const std::optional<at::Tensor>& t, double otherwise) {
-  return t.has_value() ? t->item<double>() : otherwise;
-}
-
-bool skipped_for_overflow(const std::optional<at::Tensor>& found_inf) {
-  return found_inf.has_value() && found_inf->item<double>() != 0.0;
-}
-
 // Per-param frozen flags, read on the host (the mask is a CPU tensor here).
 std::vector<uint8_t> frozen_flags(const std::optional<at::Tensor>& mask, size_t n) {
   std::vector<uint8_t> flags(n, 0);
