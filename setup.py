@@ -142,7 +142,7 @@ def _cuda_arch_flags(nvcc):
 def _extension():
     from torch.utils.cpp_extension import include_paths
 
-    cpu_sources = [CSRC / "frozenopt.cpp", CSRC / "checks.cpp", CSRC / "cpu" / "ops_cpu.cpp", CSRC / "cuda" / "plan_py.cpp"]
+    cpu_sources = [CSRC / "frozenopt.cpp", CSRC / "checks.cpp", CSRC / "watch.cpp", CSRC / "cpu" / "ops_cpu.cpp", CSRC / "cuda" / "plan_py.cpp"]
     with_cuda, why_not = _cuda_build()
     if not with_cuda:
         if why_not and why_not != "USE_CUDA=0":

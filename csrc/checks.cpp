@@ -8,8 +8,10 @@ namespace frozenopt {
 
 namespace {
 
+// Complex params are stepped as their real and imaginary parts (torch.optim's view_as_real).
 bool is_supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16 || t == at::kComplexFloat ||
+         t == at::kComplexDouble;
 }
 
 void check_scalar_tensor(const char* op, const char* what, const std::optional<at::Tensor>& t,
@@ -51,7 +53,7 @@ void check_step_args(const char* op, at::TensorList params, at::TensorList grads
     const at::Tensor& g = grads[i];
     TORCH_CHECK(p.defined(), op, ": param ", i, " is undefined");
     TORCH_CHECK(is_supported_dtype(p.scalar_type()), op, ": param ", i, " has dtype ",
-                p.scalar_type(), "; frozenopt steps float32, float64, float16 and bfloat16 params");
+                p.scalar_type(), "; frozenopt steps float32, float64, float16, bfloat16, complex64 and complex128 params");
     TORCH_CHECK(p.layout() == at::kStrided, op, ": param ", i, " is not a dense (strided) tensor");
     TORCH_CHECK(p.device() == first->device(), op, ": params are on more than one device (",
                 first->device(), " and ", p.device(), " at index ", i, ")");
@@ -64,6 +66,8 @@ void check_step_args(const char* op, at::TensorList params, at::TensorList grads
                 " but its param has dtype ", p.scalar_type());
     TORCH_CHECK(g.device() == p.device(), op, ": grad ", i, " is on ", g.device(),
                 " but its param is on ", p.device());
+    TORCH_CHECK(!p.is_conj() && !p.is_neg() && !g.is_conj() && !g.is_neg(), op, ": param ", i,
+                " or its grad is a lazily conjugated or negated view; call resolve_conj()/resolve_neg() first");
     for (const auto& [name, list] : states) {
       const at::Tensor& s = list[i];
       TORCH_CHECK(s.defined(), op, ": ", name, "[", i, "] is undefined");

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/launch.h"
+#include "layout.h"
 #include "ops.h"
 
 TORCH_LIBRARY(frozenopt, m) {
@@ -102,6 +103,7 @@ class StepPlan {
                           1.0 / value_of(grad_scale, 1.0),          weight_decay != 0.0,
                           has_momentum, nesterov,   maximize,        /*first_step=*/false};
       sgd_launch_.slots.swap(slots_);
+      sgd_launch_.wave_ends = wave_ends_;
       try {
         cpu::run_sgd_best(sgd_launch_);
       } catch (...) {
@@ -162,6 +164,7 @@ class StepPlan {
         coefs[k] = coef;
       }
       adam_launch_.slots.swap(slots_);
+      adam_launch_.wave_ends = wave_ends_;
       try {
         cpu::run_adam_best(adam_launch_);
       } catch (...) {
@@ -190,22 +193,28 @@ class StepPlan {
   };
 
   // What the cached slot of one param was built from, and the slot itself.
-  // What the cached slot of one param was built from, and the slot itself.
   // The param part (param and state checked, their pointers) stays valid while
-  // the param's storage and size do; the grad part is checked again whenever
-  // the grad object or its storage changes.
+  // the storages, sizes and layouts of the param and its state tensors do
+  // (`t.data = ...` on any of them, a resize or a restride invalidates it);
+  // the grad part is checked again whenever the grad object or its storage
+  // changes.
   struct Entry {
-    const void* param_data = nullptr;  // the param's storage when its part was checked
-    int64_t numel = -1;                // -1: the param part is not checked
-    bool param_direct = false;         // param and state contiguous and plain: the kernels can step it
-    c10::TensorImpl* grad = nullptr;   // the grad checked last; nullptr: no grad then
+    const void* param_data = nullptr;   // the param's storage when its part was checked
+    const void* state_data[4] = {};     // each state tensor's, where the op takes that list
+    int64_t numel = -1;                 // -1: the param part is not checked
+    bool param_direct = false;          // the kernels can step param and state in place
+    bool contiguous = false;            // ... and all of them are contiguous (the fast check)
+    c10::TensorImpl* grad = nullptr;    // the grad checked last; nullptr: no grad then
     const void* grad_data = nullptr;
-    bool direct = false;               // param_direct, and the grad too
+    bool direct = false;                // param_direct, and the grad too
+    Span span{};                        // the param's memory, for finding params that share it
     cpu::Slot slot{};
     float* step = nullptr;  // adam's step counter
   };
 
-  // A dense CPU tensor the kernels may read through a raw pointer.
+  // A CPU tensor the kernels may read through a raw pointer. Complex tensors
+  // are read as their real and imaginary parts; a conjugate or negative view
+  // would need its bit applied, so it is not.
   static bool plain_cpu(const at::Tensor& t) {
     if (!t.defined()) return false;
     const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
@@ -231,6 +240,8 @@ class StepPlan {
   // (which must see the op) is active.
   bool use_direct() const { return direct_ && c10::impl::TorchDispatchModeTLS::stack_len() == 0; }
 
+  bool is_step_list(size_t k) const { return adam_ && k == 3; }
+
   // The op's checks of its scalar-tensor arguments (against the first param).
   void check_scalars(const OptTensor& lr_tensor, const OptTensor& grad_scale, const OptTensor& found_inf) const {
     const at::Tensor& p = params_[active_.front()];
@@ -239,9 +250,33 @@ class StepPlan {
                     grad_scale, found_inf);
   }
 
-  // Brings the cached slots in line with the params' current grads. Returns
-  // false when some param needs the op path (a non-contiguous tensor).
-  // Raises the op's error, changing nothing, when a grad is bad.
+  // Param i and its state tensors still have the storages, sizes and layout
+  // their entry was checked with. Cheap when everything is contiguous: a few
+  // pointer and flag compares per tensor.
+  bool param_part_unchanged(size_t i, const c10::TensorImpl& p) const {
+    const Entry& e = entries_[i];
+    if (e.numel < 0 || p.numel() != e.numel || raw_data(&p) != e.param_data) return false;
+    for (size_t k = 0; k < states_.size(); ++k) {
+      if (states_[k].empty()) continue;
+      const c10::TensorImpl& s = *states_[k][i].unsafeGetTensorImpl();
+      if (raw_data(&s) != e.state_data[k] || s.numel() != (is_step_list(k) ? 1 : e.numel)) return false;
+      if (e.param_direct && !is_step_list(k) && !(e.contiguous ? s.is_contiguous() : same_layout(s, p))) {
+        return false;
+      }
+    }
+    return !e.param_direct || (e.contiguous ? p.is_contiguous() : walkable(p));
+  }
+
+  // The grad the entry holds, unchanged since it was checked.
+  bool grad_unchanged(const Entry& e, const c10::TensorImpl& p, const c10::TensorImpl& g) const {
+    return &g == e.grad && g.numel() == e.numel && raw_data(&g) == e.grad_data &&
+           (!e.direct || (e.contiguous ? g.is_contiguous() : same_layout(g, p)));
+  }
+
+  // Brings the cached slots in line with the params' current grads and
+  // storages. Returns false when some param needs the op path (a layout the
+  // kernels cannot walk). Raises the op's error, changing nothing, when a
+  // grad or a state tensor is bad.
   bool refresh(bool from_check_grads) {
     bool changed = false;
     const size_t n = params_.size();
@@ -258,14 +293,11 @@ class StepPlan {
         continue;
       }
       c10::TensorImpl* g = grad.unsafeGetTensorImpl();
-      const bool same_param = p->numel() == e.numel && raw_data(p) == e.param_data;
-      if (same_param && g == e.grad && g->numel() == e.numel && raw_data(g) == e.grad_data &&
-          (!e.direct || (p->is_contiguous() && g->is_contiguous()))) {
-        continue;  // nothing changed since the last check
-      }
+      const bool same_param = param_part_unchanged(i, *p);
+      if (same_param && grad_unchanged(e, *p, *g)) continue;  // nothing changed since the last check
       changed = true;
       drop_grad(e);
-      if (same_param && e.param_direct && p->is_contiguous() && grad_fits(*p, *g)) {
+      if (same_param && e.param_direct && grad_fits(e, *p, *g)) {
         // Only the grad is new (zero_grad(set_to_none=True) makes this every
         // step), and it passes the op's grad checks: the param part stands.
         e.grad = g;
@@ -289,17 +321,18 @@ class StepPlan {
   }
 
   // What check_step_args asks of a grad given its (checked) param, as a
-  // yes/no without messages, plus the kernels' wish for a contiguous plain
-  // CPU tensor. A "no" goes through validate(), which gives the op's error or
-  // sends the param to the op path.
-  static bool grad_fits(const c10::TensorImpl& p, const c10::TensorImpl& g) {
+  // yes/no without messages, plus the kernels' wish for the param's layout.
+  // A "no" goes through validate(), which gives the op's error or sends the
+  // param to the op path.
+  static bool grad_fits(const Entry& e, const c10::TensorImpl& p, const c10::TensorImpl& g) {
     const c10::DispatchKeySet keys = g.key_set();
     if (keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Conjugate) ||
         keys.has(c10::DispatchKey::Negative) || keys.has(c10::DispatchKey::Functionalize)) {
       return false;
     }
     return g.layout() == c10::kStrided && g.device_type() == c10::DeviceType::CPU && g.has_storage() &&
-           g.dtype() == p.dtype() && g.device() == p.device() && g.sizes() == p.sizes() && g.is_contiguous();
+           g.dtype() == p.dtype() && g.device() == p.device() && g.sizes() == p.sizes() &&
+           (e.contiguous ? g.is_contiguous() : same_layout(g, p));
   }
 
   // The op's checks for param i alone; fills its entry. On an error the
@@ -316,25 +349,36 @@ class StepPlan {
       fail_with_op_message(from_check_grads);
       throw;
     }
-    bool param_direct = plain_cpu(p) && p.is_contiguous();
-    for (const auto& list : states_) {
-      if (!list.empty()) param_direct = param_direct && list[i].is_contiguous();
+    const c10::TensorImpl& pi = *p.unsafeGetTensorImpl();
+    bool param_direct = plain_cpu(p) && walkable(pi);
+    bool contiguous = pi.is_contiguous();
+    for (size_t k = 0; k < states_.size(); ++k) {
+      if (states_[k].empty()) continue;
+      const at::Tensor& s = states_[k][i];
+      e.state_data[k] = raw_data(s.unsafeGetTensorImpl());
+      if (is_step_list(k)) continue;
+      param_direct = param_direct && plain_cpu(s) && same_layout(*s.unsafeGetTensorImpl(), pi);
+      contiguous = contiguous && s.is_contiguous();
     }
     if (param_direct) {
       auto ptr = [&](size_t k) -> void* {
-        return k < states_.size() && !states_[k].empty() ? states_[k][i].data_ptr() : nullptr;
+        return k < states_.size() && !is_step_list(k) && !states_[k].empty() ? states_[k][i].data_ptr() : nullptr;
       };
-      e.slot = {p.data_ptr(), nullptr, ptr(0), adam_ ? ptr(1) : nullptr, adam_ ? ptr(2) : nullptr,
-                p.numel(), p.scalar_type()};
+      const int64_t lanes = p.is_complex() ? 2 : 1;
+      e.slot = {p.data_ptr(), nullptr, ptr(0), ptr(1), ptr(2), p.numel() * lanes,
+                c10::toRealValueType(p.scalar_type())};
       if (adam_) e.step = states_[3][i].data_ptr<float>();
     }
-    e.param_data = raw_data(p.unsafeGetTensorImpl());
+    e.param_data = raw_data(&pi);
     e.numel = p.numel();
     e.param_direct = param_direct;
+    e.contiguous = contiguous;
+    e.span = span_of(pi, e.param_data);
+    spans_checked_ = false;
     e.grad = grad.unsafeGetTensorImpl();
     e.grad_data = raw_data(e.grad);
     e.slot.grad = e.grad_data;
-    e.direct = param_direct && plain_cpu(grad) && grad.is_contiguous();
+    e.direct = param_direct && plain_cpu(grad) && same_layout(*e.grad, pi) && (!contiguous || grad.is_contiguous());
   }
 
   void check_one(size_t i, const at::Tensor& grad) const {
@@ -390,6 +434,8 @@ class StepPlan {
 
   // The launch's slot list from the entries: params with a grad, in order;
   // empty tensors take no slot (the kernels skip them) but do count a step.
+  // Params that share memory (layout.h's waves) are rare: whether any do is
+  // found again only after some param's storage changed.
   void rebuild_slots() {
     active_.clear();
     slots_.clear();
@@ -402,6 +448,20 @@ class StepPlan {
         slots_.push_back(e.slot);
         slot_entry_.push_back(static_cast<int32_t>(i));
       }
+    }
+    if (!spans_checked_) {
+      std::vector<Span> spans;
+      for (const Entry& e : entries_) {
+        if (e.numel >= 0) spans.push_back(e.span);
+      }
+      memory_shared_ = wave_ends(spans).size() > 1;
+      spans_checked_ = true;
+    }
+    wave_ends_.clear();
+    if (memory_shared_) {
+      std::vector<Span> spans;
+      for (const int32_t i : slot_entry_) spans.push_back(entries_[i].span);
+      wave_ends_ = wave_ends(spans);
     }
   }
 
@@ -434,6 +494,9 @@ class StepPlan {
   std::vector<int32_t> active_;      // entries with a grad
   std::vector<cpu::Slot> slots_;     // their non-empty ones, for the kernels
   std::vector<int32_t> slot_entry_;  // entry of each slot
+  std::vector<size_t> wave_ends_;    // the slots' waves; empty: one wave
+  bool spans_checked_ = false;       // memory_shared_ is up to date with the entries
+  bool memory_shared_ = false;       // some params share memory: slots run in waves
   cpu::SGDLaunch sgd_launch_;
   cpu::AdamLaunch adam_launch_;
 };
@@ -442,6 +505,8 @@ class StepPlan {
 
 // csrc/cuda/plan_py.cpp: the CUDA launch planner, exposed as _C.cuda_plan.
 void bind_launch_plan(pybind11::module_& m);
+// csrc/watch.cpp: the per-step check of what the Python side holds.
+void bind_watch(pybind11::module_& m);
 
 }  // namespace frozenopt
 
@@ -450,6 +515,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using frozenopt::StepPlan;
   m.doc() = "frozenopt's compiled ops (torch.ops.frozenopt.*) and the eager step plan";
   frozenopt::bind_launch_plan(m);
+  frozenopt::bind_watch(m);
   m.def(
       "check_grads",
       [](const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {

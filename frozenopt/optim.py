@@ -15,6 +15,7 @@ Two step paths share the same ops (``frozenopt.ops``):
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -28,7 +29,8 @@ from frozenopt.names import NameIndex, describe, resolve_targets
 
 __all__ = ["SGD", "Adam", "AdamW"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Complex params are stepped as their real and imaginary parts, as torch.optim does.
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128)
 
 
 def _check_number(value: Any, name: str, message: str, *, at_least_zero: bool = True) -> Optional[float]:
@@ -103,13 +105,31 @@ def _is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _synced(method):
+    """Run method on an optimizer that has taken in what user code changed since its last look."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._sync()
+        return method(self, *args, **kwargs)
+    return wrapper
+
+
 class _FreezableOptimizer(torch.optim.Optimizer):
-    """What SGD, Adam and AdamW share: freezing, plans, state and the two step paths."""
+    """What SGD, Adam and AdamW share: freezing, plans, state and the two step paths.
+
+    The frozen set, the group masks and the step plans are derived from what
+    the Python side holds (param_groups, state and, in default mode, each
+    param's requires_grad), which user and library code may edit between
+    steps as with torch.optim. A C++ watch notices such edits cheaply before
+    each step and each freezing call, and only the groups they touched are
+    derived again (``_sync``). frozenopt's own changes record themselves in
+    the watch (``_invalidate``).
+    """
 
     _kind: str  # the StepPlan kind: "sgd" or "adam"
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, mask_only: Optional[bool]) -> None:
-        self._extension = ops.require_extension()
+        ops.require_extension()
         if defaults.get("differentiable"):
             raise ValueError(
                 f"frozenopt.{type(self).__name__} does not support differentiable=True: its fused "
@@ -117,19 +137,27 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 "differentiable optimization.")
         self._mask_only = _default_mask_only(params) if mask_only is None else bool(mask_only)
         self._ready = False  # add_param_group leaves set-up to the constructor until then
-        self._frozen: set[Tensor] = set()
-        self._plans: Optional[list] = None  # one StepPlan per group, None when stale
+        super().__init__(_as_param_groups(params), defaults)
+        self._check_params()
+        self._derive({p for p in self._all_params() if not p.requires_grad})
+        self._ready = True
+
+    def _derive(self, frozen: set) -> None:
+        """Sets up everything derived from the groups, the state and the frozen set."""
+        self._extension = ops.require_extension()
+        self._watch = self._extension.Watch()
+        self._frozen: set[Tensor] = frozen
+        self._params: list[Tensor] = []  # every group's params at the last sync
+        self._plans: list = []  # one StepPlan per group, None when it must be built again
         self._pending: list[list[Tensor]] = []  # per group: unfrozen params with no state yet
         self._plan_keys: dict[int, Any] = {}  # per group: the _plan_key its plan was built for
         self._masks: list[Tensor] = []
         self._mask_subsets: dict[tuple, Tensor] = {}
-        super().__init__(_as_param_groups(params), defaults)
-        self._check_params()
-        self._frozen = {p for p in self._all_params() if not p.requires_grad}
         self._refresh_masks()
-        self._ready = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._ready:
+            self._sync()
         super().add_param_group(param_group)
         if not self._ready:
             return
@@ -141,16 +169,28 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         self._frozen |= {p for p in self.param_groups[-1]["params"] if not p.requires_grad}
         self._refresh_masks()
 
-    def _check_params(self) -> None:
+    def _check_params(self, groups: Optional[Iterable[int]] = None) -> None:
+        """Checks the params and hyper-parameters of the given groups (all by default)."""
         if not self.param_groups or not any(g["params"] for g in self.param_groups):
             raise ValueError("optimizer got an empty parameter list")
         self._sharded = any(_is_dtensor(p) for p in self._all_params())  # FSDP2 / DTensor params
-        for gi, group in enumerate(self.param_groups):
+        for gi in range(len(self.param_groups)) if groups is None else groups:
+            group = self.param_groups[gi]
+            missing = [k for k in ("params", *self.defaults) if k not in group]
+            if missing:
+                raise ValueError(
+                    f"param group {gi} has no {', '.join(map(repr, missing))}: add param groups with "
+                    "add_param_group, which fills in the optimizer's defaults")
+            if not isinstance(group["params"], list):
+                raise TypeError(f"param group {gi}'s 'params' must be a list, got {type(group['params']).__name__}")
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 raise ValueError(
                     f"param group {gi} lists the same parameter more than once; each param may appear "
                     "once (it would otherwise be stepped twice per step)")
             self._check_hyper(group)
+            for p in group["params"]:
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"param group {gi} holds a {type(p).__name__}, not a tensor")
             devices = {p.device for p in group["params"]}
             if len(devices) > 1:
                 raise ValueError(
@@ -160,13 +200,65 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 if p.dtype not in _FLOAT_DTYPES:
                     raise TypeError(
                         f"param {self._name_of(p)} has dtype {p.dtype}; frozenopt steps float32, "
-                        "float64, float16 and bfloat16 params")
+                        "float64, float16, bfloat16, complex64 and complex128 params")
                 if p.layout is not torch.strided:
                     raise TypeError(f"param {self._name_of(p)} is not a dense (strided) tensor")
+        if groups is not None and len({id(p) for p in self._all_params()}) != len(self._all_params()):
+            raise ValueError("some parameters appear in more than one parameter group")
+
+    # Copies and pickles carry what torch.optim's do, plus the mode and the frozen set.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["mask_only"] = self._mask_only
+        state["frozen_flags"] = [p in self._frozen for p in self._all_params()]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        flags = state.pop("frozen_flags", None)
+        mask_only = state.pop("mask_only", False)
         super().__setstate__(state)
-        self._invalidate()
+        if "_watch" in self.__dict__:
+            return  # torch.optim's load_state_dict sets state and groups this way; it syncs after
+        self._mask_only = mask_only
+        params = self._all_params()
+        flags = flags if flags is not None and len(flags) == len(params) else [not p.requires_grad for p in params]
+        self._check_params()
+        self._derive({p for p, frozen in zip(params, flags) if frozen})
+        self._ready = True
+
+    # ------------------------------------------------------------ keeping in step with Python
+
+    def _sync(self) -> None:
+        """Takes in what user code changed since the last look (cheap when nothing did).
+
+        Edits of param_groups (a param swapped, a group appended or deleted),
+        of state (an entry replaced or deleted, the dict replaced) and, in
+        default mode, flips of requires_grad: as torch.optim, which reads them
+        afresh at every step, would see them.
+        """
+        stale = self._watch.stale(self.param_groups, self.state)
+        if not stale:
+            return
+        if any(_is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
+            raise RuntimeError(
+                "the optimizer's param groups, state or params' requires_grad changed since its last "
+                "step, and it cannot take that in during a CUDA graph capture: run one eager step "
+                "(or call opt.prepare_capture()) before capturing")
+        self._check_params(stale)  # a bad edit raises here, before anything of ours changes
+        params = self._all_params()
+        if self._mask_only:
+            # The mask alone says what is frozen; params new to the optimizer
+            # start frozen when they do not require grad, as at construction.
+            known = set(self._params)
+            self._frozen = {p for p in params if p in self._frozen or (p not in known and not p.requires_grad)}
+        else:
+            self._frozen = {p for p in params if not p.requires_grad}
+        self._mask_subsets.clear()
+        self._refresh_masks(stale)
+
+    def _snapshot(self) -> None:
+        self._watch.snapshot(self.param_groups, self.state, not self._mask_only)
 
     # ------------------------------------------------------------------ names
 
@@ -190,6 +282,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
     # ---------------------------------------------------------------- freezing
 
     @property
+    @_synced
     def frozen(self) -> list[str]:
         """Names of the frozen params, in optimizer order."""
         index = self._name_index()
@@ -200,11 +293,13 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         """True when freezing leaves ``requires_grad`` alone (DDP, compiled graphs)."""
         return self._mask_only
 
+    @_synced
     def is_frozen(self, *targets: Any) -> bool:
         """True when every param the targets match is frozen."""
         params = self._all_params()
         return all(params[i] in self._frozen for i in resolve_targets(self._name_index(), targets))
 
+    @_synced
     def freeze(self, *targets: Any, release_state: bool = False) -> list[str]:
         """Freeze the params the targets match; return the names that changed.
 
@@ -226,6 +321,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             indices = self._group_indices(slice(None, -1))
         return self._set_frozen(indices, True, drop_state=release_state)
 
+    @_synced
     def unfreeze(self, *targets: Any, reset_state: bool = False) -> list[str]:
         """Unfreeze the params the targets match (all params with no target).
 
@@ -238,6 +334,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             indices = list(range(len(self._all_params())))
         return self._set_frozen(indices, False, drop_state=reset_state)
 
+    @_synced
     def freeze_to(self, n: int) -> list[str]:
         """fastai's ``freeze_to``: freeze param groups ``[:n]``, unfreeze ``[n:]``."""
         if not isinstance(n, int) or isinstance(n, bool):
@@ -277,30 +374,47 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._refresh_masks()
         return [index.name_of(i) for i in changed]
 
-    def _refresh_masks(self) -> None:
-        """Bring each group's mask tensor in line with the frozen set (in place when it exists)."""
-        for gi, group in enumerate(self.param_groups):
+    def _refresh_masks(self, groups: Optional[Iterable[int]] = None) -> None:
+        """Brings the masks of the given groups (all by default) in line with the frozen set.
+
+        A mask is rewritten in place when its size and device allow it, so a
+        compiled step or a captured graph that reads it sees the change.
+        """
+        count = len(self.param_groups)
+        if len(self._plans) != count:  # groups appended or deleted: everything is derived again
+            self._plans, self._pending, self._plan_keys = [None] * count, [[] for _ in range(count)], {}
+            del self._masks[count:]
+            groups = None
+        for gi in range(count) if groups is None else groups:
+            group = self.param_groups[gi]
             flags = torch.tensor([p in self._frozen for p in group["params"]], dtype=torch.uint8)
             device = group["params"][0].device if group["params"] else torch.device("cpu")
-            if gi < len(self._masks) and self._masks[gi].numel() == flags.numel():
+            if gi < len(self._masks) and self._masks[gi].numel() == flags.numel() and self._masks[gi].device == device:
                 self._masks[gi].copy_(flags)
             elif gi < len(self._masks):
                 self._masks[gi] = flags.to(device)
             else:
                 self._masks.append(flags.to(device))
-        self._invalidate()
+        self._invalidate(groups)
 
-    def _invalidate(self) -> None:
-        self._plans = None
+    def _invalidate(self, groups: Optional[Iterable[int]] = None) -> None:
+        """After a change of ours: the plans of those groups (all by default) are built
+        again at the next step, and the watch records what Python holds now."""
+        for gi in range(len(self._plans)) if groups is None else groups:
+            self._plans[gi] = None
+        self._params = self._all_params()
+        self._snapshot()
 
     # ------------------------------------------------------------------- state
 
+    @_synced
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's layout, plus the frozen set by parameter name under ``"frozen"``."""
         state = super().state_dict()
         state["frozen"] = self.frozen
         return state
 
+    @_synced
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a frozenopt or torch.optim checkpoint; a frozenopt one restores its frozen set."""
         self._check_loadable(state_dict)
@@ -364,11 +478,14 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if torch.compiler.is_compiling() or any(
-                _is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
+        if torch.compiler.is_compiling():
             self._step_traced(grad_scale, found_inf)
             return loss
         try:
+            self._sync()
+            if any(_is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
+                self._step_traced(grad_scale, found_inf)
+                return loss
             for group in self.param_groups:  # a bad group fails the step before any group moves
                 self._check_hyper(group)
             if self._sharded:
@@ -384,18 +501,14 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_eager(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        if self._plans is None:
-            self._plans = [None] * len(self.param_groups)
-            self._pending = [[] for _ in self.param_groups]
-        # Every grad is checked before anything is allocated or moves, so a bad
-        # grad in any group leaves the optimizer as it was.
         for gi, group in enumerate(self.param_groups):
-            if any(self._has_state(p, group) for p in self._pending[gi]):
-                self._plans[gi] = None  # a traced step gave them state: they join the plan
-            elif self._plan_keys.get(gi) != self._plan_key(group):
+            if self._plan_keys.get(gi) != self._plan_key(group):
                 self._plans[gi] = None  # momentum turned on or off, amsgrad toggled: other state lists
+        built = [gi for gi, plan in enumerate(self._plans) if plan is None]
         plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
         fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending]
+        # Every grad is checked before anything is allocated or moves, so a bad
+        # grad in any group leaves the optimizer as it was.
         for plan, fresh in zip(plans, fresh_by_group):
             if fresh:
                 self._extension.check_grads(fresh, [p.grad for p in fresh])
@@ -412,8 +525,11 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                     # the next step blend (dampening) instead of taking the grad as torch does.
                     for p in fresh:
                         self.state.pop(p, None)
-                self._plans[gi] = None  # the fresh params join the plan from the next step
             self._run_plan(plans[gi], group, grad_scale, found_inf)
+        # Building a plan may have normalised loaded state, and fresh params now
+        # have state (they join their group's plan at the next step).
+        if built or any(fresh_by_group):
+            self._invalidate([gi for gi, fresh in enumerate(fresh_by_group) if fresh])
 
     def _plan(self, gi: int, group: dict[str, Any]):
         """The group's StepPlan; also notes its pending params (unfrozen, no state yet)."""
@@ -426,9 +542,13 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         return self._plans[gi]
 
     def _step_traced(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        capturing = any(_is_capturing(g["params"][0].device) for g in self.param_groups if g["params"])
+        capturing = not torch.compiler.is_compiling() and any(
+            _is_capturing(g["params"][0].device) for g in self.param_groups if g["params"])
         for gi, group in enumerate(self.param_groups):
-            positions = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            # In default mode frozen means requires_grad=False, read here as it is
+            # now (a compiled step has no sync); in mask_only mode the mask says.
+            positions = [i for i, p in enumerate(group["params"])
+                         if p.grad is not None and (self._mask_only or p.requires_grad)]
             if not positions:
                 continue
             params = [group["params"][i] for i in positions]
@@ -444,7 +564,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                     "step first.")
             for p in fresh:
                 self.state[p].update(self._new_state(p, group))
-            mask = self._mask_for(gi, positions, capturing)
+            mask = self._mask_for(gi, positions, capturing) if self._mask_only else None
             self._run_op(group, params, mask, fresh, grad_scale, found_inf)
 
     def _mask_for(self, gi: int, positions: list[int], capturing: bool) -> Tensor:
@@ -471,6 +591,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         return mask.index_select(0, self._mask_subsets[key])
 
     @torch.no_grad()
+    @_synced
     def prepare_capture(self) -> None:
         """Create the state of every param now, frozen ones included, before a CUDA graph capture.
 

@@ -180,13 +180,14 @@ def test_same_param_in_two_frozenopt_optimizers():
 
 def test_freezing_a_shared_param_in_the_default_mode_reaches_the_other_optimizer():
     """Pinned, documented consequence: the default mode turns requires_grad off, which is the
-    param's own flag, so autograd stops computing its grad for every optimizer that holds it.
-    Share a param between optimizers with mask_only=True (or freeze it in both)."""
+    param's own flag, so autograd stops computing its grad for every optimizer that holds it,
+    and every default-mode optimizer that holds it reports it frozen (its frozen set follows
+    requires_grad). Share a param between optimizers with mask_only=True to freeze it in one."""
     lin = nn.Linear(3, 1)
     opt1 = frozenopt.SGD(lin, lr=0.1)
     opt2 = frozenopt.SGD(lin, lr=0.1)
     opt1.freeze("weight")
-    assert not lin.weight.requires_grad and opt2.frozen == []
+    assert not lin.weight.requires_grad and opt2.frozen == ["weight"]
     lin(torch.randn(2, 3)).sum().backward()
     w = lin.weight.detach().clone()
     opt2.step()

@@ -161,38 +161,46 @@ void adam_range(const Slot& s, int64_t lo, int64_t hi, const math::AdamCoef<doub
 }
 
 // Calls body(slot_index, lo, hi) for every piece of the concatenated element
-// range of all slots, so thousands of small tensors cost one parallel region
-// and large ones are split.
+// range of slots [first, last), so thousands of small tensors cost one
+// parallel region and large ones are split.
 //
-// The range is cut into a few chunks per thread (boundaries on multiples of
-// kAlign elements, so a cut adds no scalar tail to tensors whose size is a
-// multiple of it), and the threads take chunks from a shared counter. On an
-// idle machine that is the even split; when a thread gets descheduled (other
-// work on the machine), the others take its chunks instead of waiting for
-// it at the end of the region. Small steps stay on the calling thread: a
-// parallel region costs more than updating a few thousand elements.
+// The range is cut into a few chunks per thread, and the threads take chunks
+// from a shared counter. On an idle machine that is the even split; when a
+// thread gets descheduled (other work on the machine), the others take its
+// chunks instead of waiting for it at the end of the region. A cut inside a
+// tensor falls on a multiple of kAlign elements from that tensor's start, so
+// which elements take the vector body and which the scalar tail depends only
+// on the tensor itself, never on the thread count or the other tensors: the
+// result is bitwise the same whatever they are. Small steps stay on the
+// calling thread: a parallel region costs more than a few thousand elements.
 template <typename Body>
-void for_each_piece(const std::vector<Slot>& slots, const Body& body) {
+void for_each_piece(const std::vector<Slot>& slots, size_t first, size_t last, const Body& body) {
   constexpr int64_t kMinElementsPerThread = 1 << 15;
   constexpr int64_t kChunksPerThread = 8;
-  constexpr int64_t kAlign = 64;
-  std::vector<int64_t> ends(slots.size());
+  constexpr int64_t kAlign = 64;  // a multiple of every vector width, in elements
+  std::vector<int64_t> ends(last - first);
   int64_t total = 0;
-  for (size_t i = 0; i < slots.size(); ++i) ends[i] = (total += slots[i].numel);
+  for (size_t i = first; i < last; ++i) ends[i - first] = (total += slots[i].numel);
   if (total == 0) return;
   const int64_t threads =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerThread));
   const int64_t chunks = threads == 1 ? 1 : std::min(threads * kChunksPerThread, total / kAlign);
-  auto boundary = [&](int64_t c) {
-    return c >= chunks ? total : (total / chunks * c + std::min(c, total % chunks)) / kAlign * kAlign;
+  // Where chunk c starts: an even share of the total, moved back to the
+  // nearest multiple of kAlign within the tensor it falls in.
+  auto boundary = [&](int64_t c) -> int64_t {
+    if (c >= chunks) return total;
+    const int64_t pos = total / chunks * c + std::min(c, total % chunks);
+    const size_t t = std::upper_bound(ends.begin(), ends.end(), pos) - ends.begin();
+    const int64_t start = ends[t] - slots[first + t].numel;
+    return start + (pos - start) / kAlign * kAlign;
   };
   auto run_chunk = [&](int64_t c) {
     const int64_t lo = boundary(c), hi = boundary(c + 1);
     size_t t = std::upper_bound(ends.begin(), ends.end(), lo) - ends.begin();
-    for (int64_t pos = lo; pos < hi && t < slots.size(); ++t) {
-      const int64_t start = ends[t] - slots[t].numel;
+    for (int64_t pos = lo; pos < hi && t < ends.size(); ++t) {
+      const int64_t start = ends[t] - slots[first + t].numel;
       const int64_t stop = std::min(ends[t], hi);
-      body(t, pos - start, stop - start);
+      body(first + t, pos - start, stop - start);
       pos = stop;
     }
   };
@@ -209,6 +217,18 @@ void for_each_piece(const std::vector<Slot>& slots, const Body& body) {
   });
 }
 
+// Runs the launch's waves one after another (a param that shares memory with
+// an earlier one sees its update), each as one for_each_piece.
+template <typename Launch, typename Body>
+void for_each_wave(const Launch& launch, const Body& body) {
+  size_t first = 0;
+  for (const size_t end : launch.wave_ends) {
+    for_each_piece(launch.slots, first, end, body);
+    first = end;
+  }
+  if (first < launch.slots.size()) for_each_piece(launch.slots, first, launch.slots.size(), body);
+}
+
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, const Fn& fn) {
   switch (dtype) {
@@ -223,14 +243,14 @@ void dispatch_dtype(at::ScalarType dtype, const Fn& fn) {
 }  // namespace
 
 void run_sgd(const SGDLaunch& launch) {
-  for_each_piece(launch.slots, [&](size_t t, int64_t lo, int64_t hi) {
+  for_each_wave(launch, [&](size_t t, int64_t lo, int64_t hi) {
     const Slot& s = launch.slots[t];
     dispatch_dtype(s.dtype, [&](auto tag) { sgd_range<decltype(tag)>(s, lo, hi, launch.coef); });
   });
 }
 
 void run_adam(const AdamLaunch& launch) {
-  for_each_piece(launch.slots, [&](size_t t, int64_t lo, int64_t hi) {
+  for_each_wave(launch, [&](size_t t, int64_t lo, int64_t hi) {
     const Slot& s = launch.slots[t];
     dispatch_dtype(s.dtype, [&](auto tag) { adam_range<decltype(tag)>(s, lo, hi, launch.coefs[t]); });
   });

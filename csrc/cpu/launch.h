@@ -3,7 +3,7 @@
 // their memory is read), plus the per-tensor update coefficients.
 //
 // kernels.cpp is compiled once per CPU capability (DEFAULT, AVX2, AVX512),
-// each copy in its own namespace; dispatch.cpp picks one at run time.
+// each copy in its own namespace; run_*_best below picks one at run time.
 #pragma once
 
 #include <ATen/Version.h>
@@ -29,13 +29,17 @@ struct Slot {
   at::ScalarType dtype;
 };
 
+// wave_ends: the slots run in consecutive waves ending at these indices (see
+// layout.h's wave_ends); empty means one wave of all slots.
 struct SGDLaunch {
   std::vector<Slot> slots;
+  std::vector<size_t> wave_ends;
   math::SGDCoef<double> coef;
 };
 
 struct AdamLaunch {
   std::vector<Slot> slots;
+  std::vector<size_t> wave_ends;
   std::vector<math::AdamCoef<double>> coefs;  // one per slot: the step differs per tensor
 };
 
@@ -63,13 +67,22 @@ FROZENOPT_DECLARE_KERNELS(AVX512)
 // CPUs unless a kernel opts in), its fused optimizers included.
 inline int best_kernel_build() {
   static const int build = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    // ATEN_CPU_CAPABILITY is trusted by torch even beyond what the CPU can
+    // run; a build is only picked when the CPU has every extension it uses.
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     const std::string name = at::get_cpu_capability();
-    if (name == "AVX512") {
+    if (name == "AVX512" && avx512) {
       const char* asked = std::getenv("ATEN_CPU_CAPABILITY");
       const bool wants_avx512 = asked != nullptr && (std::string(asked) == "avx512" || std::string(asked) == "AVX512");
       return wants_avx512 ? 2 : 1;
     }
-    return name == "AVX2" ? 1 : 0;
+    return (name == "AVX2" || name == "AVX512") && avx2 ? 1 : 0;
+#else
+    return 0;
+#endif
   }();
   return build;
 }

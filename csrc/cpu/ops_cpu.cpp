@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "../layout.h"
 #include "../ops.h"
 #include "launch.h"
 
@@ -21,34 +22,32 @@ std::vector<uint8_t> frozen_flags(const std::optional<at::Tensor>& mask, size_t 
   return flags;
 }
 
-// The kernels walk memory in storage order, which is only right when every
-// tensor of a slot has the same dense layout. Tensors that don't are stepped
-// through contiguous copies that are written back afterwards.
+// The kernels step a slot in place when layout.h allows it; other tensors
+// are stepped through contiguous copies that are written back afterwards.
+// Complex tensors are stepped as their real and imaginary parts, as
+// torch.optim does through view_as_real.
 class SlotBuilder {
  public:
   Slot add(const at::Tensor& p, const at::Tensor& g, std::initializer_list<at::Tensor> states) {
-    bool dense = p.is_contiguous() && g.is_contiguous();
-    for (const auto& s : states) dense = dense && (!s.defined() || s.is_contiguous());
+    bool in_place = walkable(*p.unsafeGetTensorImpl()) && same_layout(*g.unsafeGetTensorImpl(), *p.unsafeGetTensorImpl());
+    for (const auto& s : states) in_place = in_place && (!s.defined() || same_layout(*s.unsafeGetTensorImpl(), *p.unsafeGetTensorImpl()));
     void* ptrs[3] = {nullptr, nullptr, nullptr};
-    if (dense) {
-      int k = 0;
-      for (const auto& s : states) ptrs[k++] = s.defined() ? s.data_ptr() : nullptr;
-      return {p.data_ptr(), g.data_ptr(), ptrs[0], ptrs[1], ptrs[2], p.numel(), p.scalar_type()};
-    }
-    at::Tensor pc = keep(p), gc = g.contiguous();
-    grads_.push_back(gc);
     int k = 0;
-    for (const auto& s : states) ptrs[k++] = s.defined() ? keep(s).data_ptr() : nullptr;
-    return {pc.data_ptr(), gc.data_ptr(), ptrs[0], ptrs[1], ptrs[2], p.numel(), p.scalar_type()};
+    for (const auto& s : states) ptrs[k++] = !s.defined() ? nullptr : in_place ? s.data_ptr() : keep(s).data_ptr();
+    const void* grad = in_place ? g.data_ptr() : grads_.emplace_back(g.contiguous()).data_ptr();
+    void* param = in_place ? p.data_ptr() : keep(p).data_ptr();
+    const int64_t lanes = p.is_complex() ? 2 : 1;
+    return {param, grad, ptrs[0], ptrs[1], ptrs[2], p.numel() * lanes, c10::toRealValueType(p.scalar_type())};
   }
 
   void write_back() {
     for (auto& [original, copy] : copies_) original.copy_(copy);
+    copies_.clear();
+    grads_.clear();
   }
 
  private:
   at::Tensor keep(const at::Tensor& t) {
-    if (t.is_contiguous()) return t;
     copies_.emplace_back(t, t.contiguous());
     return copies_.back().second;
   }
@@ -56,6 +55,28 @@ class SlotBuilder {
   std::vector<std::pair<at::Tensor, at::Tensor>> copies_;
   std::vector<at::Tensor> grads_;
 };
+
+// Steps params[active[k]] for every k, wave by wave (layout.h's wave_ends):
+// add(builder, k) appends the slot (and what else the launch holds per slot)
+// to launch, run(launch) runs the kernels. Copies are made just before their
+// wave runs and written back right after it, so a param that shares memory
+// with an earlier one sees its update.
+template <typename Launch, typename Add, typename Run>
+void step_in_waves(at::TensorList params, const std::vector<size_t>& active, Launch& launch, const Add& add,
+                   const Run& run) {
+  std::vector<Span> spans;
+  spans.reserve(active.size());
+  for (const size_t i : active) spans.push_back(span_of(*params[i].unsafeGetTensorImpl(), params[i].data_ptr()));
+  SlotBuilder builder;
+  size_t first = 0;
+  for (const size_t end : wave_ends(spans)) {
+    launch.slots.clear();
+    for (size_t k = first; k < end; ++k) launch.slots.push_back(add(builder, k));
+    run(launch);
+    builder.write_back();
+    first = end;
+  }
+}
 
 }  // namespace
 
@@ -77,13 +98,17 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   launch.coef = {lr, momentum, 1.0 - dampening, weight_decay, 1.0 / value_of(grad_scale, 1.0),
                  weight_decay != 0.0, has_momentum, nesterov, maximize, is_first_step};
   const auto frozen = frozen_flags(mask, params.size());
-  SlotBuilder builder;
+  std::vector<size_t> active;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (frozen[i] || params[i].numel() == 0) continue;
-    launch.slots.push_back(builder.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()}));
+    if (!frozen[i] && params[i].numel() > 0) active.push_back(i);
   }
-  run_sgd_best(launch);
-  builder.write_back();
+  step_in_waves(
+      params, active, launch,
+      [&](SlotBuilder& b, size_t k) {
+        const size_t i = active[k];
+        return b.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()});
+      },
+      [](const SGDLaunch& l) { run_sgd_best(l); });
 }
 
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -116,23 +141,26 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   base.amsgrad = amsgrad;
   base.maximize = maximize;
 
-  AdamLaunch launch;
   const auto frozen = frozen_flags(mask, params.size());
-  SlotBuilder builder;
+  std::vector<size_t> active;
   for (size_t i = 0; i < params.size(); ++i) {
     if (frozen[i]) continue;
     // The step counter advances even for an empty tensor, as in torch.optim.
-    float* step = state_steps[i].data_ptr<float>();
-    *step += 1.0f;
-    if (params[i].numel() == 0) continue;
-    math::AdamCoef<double> coef = base;
-    math::adam_step_scalars(coef, lr, beta1, beta2, double(*step));
-    launch.coefs.push_back(coef);
-    launch.slots.push_back(builder.add(params[i], grads[i],
-                                       {exp_avgs[i], exp_avg_sqs[i], amsgrad ? max_exp_avg_sqs[i] : at::Tensor()}));
+    *state_steps[i].data_ptr<float>() += 1.0f;
+    if (params[i].numel() > 0) active.push_back(i);
   }
-  run_adam_best(launch);
-  builder.write_back();
+  AdamLaunch launch;
+  step_in_waves(
+      params, active, launch,
+      [&](SlotBuilder& b, size_t k) {
+        const size_t i = active[k];
+        if (launch.slots.empty()) launch.coefs.clear();  // a new wave
+        math::AdamCoef<double> coef = base;
+        math::adam_step_scalars(coef, lr, beta1, beta2, double(*state_steps[i].data_ptr<float>()));
+        launch.coefs.push_back(coef);
+        return b.add(params[i], grads[i], {exp_avgs[i], exp_avg_sqs[i], amsgrad ? max_exp_avg_sqs[i] : at::Tensor()});
+      },
+      [](const AdamLaunch& l) { run_adam_best(l); });
 }
 
 }  // namespace cpu
