@@ -340,6 +340,8 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         count them (HF Trainer and Lightning clip over every param); this does not.
         With a GradScaler, call ``scaler.unscale_(opt)`` first, as for torch's function.
         """
+        if not float(max_norm) >= 0:  # torch would flip (negative) or poison (nan) every grad
+            raise ValueError(f"max_norm must be a number >= 0 (inf measures without clipping), got {max_norm}")
         params = [p for p in self._all_params() if p.grad is not None and p not in self._frozen]
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
 
