@@ -397,12 +397,14 @@ class _FreezableOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
 
+    @torch._disable_dynamo  # as torch.optim's own
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's layout, plus the frozen set under ``"frozen"``.
 
         ``{"params": [ids], "names": [names]}``: the ids are those of ``"state"`` and of
         the groups' ``"params"`` (unambiguous even when groups repeat bare names such as
-        "weight"); the names are for reading. ``state_dict`` post-hooks see the entry.
+        "weight") and decide what a load freezes; the names are for reading.
+        ``state_dict`` post-hooks see the entry.
         """
         with _hooks_held(self, "_optimizer_state_dict_post_hooks"):
             state = super().state_dict()
@@ -416,6 +418,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 state = result
         return state
 
+    @torch._disable_dynamo  # as torch.optim's own
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a frozenopt or torch.optim checkpoint; a frozenopt one restores its frozen set.
 
@@ -481,8 +484,8 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict['frozen'] lists {n!r} {counts[n]} time(s), but {len(by_name[n])} params of this "
                 "optimizer are named so (param groups built from submodules repeat bare names): it cannot "
-                "tell which are frozen. Rewrite the entry as {'params': [param ids]} with a load_state_dict "
-                "pre-hook, or save the checkpoint again with this version.")
+                "tell which are frozen. Rewrite the entry as {'params': [param ids]} (the ids of the "
+                "checkpoint's param groups) with a load_state_dict pre-hook.")
         return {i for n in counts for i in by_name[n]}
 
     def _check_loadable(self, state_dict: Any) -> None:
