@@ -28,12 +28,16 @@ class NameIndex:
     """Precomputed lookup tables over the optimizer's parameters.
 
     ``names[i]`` is the dotted name of ``params[i]`` (or None if unnamed).
+    ``aliases`` maps a param's name to the other names the model reaches the
+    same tensor by (tied weights: ``{"wte.weight": ["lm_head.weight"]}``);
+    every alias resolves like the name itself.
     Built once so that each resolve is a few dict lookups or one regex pass
     over the distinct prefixes, even for models with tens of thousands of
     parameters.
     """
 
-    def __init__(self, names: Sequence[Optional[str]], params: Sequence[torch.Tensor]):
+    def __init__(self, names: Sequence[Optional[str]], params: Sequence[torch.Tensor],
+                 aliases: Optional[Dict[str, Sequence[str]]] = None):
         names = list(names)
         params = list(params)
         if len(names) != len(params):
@@ -41,9 +45,9 @@ class NameIndex:
                 f"names and params must have the same length "
                 f"(got {len(names)} names, {len(params)} params)"
             )
-        self._names: List[Optional[str]] = names
+        self.names: List[Optional[str]] = names
         # Keep references so id() values stay valid for the index's lifetime.
-        self._params: List[torch.Tensor] = params
+        self.params: List[torch.Tensor] = params
 
         self._id_to_index: Dict[int, int] = {}
         for i, p in enumerate(params):
@@ -64,31 +68,57 @@ class NameIndex:
                 continue
             if not isinstance(name, str) or not name:
                 raise TypeError(f"names[{i}] must be a non-empty str or None, got {name!r}")
-            parts = name.split(".")
-            self._top_level.setdefault(parts[0], None)
-            for k in range(1, len(parts) + 1):
-                self._prefixes.setdefault(".".join(parts[:k]), []).append(i)
+            self._add_prefixes(name, i)
         self.has_names = bool(self._prefixes)
 
+        # Tied params: each alias is indexed like a name, and name_of shows them all,
+        # e.g. "wte.weight (= lm_head.weight)", a string that resolves back to the param.
+        self._aliases: Dict[int, List[str]] = {}
+        self._shown: Dict[str, int] = {}
+        position = {name: i for i, name in enumerate(names) if name is not None}
+        for name, others in (aliases or {}).items():
+            if name not in position:
+                raise ValueError(f"aliases name {name!r}, which is not the name of a param")
+            i = position[name]
+            self._aliases[i] = list(others)
+            for alias in others:
+                self._add_prefixes(alias, i)
+            self._shown[self.name_of(i)] = i
+
+    def _add_prefixes(self, name: str, i: int) -> None:
+        parts = name.split(".")
+        self._top_level.setdefault(parts[0], None)
+        for k in range(1, len(parts) + 1):
+            self._prefixes.setdefault(".".join(parts[:k]), []).append(i)
+
     def __len__(self) -> int:
-        return len(self._params)
+        return len(self.params)
+
+    def param_name(self, i: int) -> str:
+        """The param's name, or a stable placeholder for unnamed params."""
+        name = self.names[i]
+        return name if name is not None else f"<param {i}>"
 
     def name_of(self, i: int) -> str:
-        """The param's name, or a stable placeholder for unnamed params."""
-        name = self._names[i]
-        return name if name is not None else f"<param {i}>"
+        """``param_name(i)``, followed by the aliases of a tied param: "wte.weight (= lm_head.weight)"."""
+        aliases = self._aliases.get(i)
+        if aliases:
+            return f"{self.param_name(i)} (= {', '.join(aliases)})"
+        return self.param_name(i)
 
     def index_of(self, tensor: torch.Tensor) -> Optional[int]:
         """Index of this exact tensor object, or None if it is not indexed."""
         i = self._id_to_index.get(id(tensor))
         # Compare identity too, in case an id() was reused by a dead object.
-        if i is not None and self._params[i] is tensor:
+        if i is not None and self.params[i] is tensor:
             return i
         return None
 
     # -- string/regex matching -------------------------------------------
 
     def _match_exact(self, target: str) -> List[int]:
+        if target in self._shown:
+            return [self._shown[target]]
         return self._prefixes.get(target, [])
 
     def _match_regex(self, pattern: "re.Pattern[str]") -> Set[int]:
@@ -209,11 +239,12 @@ def _resolve_one(index: NameIndex, target: Any) -> Iterable[int]:
         if isinstance(target, re.Pattern):
             found = index._match_regex(target)
             word = target.pattern
-        elif _GLOB_CHARS.intersection(target):
-            found = index._match_regex(_glob_to_regex(target))
-            word = target
         else:
+            # The exact name of a module or param wins over a glob reading of it:
+            # modules built from config keys may be called "layer[0]" or "a*b".
             found = index._match_exact(target)
+            if not found and _GLOB_CHARS.intersection(target):
+                found = index._match_regex(_glob_to_regex(target))
             word = target
         if not found:
             raise ValueError(f"no parameter matches {describe(target)}; {index._closest(word)}")

@@ -15,10 +15,12 @@ Two step paths share the same ops (``frozenopt.ops``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
 import warnings
+from collections import Counter, OrderedDict, defaultdict
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -51,9 +53,9 @@ def _check_number(value: Any, name: str, message: str, *, at_least_zero: bool = 
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
-    """The user's model inside DDP / torch.compile wrappers, so names carry no "module." prefix."""
+    """The user's model inside DDP / DataParallel / torch.compile wrappers, so names carry no "module." prefix."""
     while True:
-        if isinstance(module, nn.parallel.DistributedDataParallel):
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             module = module.module
         elif isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
             module = module._orig_mod
@@ -91,14 +93,46 @@ def _is_dtensor(t: Tensor) -> bool:
 
 
 def _as_param_groups(params: Any) -> Any:
-    """torch.optim's params argument, with an nn.Module taken as its named parameters."""
+    """torch.optim's params argument, with an nn.Module taken as its named parameters.
+
+    A tied param (``lm_head.weight`` is ``wte.weight``) is listed once, under its first
+    name, as ``named_parameters()`` does; its other names go in the group's
+    ``"param_aliases"`` (``{"wte.weight": ["lm_head.weight"]}``) so freezing by any of them works.
+    """
     if isinstance(params, nn.Module):
-        return list(_unwrap(params).named_parameters())
+        module = _unwrap(params)
+        first: dict[int, str] = {}
+        aliases: dict[str, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                aliases.setdefault(first[id(p)], []).append(name)
+            else:
+                first[id(p)] = name
+        named = list(module.named_parameters())
+        return [{"params": named, "param_aliases": aliases}] if aliases else named
     if isinstance(params, Tensor):
         raise TypeError(
             "params argument given to the optimizer should be an iterable of Tensors or dicts, "
             f"or an nn.Module, but got {torch.typename(params)}")
     return params
+
+
+# Group keys that describe the params rather than how to step them: a loaded
+# checkpoint does not replace them.
+_PARAM_KEYS = ("param_names", "param_aliases")
+
+
+@contextlib.contextmanager
+def _hooks_held(optimizer: torch.optim.Optimizer, *tables: str):
+    """Empty these hook tables while torch.optim's method runs; the caller runs the hooks in torch's order."""
+    held = {name: getattr(optimizer, name) for name in tables}
+    try:
+        for name in tables:
+            setattr(optimizer, name, OrderedDict())
+        yield
+    finally:
+        for name, hooks in held.items():
+            setattr(optimizer, name, hooks)
 
 
 def _is_capturing(device: torch.device) -> bool:
@@ -255,6 +289,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         else:
             self._frozen = {p for p in params if not p.requires_grad}
         self._mask_subsets.clear()
+        self._invalidate_names()
         self._refresh_masks(stale)
 
     def _snapshot(self) -> None:
@@ -265,11 +300,36 @@ class _FreezableOptimizer(torch.optim.Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _group_key(self) -> tuple[tuple, list]:
+        """Cheap signature of the groups (which dicts, params lists and names lists, and their
+        lengths), and the objects it names, to hold so that their ids stay theirs."""
+        key: list[int] = []
+        held: list[Any] = []
+        for g in self.param_groups:
+            names, aliases = g.get("param_names"), g.get("param_aliases")
+            key += (id(g), id(g["params"]), len(g["params"]), id(names), len(names or ()), id(aliases))
+            held += (g, g["params"], names, aliases)
+        return tuple(key), held
+
     def _name_index(self) -> NameIndex:
+        """The index of names and params, cached until the groups' signature changes
+        (or ``_sync`` sees a param list edited in place)."""
+        cached = getattr(self, "_names_cache", None)
+        key, held = self._group_key()
+        if cached is not None and cached[0] == key:
+            return cached[2]
         names: list[Optional[str]] = []
+        aliases: dict[str, list[str]] = {}
         for group in self.param_groups:
             names += group.get("param_names") or [None] * len(group["params"])
-        return NameIndex(names, self._all_params())
+            aliases.update(group.get("param_aliases") or {})
+        index = NameIndex(names, self._all_params(), aliases)
+        self._names_cache = (key, held, index)
+        return index
+
+    def _invalidate_names(self) -> None:
+        """Forget the name index: the params, their names or the groups changed."""
+        self._names_cache = None
 
     def _name_of(self, p: Tensor) -> str:
         for group in self.param_groups:
@@ -284,9 +344,13 @@ class _FreezableOptimizer(torch.optim.Optimizer):
     @property
     @_synced
     def frozen(self) -> list[str]:
-        """Names of the frozen params, in optimizer order."""
+        """Names of the frozen params, in optimizer order.
+
+        A tied param shows every name it has, ``"wte.weight (= lm_head.weight)"``;
+        freeze/unfreeze/is_frozen accept that string back.
+        """
         index = self._name_index()
-        return [index.name_of(i) for i, p in enumerate(self._all_params()) if p in self._frozen]
+        return [index.name_of(i) for i, p in enumerate(index.params) if p in self._frozen]
 
     @property
     def mask_only(self) -> bool:
@@ -296,8 +360,11 @@ class _FreezableOptimizer(torch.optim.Optimizer):
     @_synced
     def is_frozen(self, *targets: Any) -> bool:
         """True when every param the targets match is frozen."""
-        params = self._all_params()
-        return all(params[i] in self._frozen for i in resolve_targets(self._name_index(), targets))
+        if not targets:
+            raise TypeError("is_frozen() needs a target: a name, glob, regex, Module or Parameter, "
+                            "e.g. is_frozen('encoder'); opt.frozen lists every frozen param")
+        index = self._name_index()
+        return all(index.params[i] in self._frozen for i in resolve_targets(index, targets))
 
     @_synced
     def freeze(self, *targets: Any, release_state: bool = False) -> list[str]:
@@ -326,12 +393,11 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         """Unfreeze the params the targets match (all params with no target).
 
         Their state resumes where it stopped; ``reset_state=True`` starts it
-        afresh, as fastai does.
+        afresh, as fastai does (only for the params this call unfreezes: the
+        state of params that were training already is kept).
         """
-        if targets:
-            indices = resolve_targets(self._name_index(), targets)
-        else:
-            indices = list(range(len(self._all_params())))
+        index = self._name_index()
+        indices = resolve_targets(index, targets) if targets else range(len(index))
         return self._set_frozen(indices, False, drop_state=reset_state)
 
     @_synced
@@ -339,9 +405,30 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         """fastai's ``freeze_to``: freeze param groups ``[:n]``, unfreeze ``[n:]``."""
         if not isinstance(n, int) or isinstance(n, bool):
             raise TypeError(f"freeze_to takes an int number of param groups, got {type(n).__name__}")
+        if len(self.param_groups) < 2:
+            raise ValueError(
+                f"freeze_to({n}) counts param groups (fastai's rule), and this optimizer has a single "
+                "param group, so it would freeze everything or nothing. Write freeze('*') to freeze "
+                "every named param, unfreeze() to unfreeze them all, or name what to freeze, "
+                "e.g. freeze('embeddings', 'encoder.layer.0').")
         freeze = self._group_indices(slice(None, n))
         thaw = self._group_indices(slice(n, None))
         return self._set_frozen(freeze, True) + self._set_frozen(thaw, False)
+
+    @_synced
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        foreach: Optional[bool] = None) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the params the next step moves: unfrozen, with a grad.
+
+        Returns the total norm of those grads, as torch does. In ``mask_only`` mode
+        frozen params keep their grads, and clipping ``model.parameters()`` would
+        count them (HF Trainer and Lightning clip over every param); this does not.
+        With a GradScaler, call ``scaler.unscale_(opt)`` first, as for torch's function.
+        """
+        if not float(max_norm) >= 0:  # torch would flip (negative) or poison (nan) every grad
+            raise ValueError(f"max_norm must be a number >= 0 (inf measures without clipping), got {max_norm}")
+        params = [p for p in self._all_params() if p.grad is not None and p not in self._frozen]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
 
     def _group_indices(self, groups: slice) -> list[int]:
         start, indices = 0, []
@@ -358,7 +445,10 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         index = self._name_index()
         changed = [i for i in indices if (params[i] in self._frozen) != frozen]
         try:  # the masks and plans follow whatever changed, even if interrupted (KeyboardInterrupt)
-            for i in indices if drop_state else ():
+            # unfreeze(reset_state=True) resets only the params it thaws: one that was training
+            # keeps its state. freeze(release_state=True) may release every param it matched:
+            # all of them end frozen, none is training.
+            for i in (indices if frozen else changed) if drop_state else ():
                 self.state.pop(params[i], None)
             for i in changed:
                 p = params[i]
@@ -407,40 +497,101 @@ class _FreezableOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
 
+    @torch._disable_dynamo  # as torch.optim's own
     @_synced
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's layout, plus the frozen set by parameter name under ``"frozen"``."""
-        state = super().state_dict()
-        state["frozen"] = self.frozen
+        """torch.optim's layout, plus the frozen set under ``"frozen"``.
+
+        ``{"params": [ids], "names": [names]}``: the ids are those of ``"state"`` and of
+        the groups' ``"params"`` (unambiguous even when groups repeat bare names such as
+        "weight") and decide what a load freezes; the names are for reading.
+        ``state_dict`` post-hooks see the entry.
+        """
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks"):
+            state = super().state_dict()
+        index = self._name_index()
+        ids = [k for group in state["param_groups"] for k in group["params"]]
+        frozen = [i for i, p in enumerate(index.params) if p in self._frozen]
+        state["frozen"] = {"params": [ids[i] for i in frozen], "names": [index.param_name(i) for i in frozen]}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state)
+            if result is not None:
+                state = result
         return state
 
+    @torch._disable_dynamo  # as torch.optim's own
     @_synced
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a frozenopt or torch.optim checkpoint; a frozenopt one restores its frozen set."""
+        """Load a frozenopt or torch.optim checkpoint; a frozenopt one restores its frozen set.
+
+        As in torch.optim, load pre-hooks run first (they may rewrite ``"frozen"``), then
+        everything is checked before anything changes, and post-hooks run last (they see
+        the loaded frozen set). The optimizer keeps its own param names (torch.optim would
+        take the checkpoint's). Older checkpoints list the frozen params by name only; a
+        name that several params share is refused unless all or none of them are frozen.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         self._check_loadable(state_dict)
-        frozen = state_dict.get("frozen")
-        indices = None
+        frozen = self._loaded_frozen(state_dict)
+        own = [{k: g[k] for k in _PARAM_KEYS if k in g} for g in self.param_groups]
+        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            super().load_state_dict({k: v for k, v in state_dict.items() if k != "frozen"})
+        for group, keys in zip(self.param_groups, own):
+            for k in _PARAM_KEYS:
+                group.pop(k, None)
+            group.update(keys)
+        self._invalidate_names()
         if frozen is not None:
-            if not isinstance(frozen, (list, tuple)) or not all(isinstance(n, str) for n in frozen):
-                raise ValueError(f"state_dict['frozen'] must be a list of parameter names, got {frozen!r}")
-            index = self._name_index()
-            by_name = {index.name_of(i): i for i in range(len(index))}
-            unknown = [n for n in frozen if n not in by_name]
-            if unknown:
-                raise ValueError(
-                    f"state_dict['frozen'] names parameters this optimizer does not have: {unknown[:5]}")
-            indices = {by_name[n] for n in frozen}
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "frozen"})
-        if indices is not None:
-            all_indices = range(len(self._all_params()))
-            self._set_frozen([i for i in all_indices if i in indices], True)
-            self._set_frozen([i for i in all_indices if i not in indices], False)
+            everything = range(len(self._all_params()))
+            self._set_frozen([i for i in everything if i in frozen], True)
+            self._set_frozen([i for i in everything if i not in frozen], False)
         self._invalidate()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _loaded_frozen(self, state_dict: dict[str, Any]) -> Optional[set[int]]:
+        """Positions (optimizer order) of the params ``state_dict["frozen"]`` freezes; None without one."""
+        frozen = state_dict.get("frozen")
+        if frozen is None:
+            return None
+        if isinstance(frozen, dict):
+            ids = frozen.get("params")
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(k, int) for k in ids):
+                raise ValueError(f"state_dict['frozen']['params'] must be a list of param ids, got {ids!r}")
+            position = {k: i for i, k in enumerate(k for g in state_dict["param_groups"] for k in g["params"])}
+            unknown = [k for k in ids if k not in position]
+            if unknown:
+                raise ValueError(f"state_dict['frozen'] lists param ids {unknown[:5]} that no param group lists")
+            return {position[k] for k in ids}
+        if not isinstance(frozen, (list, tuple)) or not all(isinstance(n, str) for n in frozen):
+            raise ValueError("state_dict['frozen'] must be a list of parameter names (older checkpoints) or "
+                             f"{{'params': [param ids], 'names': [...]}}, got {frozen!r}")
+        index = self._name_index()
+        by_name: dict[str, list[int]] = defaultdict(list)
+        for i in range(len(index)):
+            by_name[index.param_name(i)].append(i)
+        unknown = [n for n in frozen if n not in by_name]
+        if unknown:
+            raise ValueError(f"state_dict['frozen'] names parameters this optimizer does not have: {unknown[:5]}")
+        counts = Counter(frozen)
+        ambiguous = [n for n, c in counts.items() if c != len(by_name[n])]
+        if ambiguous:
+            n = ambiguous[0]
+            raise ValueError(
+                f"state_dict['frozen'] lists {n!r} {counts[n]} time(s), but {len(by_name[n])} params of this "
+                "optimizer are named so (param groups built from submodules repeat bare names): it cannot "
+                "tell which are frozen. Rewrite the entry as {'params': [param ids]} (the ids of the "
+                "checkpoint's param groups) with a load_state_dict pre-hook.")
+        return {i for n in counts for i in by_name[n]}
 
     def _check_loadable(self, state_dict: Any) -> None:
         """Refuse, before anything changes, what torch.optim would load partly or wrongly."""
-        if not isinstance(state_dict, dict):
-            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict has no '{key}' entry: not an optimizer state_dict")
@@ -453,7 +604,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
                                  "of optimizer's group")
             owner.update((k, (p, group)) for k, p in zip(saved["params"], group["params"]))
-            self._check_hyper({**group, **{k: v for k, v in saved.items() if k not in ("params", "param_names")}})
+            self._check_hyper({**group, **{k: v for k, v in saved.items() if k != "params" and k not in _PARAM_KEYS}})
         extra = [k for k in state_dict["state"] if k not in owner]
         if extra:
             raise ValueError(f"state_dict has state for parameter ids {extra[:5]} that no param group lists")

@@ -269,8 +269,8 @@ class Reference:
     def unfreeze(self, indices: Iterable[int], reset_state: bool = False) -> list[str]:
         indices = sorted(set(indices))
         changed = [i for i in indices if i in self.frozen]
-        if reset_state:
-            for i in indices:
+        if reset_state:  # only the params it thaws: one that was training keeps its state
+            for i in changed:
                 self.opt.state.pop(self.work[i], None)
         self.frozen -= set(indices)
         for i in changed:

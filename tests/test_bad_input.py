@@ -402,3 +402,38 @@ def test_good_state_dict_still_loads(kind):
     ref.step()
     opt.load_state_dict(ref.state_dict())
     assert not math.isnan(float(opt.param_groups[0]["lr"]))
+
+
+# ---------------------------------------------------------------------------- the frozen entry, clipping, bare calls
+
+FROZEN_ENTRY_ROWS = [
+    ("ids not a list", {"params": "0"}, r"state_dict\['frozen'\]\['params'\] must be a list of param ids"),
+    ("ids missing", {"names": ["fc1.weight"]}, r"state_dict\['frozen'\]\['params'\] must be a list of param ids"),
+    ("an id no group lists", {"params": [0, 99]}, r"lists param ids \[99\] that no param group lists"),
+    ("a name listed twice", ["fc1.weight", "fc1.weight"], r"lists 'fc1.weight' 2 time\(s\), but 1 params"),
+]
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("row", FROZEN_ENTRY_ROWS, ids=[r[0] for r in FROZEN_ENTRY_ROWS])
+def test_bad_frozen_entry(kind, row):
+    _, frozen, match = row
+    src_net, src = trained(kind)
+    sd = copy.deepcopy(src.state_dict())
+    sd["frozen"] = frozen
+    net, opt = trained(kind)
+    refused(opt, net, lambda: opt.load_state_dict(sd), ValueError, match)
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("max_norm", [-1.0, NAN])
+def test_bad_clip_grad_norm(kind, max_norm):
+    net, opt = trained(kind, mask_only=True)
+    refused(opt, net, lambda: opt.clip_grad_norm_(max_norm), ValueError, r"max_norm must be a number >= 0")
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_bare_is_frozen_and_single_group_freeze_to(kind):
+    net, opt = trained(kind, groups=1)
+    refused(opt, net, lambda: opt.is_frozen(), TypeError, r"is_frozen\(\) needs a target")
+    refused(opt, net, lambda: opt.freeze_to(1), ValueError, r"single param group")

@@ -1,5 +1,7 @@
-"""Checkpoints mid-schedule with frozen params: torch.save / torch.load(weights_only=True), and DCP."""
+"""Checkpoints mid-schedule with frozen params: torch.save / torch.load(weights_only=True), and DCP;
+the frozen set saved unambiguously, torch.optim's hook order, and what freeze/unfreeze do to state."""
 
+import copy
 import io
 
 import pytest
@@ -8,6 +10,7 @@ from torch import nn
 
 import frozenopt
 from frozenopt.finetune import GradualUnfreeze, layer_groups
+from reference import assert_same, snapshot
 
 
 def make_model():
@@ -147,3 +150,119 @@ def test_plain_dcp_drops_state_of_frozen_params_that_the_helper_keeps(tmp_path):
     set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     assert model2[2].weight not in opt2.state  # measured: the trained-then-frozen state is not loaded
     assert opt2.frozen == ["0.weight", "0.bias", "2.weight", "2.bias"]  # nor the frozen set
+
+
+def test_reset_state_and_release_state_touch_only_what_they_should():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    opt = frozenopt.Adam(model, lr=0.1)
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    opt.freeze("0.weight")
+    opt.unfreeze("0", reset_state=True)  # 0.bias was training: its state stays
+    assert model[0].weight not in opt.state
+    assert opt.state[model[0].bias]["step"].item() == 1
+    opt.unfreeze(reset_state=True)  # nothing frozen: nothing reset
+    assert opt.state[model[1].weight]["step"].item() == 1
+    opt.freeze("1.weight")
+    opt.freeze("1", release_state=True)  # every param it names ends frozen: all give their state back
+    assert model[1].weight not in opt.state and model[1].bias not in opt.state
+    assert opt.state[model[0].bias]["step"].item() == 1
+
+
+# ---------------------------------------------------------------- groups that repeat bare names
+
+
+class EncoderHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+
+def bare_named(model, **kwargs):
+    """Groups built from each submodule's own named_parameters(): "weight" and "bias" twice."""
+    return frozenopt.AdamW([{"params": model.encoder.named_parameters()},
+                            {"params": model.head.named_parameters()}], **kwargs)
+
+
+def trained_bare_named():
+    model = EncoderHead()
+    opt = bare_named(model)
+    model.head(model.encoder(torch.randn(4, 3))).sum().backward()
+    opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("frozen", [["encoder.weight"], ["head.weight"], ["encoder.bias", "head.weight"],
+                                    ["encoder.weight", "head.weight"]])
+def test_repeated_bare_names_restore_the_exact_frozen_set(frozen):
+    model, opt = trained_bare_named()
+    opt.freeze(*[model.get_parameter(n) for n in frozen])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+
+    model2, opt2 = trained_bare_named()
+    opt2.freeze(model2.encoder)  # a different frozen set: the checkpoint's replaces it
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    got = [n for n, p in model2.named_parameters() if opt2.is_frozen(p)]
+    assert got == frozen
+    assert [n for n, p in model2.named_parameters() if not p.requires_grad] == frozen
+
+
+def test_names_only_checkpoints_still_load_and_ambiguous_ones_are_refused():
+    """Older checkpoints list the frozen params by name only."""
+    model, opt = trained_bare_named()
+    saved = opt.state_dict()
+    model2, opt2 = trained_bare_named()
+    opt2.freeze(model2.head.bias)
+    before = snapshot(opt2)
+    with pytest.raises(ValueError, match=r"lists 'weight' 1 time\(s\), but 2 params.*cannot tell which"):
+        opt2.load_state_dict(copy.deepcopy({**saved, "frozen": ["weight"]}))
+    assert_same(before, snapshot(opt2))
+    # all or none of the params that share a name: unambiguous
+    opt2.load_state_dict(copy.deepcopy({**saved, "frozen": ["weight", "weight"]}))
+    assert [n for n, p in model2.named_parameters() if opt2.is_frozen(p)] == ["encoder.weight", "head.weight"]
+    # names that are unique load as before
+    model3 = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    opt3 = frozenopt.SGD(model3, lr=0.1)
+    opt3.load_state_dict({**opt3.state_dict(), "frozen": ["1.weight"]})
+    assert opt3.frozen == ["1.weight"]
+
+
+def test_loading_keeps_the_optimizers_own_param_names():
+    model, opt = trained_bare_named()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["param_groups"][0]["param_names"] = ["old.weight", "old.bias"]  # e.g. a renamed model
+    named = opt.param_groups[0]["param_names"]
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["param_names"] is named and named == ["weight", "bias"]
+    # into an optimizer without names: none appear
+    plain = frozenopt.AdamW(list(model.parameters()))
+    plain.load_state_dict(torch.optim.AdamW(model.named_parameters()).state_dict())
+    assert all("param_names" not in g for g in plain.param_groups)
+
+
+def test_state_dict_hooks_run_in_torch_optims_order():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    opt = frozenopt.SGD(model, lr=0.1)
+    opt.freeze("0")
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(("post", copy.deepcopy(sd["frozen"]))))
+    saved = opt.state_dict()
+    assert seen == [("post", {"params": [0, 1], "names": ["0.weight", "0.bias"]})]
+
+    fresh_model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    fresh = frozenopt.SGD(fresh_model, lr=0.1)
+    seen.clear()
+
+    def migrate(o, sd):  # an old checkpoint that names a layer since renamed
+        seen.append("pre")
+        sd["frozen"] = [n.replace("first", "0") for n in sd["frozen"]]
+
+    fresh.register_load_state_dict_pre_hook(migrate)
+    fresh.register_load_state_dict_post_hook(lambda o: seen.append(("loaded", list(o.frozen))))
+    fresh.load_state_dict({**saved, "frozen": ["first.weight", "first.bias"]})
+    assert seen == ["pre", ("loaded", ["0.weight", "0.bias"])]  # each hook once, the post-hook after the load
+    assert fresh.frozen == ["0.weight", "0.bias"] and not fresh_model[0].weight.requires_grad

@@ -188,6 +188,9 @@ def test_unfreeze_resumes_state_and_reset_or_release_drops_it():
     opt.unfreeze("weight")
     assert torch.equal(opt.state[model.weight]["exp_avg"], exp_avg)
     assert opt.state[model.weight]["step"].item() == 2
+    opt.unfreeze("weight", reset_state=True)  # was training: nothing to reset
+    assert opt.state[model.weight]["step"].item() == 2
+    opt.freeze("weight")
     opt.unfreeze("weight", reset_state=True)
     assert model.weight not in opt.state
     opt.freeze("bias", release_state=True)
@@ -298,7 +301,7 @@ def test_state_dict_round_trip_mid_training_with_frozen_params():
     opt.freeze("1")
     train(model, opt, data[3:5])
     saved = copy.deepcopy(opt.state_dict())
-    assert saved["frozen"] == ["1.weight", "1.bias"]
+    assert saved["frozen"] == {"params": [2, 3], "names": ["1.weight", "1.bias"]}
     clone = copy.deepcopy(model)
     train(model, opt, data[5:])
 

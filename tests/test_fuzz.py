@@ -430,9 +430,12 @@ def _run_op(prog: Program, k: int, op: tuple, opt, ref: Reference, root, params,
             assert opt.freeze() == ref.freeze([i for r in ref.groups_of()[:-1] for i in r])
     elif kind == "freeze_to":
         n = op[1]
-        groups = ref.groups_of()
-        want = ref.freeze([i for r in groups[:n] for i in r]) + ref.unfreeze([i for r in groups[n:] for i in r])
-        assert opt.freeze_to(n) == want, where
+        if n_groups < 2:
+            _must_fail(opt, lambda: opt.freeze_to(n), "single param group")
+        else:
+            groups = ref.groups_of()
+            want = ref.freeze([i for r in groups[:n] for i in r]) + ref.unfreeze([i for r in groups[n:] for i in r])
+            assert opt.freeze_to(n) == want, where
     elif kind == "reload":
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)

@@ -125,7 +125,9 @@ def test_reset_state_frees_and_restarts(kind):
         opt.step()
         ref.step([p.grad for p in net.parameters()])
     refs = [weakref.ref(t) for t in opt.state[net.head.weight].values() if isinstance(t, torch.Tensor)]
-    assert opt.unfreeze("head", reset_state=True) == []  # nothing was frozen; the state still goes
+    opt.freeze("head")  # its state is kept while frozen
+    ref.freeze([5, 6])
+    assert opt.unfreeze("head", reset_state=True) == ["head.weight", "head.bias"]
     ref.unfreeze([5, 6], reset_state=True)
     gc.collect()
     assert all(r() is None for r in refs)

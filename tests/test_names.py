@@ -9,7 +9,10 @@ from torch import nn
 # Let the tests import the in-tree package when run without installing it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import frozenopt  # noqa: E402
+import frozenopt.optim  # noqa: E402
 from frozenopt.names import NameIndex, describe, resolve_targets  # noqa: E402
+from reference import assert_same, snapshot  # noqa: E402
 
 
 # ---------------------------------------------------------------- fixtures
@@ -348,3 +351,141 @@ def test_large_index_resolves():
     assert len(resolve_targets(index, (params,))) == 20000
     with pytest.raises(ValueError, match="closest names"):
         resolve_targets(index, ("blocks.1999.sub.p99",))
+
+
+def test_aliases_resolve_like_names_and_show_in_name_of():
+    wte, h = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))
+    index = NameIndex(["wte.weight", "h.weight"], [wte, h], {"wte.weight": ["lm_head.weight"]})
+    assert index.name_of(0) == "wte.weight (= lm_head.weight)" and index.param_name(0) == "wte.weight"
+    assert resolve_targets(index, ("lm_head",)) == [0]
+    assert resolve_targets(index, ("lm_head.weight",)) == [0]
+    assert resolve_targets(index, ("wte.weight (= lm_head.weight)",)) == [0]  # what name_of shows
+    assert resolve_targets(index, ("*.weight",)) == [0, 1]
+    with pytest.raises(ValueError, match="not the name of a param"):
+        NameIndex(["a"], [wte], {"b": ["c"]})
+
+
+def test_exact_name_wins_over_glob_reading():
+    params = [nn.Parameter(torch.zeros(1)) for _ in range(4)]
+    index = NameIndex(["layer[0].w", "layer0.w", "a*b.w", "axb.w"], params)
+    assert resolve_targets(index, ("layer[0]",)) == [0]  # a glob would match layer0
+    assert resolve_targets(index, ("a*b",)) == [2]  # a glob would match axb too
+    assert resolve_targets(index, ("a?b",)) == [2, 3]  # no such name: read as a glob
+    assert resolve_targets(index, ("layer[0-9]",)) == [1]
+
+
+# ---------------------------------------------------------------- through the optimizer
+
+
+class GPT(nn.Module):
+    """GPT-style weight tying: lm_head.weight is transformer.wte.weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = nn.Module()
+        self.transformer.wte = nn.Embedding(10, 4)
+        self.transformer.h = nn.Linear(4, 4)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+
+TIED = "transformer.wte.weight (= lm_head.weight)"
+
+
+@pytest.mark.parametrize("target", ["lm_head", "lm_head.weight", "transformer.wte", "transformer.wte.weight", TIED])
+def test_tied_weight_is_frozen_by_every_name(target):
+    model = GPT()
+    opt = frozenopt.AdamW(model)
+    assert opt.freeze(target) == [TIED]
+    assert opt.frozen == [TIED]
+    assert not model.lm_head.weight.requires_grad
+    assert opt.is_frozen("lm_head") and opt.is_frozen("transformer.wte") and opt.is_frozen(model.lm_head)
+    assert not opt.is_frozen("transformer.h")
+    assert opt.unfreeze(*opt.frozen) == [TIED]  # what `frozen` lists is accepted back
+    assert opt.frozen == [] and model.lm_head.weight.requires_grad
+
+
+def test_tied_weight_of_a_hugging_face_gpt2():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    opt = frozenopt.AdamW(model)
+    assert opt.freeze("lm_head") == [TIED]
+    assert opt.is_frozen("transformer.wte")
+
+
+def test_tied_weight_frozen_set_survives_a_checkpoint():
+    model = GPT()
+    opt = frozenopt.AdamW(model)
+    opt.freeze("lm_head")
+    saved = opt.state_dict()
+    fresh = frozenopt.AdamW(GPT())
+    fresh.load_state_dict(saved)
+    assert fresh.frozen == [TIED]
+    torch.optim.AdamW(GPT().parameters()).load_state_dict(saved)  # torch.optim takes it too
+
+
+def test_data_parallel_is_unwrapped():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    opt = frozenopt.SGD(nn.DataParallel(model), lr=0.1)
+    assert opt.param_groups[0]["param_names"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    assert opt.freeze("0") == ["0.weight", "0.bias"]
+
+
+def test_optimizer_matches_exact_names_before_globs():
+    model = nn.ModuleDict({"layer[0]": nn.Linear(2, 2), "layer0": nn.Linear(2, 2),
+                           "a*b": nn.Linear(2, 2), "axb": nn.Linear(2, 2)})
+    opt = frozenopt.SGD(model, lr=0.1)
+    assert opt.freeze("layer[0]") == ["layer[0].weight", "layer[0].bias"]
+    assert opt.freeze("a*b") == ["a*b.weight", "a*b.bias"]
+    assert opt.frozen == ["layer[0].weight", "layer[0].bias", "a*b.weight", "a*b.bias"]
+
+
+def test_is_frozen_needs_a_target():
+    model = nn.Linear(2, 2)
+    opt = frozenopt.SGD(model, lr=0.1)
+    before = snapshot(opt)
+    with pytest.raises(TypeError, match=r"is_frozen\(\) needs a target"):
+        opt.is_frozen()
+    assert_same(before, snapshot(opt))
+
+
+def test_freeze_to_refuses_a_single_group():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    opt = frozenopt.SGD(model, lr=0.1)
+    before = snapshot(opt)
+    for n in (-1, 0, 1):
+        with pytest.raises(ValueError, match=r"single param group.*freeze\('\*'\)"):
+            opt.freeze_to(n)
+    assert_same(before, snapshot(opt))
+
+
+def test_name_index_is_built_once_and_rebuilt_when_groups_change(monkeypatch):
+    built = []
+
+    class Counting(frozenopt.optim.NameIndex):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(frozenopt.optim, "NameIndex", Counting)
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])
+    opt = frozenopt.SGD(model, lr=0.1)
+    built.clear()
+    for p in model.parameters():
+        assert not opt.is_frozen(p)
+    opt.freeze("0")
+    opt.unfreeze("0.bias")
+    assert opt.is_frozen("0.weight") and opt.frozen == ["0.weight"]
+    assert len(built) == 1
+    extra = nn.Linear(2, 2)
+    opt.add_param_group({"params": list(extra.named_parameters(prefix="extra"))})
+    assert opt.freeze("extra") == ["extra.weight", "extra.bias"]
+    assert len(built) == 2
+    # a param swapped in place in a group's list: freeze/unfreeze/frozen check every entry
+    swapped = nn.Parameter(torch.zeros(2))
+    opt.param_groups[0]["params"][1] = swapped
+    assert opt.freeze(swapped) == ["0.bias"]
+    assert len(built) == 3
+
