@@ -37,6 +37,11 @@ def _names(optimizer: Any) -> list[tuple[str, Any, dict]]:
     return out
 
 
+def _frozen_names(optimizer: Any) -> list[str]:
+    """The frozen params' own names (a tied param once, by its first name)."""
+    return [n for n, p, _ in _names(optimizer) if optimizer.is_frozen(p)]
+
+
 def save_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, extra: Optional[dict] = None,
                     **save_kwargs: Any) -> None:
     """``dcp.save`` of the model, the optimizer, its frozen set and which params have state.
@@ -47,7 +52,7 @@ def save_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, ext
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    meta = {"frozen": list(optimizer.frozen),
+    meta = {"frozen": _frozen_names(optimizer),
             "stateful": [n for n, p, _ in _names(optimizer) if optimizer.state.get(p)]}
     state = {"model": model_sd, "optim": optim_sd, _KEY: json.dumps(meta), **(extra or {})}
     dcp.save(state, checkpoint_id=checkpoint_id, **save_kwargs)
@@ -98,10 +103,9 @@ def load_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, ext
                 p.requires_grad_(flag)
     else:  # get_state_dict may have given it a zero-lr step to create state: drop it
         optimizer.state.clear()
-    frozen, now = set(meta["frozen"]), set(optimizer.frozen)
+    frozen, now = set(meta["frozen"]), set(_frozen_names(optimizer))
     if now - frozen:
         optimizer.unfreeze(*sorted(now - frozen))
     if frozen - now:
         optimizer.freeze(*sorted(frozen - now))
-    getattr(optimizer, "_invalidate", lambda: None)()  # state changed under the optimizer's cached plans
     return {k: state[k] for k in (extra or {})}
