@@ -52,6 +52,21 @@ def _check_number(value: Any, name: str, message: str, *, at_least_zero: bool = 
     return number
 
 
+def _check_betas(betas: Any) -> None:
+    """torch.optim's rules: a pair (or a 2-element tensor) of numbers in [0, 1), both floats
+    or both tensors. A tensor off the CPU is not read (that would synchronise)."""
+    if isinstance(betas, Tensor) and betas.numel() == 2:
+        betas = tuple(betas.flatten())
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        value = _check_number(beta, f"betas[{i}]", f"Invalid beta parameter at index {i}")
+        if value is not None and not value < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     """The user's model inside DDP / DataParallel / torch.compile wrappers, so names carry no "module." prefix."""
     while True:
@@ -909,12 +924,7 @@ class Adam(_FreezableOptimizer):
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        _check_betas(betas)
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -926,12 +936,7 @@ class Adam(_FreezableOptimizer):
     def _check_hyper(self, group):
         _check_number(group["lr"], "lr", "Invalid learning rate")
         _check_number(group["eps"], "eps", "Invalid epsilon value")
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= _check_number(beta, f"beta{i + 1}", f"Invalid beta parameter at index {i}") < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        _check_betas(group["betas"])
         _check_number(group["weight_decay"], "weight_decay", "Invalid weight_decay value")
 
     def _check_state_entry(self, key, entry):

@@ -199,6 +199,7 @@ class Reference:
         self.initial_requires_grad = [p.requires_grad for p in ours]
         self.frozen: set[int] = {i for i, p in enumerate(ours) if not p.requires_grad}
         self.snapshots: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}
+        self.swaps: list[tuple[int, int, int]] = []  # (group, a, b): params swapped in a group's list
         self.scales: dict[tuple[int, str], float] = {}  # largest magnitude going into the last step
         self.opt = self._build(opt.param_groups)
 
@@ -276,6 +277,14 @@ class Reference:
         for i in changed:
             self.snapshots.pop(i, None)
         return [self.name_of(i) for i in changed]
+
+    def swap(self, a: int, b: int) -> None:
+        """Params a and b (of one group, in optimizer order) trade places, as frozenopt's did."""
+        for seq in (self.names, self.params, self.work, self.initial_requires_grad):
+            seq[a], seq[b] = seq[b], seq[a]
+        self.frozen = {b if i == a else a if i == b else i for i in self.frozen}
+        self.snapshots = {b if i == a else a if i == b else i: v for i, v in self.snapshots.items()}
+        self.scales = {(b if i == a else a if i == b else i, k): v for (i, k), v in self.scales.items()}
 
     def step(self, grads: Sequence[Optional[Tensor]]) -> None:
         """One torch.optim step; frozen params get grad=None whatever ``grads`` holds."""

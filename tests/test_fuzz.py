@@ -24,6 +24,8 @@ FROZENOPT_FUZZ_COUNT=<file> appends one line per finished example (for the count
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 import io
 import os
@@ -210,7 +212,9 @@ def _hyper(draw, opt: str) -> dict[str, Any]:
 
 OP_KINDS = (["step"] * 10 + ["closure"] * 2 + ["step_none", "zero_grad"] + ["freeze"] * 4 + ["unfreeze"] * 3
             + ["unfreeze_all", "freeze_bare", "freeze_to", "reload", "load_torch", "to_torch",
-               "lr", "lr", "hyper", "bad_target"])
+               "lr", "lr", "hyper", "bad_target"]
+            # what user and library code does to an optimizer between steps
+            + ["user_requires_grad"] * 2 + ["state_edit", "data_swap", "swap_params", "deepcopy", "threads"])
 
 
 def _target(draw, names: list[str], n_params: int, named: bool):
@@ -297,6 +301,14 @@ def programs(draw, max_ops: int = 200):
                          "weight_decay": st.sampled_from([0.0, 0.05]), "eps": st.sampled_from([1e-8, 1e-4]),
                          "maximize": st.booleans()}[key]
             ops.append(("hyper", draw(st.integers(0, len(splits))), key, draw(value)))
+        elif kind == "user_requires_grad":
+            ops.append((kind, draw(st.integers(0, n - 1)), draw(st.booleans())))
+        elif kind == "state_edit":
+            ops.append((kind, draw(st.integers(0, n - 1)), draw(st.sampled_from(["scale", "del", "clear", "new"]))))
+        elif kind == "swap_params":
+            ops.append((kind, draw(st.integers(0, len(splits))), draw(st.integers(0, n)), draw(st.integers(0, n))))
+        elif kind == "threads":
+            ops.append((kind, draw(st.sampled_from([1, 2]))))
         elif kind == "bad_target":
             ops.append(("bad_target", draw(st.sampled_from(["fc3", "enc.lay", "fc2.weight.x", "enc.layer.2",
                                                             "nothing.*", "fc2."]))))
@@ -375,14 +387,18 @@ def run_program(prog: Program) -> None:
     ref = Reference(opt, prog.impl)
     params = [p for g in opt.param_groups for p in g["params"]]
     ref.check(opt, "construction")
-    for k, op in enumerate(prog.ops):
-        where = f"op {k} {op!r}"
-        try:
-            opt = _run_op(prog, k, op, opt, ref, root, params, modules)
-        except BaseException as error:
-            error.add_note(f"at {where}")
-            raise
-        ref.check(opt, where)
+    threads = torch.get_num_threads()
+    try:
+        for k, op in enumerate(prog.ops):
+            where = f"op {k} {op!r}"
+            try:
+                opt = _run_op(prog, k, op, opt, ref, root, params, modules)
+            except BaseException as error:
+                error.add_note(f"at {where}")
+                raise
+            ref.check(opt, where)
+    finally:
+        torch.set_num_threads(threads)
     if _counter_file:
         with open(_counter_file, "a") as fh:
             fh.write(f"{len(prog.ops)}\n")
@@ -440,7 +456,7 @@ def _run_op(prog: Program, k: int, op: tuple, opt, ref: Reference, root, params,
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)
         buf.seek(0)
-        opt = make_opt(prog, root)
+        opt = _fresh_opt(prog, root, ref)
         opt.load_state_dict(torch.load(buf, weights_only=True))
         ref.reload()
     elif kind == "load_torch":
@@ -449,7 +465,7 @@ def _run_op(prog: Program, k: int, op: tuple, opt, ref: Reference, root, params,
         buf = io.BytesIO()
         torch.save(ref.opt.state_dict(), buf)
         buf.seek(0)
-        opt = make_opt(prog, root)
+        opt = _fresh_opt(prog, root, ref)
         opt.load_state_dict(torch.load(buf, weights_only=True))
         if prog.mask_only:
             now = {i for i, rg in enumerate(ref.initial_requires_grad) if not rg}
@@ -476,6 +492,41 @@ def _run_op(prog: Program, k: int, op: tuple, opt, ref: Reference, root, params,
         else:
             group[key] = value
             ref.opt.param_groups[gi][key] = value
+    elif kind == "user_requires_grad":
+        # a user's toggle, PEFT's set_adapter, Lightning's finetuning callbacks: in default mode the
+        # frozen set follows it (no grad, not stepped); in mask_only mode the mask alone decides
+        i, flag = op[1], op[2]
+        params[i].requires_grad_(flag)
+        if prog.mask_only:
+            ref.initial_requires_grad[i] = flag
+        elif flag:
+            ref.unfreeze([i])
+        else:
+            ref.freeze([i])
+    elif kind == "state_edit":
+        _edit_state(opt, ref, params, op[1], op[2])
+    elif kind == "data_swap":
+        # the "move optimizer state" idiom re-seats storages under the cached plans
+        for p in params:
+            for value in opt.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor):
+                    value.data = value.data.clone()
+            p.data = p.data.clone()
+    elif kind == "swap_params":
+        gi, a, b = op[1] % n_groups, op[2], op[3]
+        size = len(opt.param_groups[gi]["params"])
+        a, b = a % size, b % size
+        for group in (opt.param_groups[gi], ref.opt.param_groups[gi]):
+            _swap(group, a, b)
+        ref.swaps.append((gi, a, b))
+        start = sum(len(g["params"]) for g in opt.param_groups[:gi])
+        ref.swap(start + a, start + b)
+        params[start + a], params[start + b] = params[start + b], params[start + a]
+    elif kind == "deepcopy":
+        # a copy of the optimizer over the same params (its state copied) carries on
+        opt = copy.deepcopy(opt, memo={id(p): p for p in params})
+    elif kind == "threads":
+        torch.set_num_threads(op[1])
     elif kind == "bad_target":
         msg = "by name|ends with" if all(x is None for x in ref.names) else "closest|top-level|ends with"
         _must_fail(opt, lambda: opt.freeze(op[1]), msg)
@@ -483,6 +534,46 @@ def _run_op(prog: Program, k: int, op: tuple, opt, ref: Reference, root, params,
     else:
         raise AssertionError(kind)
     return opt
+
+
+def _swap(group: dict, a: int, b: int) -> None:
+    for key in ("params", "param_names"):
+        if key in group:
+            group[key][a], group[key][b] = group[key][b], group[key][a]
+
+
+def _fresh_opt(prog: Program, root: nn.Module, ref: Reference):
+    """A new frozenopt optimizer with the params in the order the running one has them."""
+    opt = make_opt(prog, root)
+    for gi, a, b in ref.swaps:
+        _swap(opt.param_groups[gi], a, b)
+    return opt
+
+
+def _edit_state(opt, ref: Reference, params, i: int, how: str) -> None:
+    """The same edit of param i's state in both optimizers, as torch.optim lets a user make."""
+    p, w = params[i], ref.work[i]
+    if how == "clear":
+        opt.state.clear()
+        ref.opt.state.clear()
+        ref.snapshots.clear()
+        return
+    if how == "new":
+        opt.state = collections.defaultdict(dict, opt.state)
+        ref.opt.state = collections.defaultdict(dict, ref.opt.state)
+        return
+    if p not in opt.state:
+        return
+    ref.snapshots.pop(i, None)  # its state legitimately changes, frozen or not
+    if how == "del":
+        del opt.state[p]
+        ref.opt.state.pop(w, None)
+        return
+    for key, value in list(opt.state[p].items()):  # replaced by new tensors with other values
+        if isinstance(value, torch.Tensor) and key != "step":
+            opt.state[p][key] = value * 0.5
+            if key in ref.opt.state.get(w, {}):
+                ref.opt.state[w][key] = ref.opt.state[w][key] * 0.5  # exact: a power of two
 
 
 @_PROFILE
