@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The prepared device check: everything frozenopt wants to know from a
+# machine with an NVIDIA GPU, in one command, in under 8 minutes, written to a
+# folder (at most 8 files). Made for a bare machine with no network that
+# already holds Python, a CUDA build of torch, nvcc, pytest, compute-sanitizer:
+#
+#   OUT=<folder> scripts/gpu_check.sh        (default folder: build/gpu_check)
+#
+# Phases, each under a timeout (whatever a phase printed before its timeout
+# is kept), each recorded in gpu_check.json:
+#   env        nvidia-smi, Python, torch, CUDA, driver, SM count, setuptools,
+#              ninja, nvcc, compute-sanitizer, ncu                  -> env.txt
+#   build      setup.py build_ext --inplace for sm_90 only (no pip), MAX_JOBS=16,
+#              ptxas -v (registers, spills, summarised at the end), then the
+#              CUDA kernels checked to be registered                 -> build.log
+#   tests      tests/test_cuda_gpu.py and tests/test_cuda_opcheck.py -> tests.log
+#   probe      scripts/gpu_probe.py: every GPU check and the measurements
+#                                                                    -> probe.json, probe.log
+#   sanitizer  compute-sanitizer racecheck, then memcheck, on a tiny run of
+#              the kernels (probe --tiny)                            -> sanitizer.log
+# Without a GPU it runs env and the probe's listing, says so in one line and
+# exits 0. Otherwise the exit status is 0 when every phase passed.
+#
+# Environment: OUT, PYTHON (default python3), GPU_CHECK_SECONDS (the whole
+# run's budget, default 460), TORCH_CUDA_ARCH_LIST (default 9.0).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-build/gpu_check}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+budget=${GPU_CHECK_SECONDS:-460}
+start=$(date +%s)
+phases=()
+
+elapsed() { echo $(( $(date +%s) - start )); }
+say() { echo "gpu_check [$(elapsed)s]: $*"; }
+
+# phase NAME CAP RESERVE LOG CMD...: runs CMD with its output in LOG, for at
+# most CAP seconds and never into the last RESERVE seconds of the budget;
+# records name, exit status, seconds and timeout in gpu_check.json.
+phase() {
+  local name=$1 cap=$2 reserve=$3 log=$4
+  shift 4
+  local left=$(( budget - $(elapsed) - reserve ))
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 10 )); then
+    say "$name: skipped, no time left"
+    phases+=("$name skipped 0 0")
+    write_summary
+    return 99
+  fi
+  say "$name: up to ${limit}s"
+  local t0=$(date +%s)
+  # bash -c: CMD may be one of the functions below (exported); timeout
+  # signals the whole process group it makes.
+  timeout --kill-after=10 "$limit" bash -c '"$@"' phase "$@" >>"$out/$log" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  local status=pass
+  (( rc == 124 || rc == 137 )) && status=timeout
+  (( rc != 0 && rc != 124 && rc != 137 )) && status=fail
+  phases+=("$name $status $rc $took")
+  say "$name: $status (exit $rc, ${took}s)"
+  write_summary
+  return $rc
+}
+
+write_summary() {
+  "$py" - "$out/gpu_check.json" "$(git rev-parse HEAD 2>/dev/null || echo unknown)" "$(elapsed)" "${phases[@]}" <<'PY'
+import json, sys, time
+path, commit, seconds, *phases = sys.argv[1:]
+rows = [{"phase": n, "status": s, "exit": int(e), "seconds": int(t)} for n, s, e, t in (p.split() for p in phases)]
+json.dump({"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seconds": int(seconds),
+           "phases": rows}, open(path, "w"), indent=2)
+PY
+}
+
+environment() {
+  nvidia-smi || echo "nvidia-smi: not available"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null
+  "$py" - <<'PY'
+import platform, shutil
+print("python", platform.python_version(), platform.machine())
+try:
+    import setuptools
+    print("setuptools", setuptools.__version__)
+except ImportError:
+    print("setuptools: not installed")
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+except ImportError as error:
+    print("torch: not importable:", error)
+else:
+    print("torch", torch.__version__, "CUDA", torch.version.cuda, "CUDA_HOME", CUDA_HOME,
+          "ninja", is_ninja_available())
+    if torch.cuda.is_available():
+        import ctypes
+        p = torch.cuda.get_device_properties(0)
+        driver = ctypes.c_int(0)
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(driver))
+        print(f"device 0: {p.name}, compute {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+              f"{p.total_memory / 2**30:.1f} GiB; devices: {torch.cuda.device_count()}; "
+              f"cuDriverGetVersion: {driver.value}")
+    else:
+        print("torch.cuda.is_available(): False")
+for tool in ("nvcc", "compute-sanitizer", "ncu"):
+    print(tool, shutil.which(tool) or "not found")
+PY
+  nvcc --version 2>/dev/null | tail -n 2
+}
+
+export py out
+export -f environment
+gpu=$("$py" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+phase env 30 0 env.txt environment
+if [ "$gpu" != 1 ]; then
+  phase probe-list 60 0 probe.log "$py" scripts/gpu_probe.py --list
+  say "no GPU visible to $py (torch.cuda.is_available() is not True): ran env and the probe's listing only; nothing built, tested or measured"
+  exit 0
+fi
+
+# The build: in place, for this machine's GPU only.
+build() {
+  export MAX_JOBS=16 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+  export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas -v"
+  "$py" setup.py build_ext --inplace && "$py" scripts/check_cuda_build.py
+}
+ptxas_summary() {
+  "$py" - "$out/build.log" <<'PY'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+entries = re.findall(r"Compiling entry function '(\S+)' for '(sm_\d+)'(.*?)Used (\d+) registers", text, re.S)
+spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+print(f"ptxas: {len(entries)} kernels compiled; registers per thread: "
+      f"{sorted({int(e[3]) for e in entries}) or 'none reported'}; "
+      f"kernels with spills: {sum(1 for s in spills if s != ('0', '0'))} of {len(spills)}")
+PY
+}
+export -f build
+if ! phase build 270 140 build.log build; then
+  say "build failed: the later phases need it; see $out/build.log"
+  exit 1
+fi
+ptxas_summary | tee -a "$out/build.log"
+
+status=0
+phase tests 100 120 tests.log "$py" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda_gpu.py tests/test_cuda_opcheck.py || status=1
+phase probe 200 50 probe.log "$py" scripts/gpu_probe.py --out "$out/probe.json" || status=1
+sanitize() {
+  for tool in racecheck memcheck; do
+    echo "== compute-sanitizer --tool $tool"
+    timeout 45 compute-sanitizer --tool "$tool" --kernel-name kns=frozenopt --error-exitcode 3 --print-limit 20 \
+      "$py" scripts/gpu_probe.py --tiny || { echo "== $tool: exit $?"; return 1; }
+  done
+}
+export -f sanitize
+phase sanitizer 100 0 sanitizer.log sanitize || status=1
+say "done: $(ls "$out" | tr '\n' ' ')"
+exit $status
