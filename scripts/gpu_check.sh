@@ -45,7 +45,7 @@ phase() {
   local limit=$(( cap < left ? cap : left ))
   if (( limit < 10 )); then
     say "$name: skipped, no time left"
-    phases+=("$name skipped 0 0")
+    phases+=("$name" skipped 0 0)
     write_summary
     return 99
   fi
@@ -59,54 +59,21 @@ phase() {
   local status=pass
   (( rc == 124 || rc == 137 )) && status=timeout
   (( rc != 0 && rc != 124 && rc != 137 )) && status=fail
-  phases+=("$name $status $rc $took")
+  phases+=("$name" "$status" "$rc" "$took")
   say "$name: $status (exit $rc, ${took}s)"
   write_summary
   return $rc
 }
 
 write_summary() {
-  "$py" - "$out/gpu_check.json" "$(git rev-parse HEAD 2>/dev/null || echo unknown)" "$(elapsed)" "${phases[@]}" <<'PY'
-import json, sys, time
-path, commit, seconds, *phases = sys.argv[1:]
-rows = [{"phase": n, "status": s, "exit": int(e), "seconds": int(t)} for n, s, e, t in (p.split() for p in phases)]
-json.dump({"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seconds": int(seconds),
-           "phases": rows}, open(path, "w"), indent=2)
-PY
+  "$py" scripts/gpu_check_report.py summary "$out/gpu_check.json" "$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+    "$(elapsed)" ${phases[@]+"${phases[@]}"}
 }
 
 environment() {
   nvidia-smi || echo "nvidia-smi: not available"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>/dev/null
-  "$py" - <<'PY'
-import platform, shutil
-print("python", platform.python_version(), platform.machine())
-try:
-    import setuptools
-    print("setuptools", setuptools.__version__)
-except ImportError:
-    print("setuptools: not installed")
-try:
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
-except ImportError as error:
-    print("torch: not importable:", error)
-else:
-    print("torch", torch.__version__, "CUDA", torch.version.cuda, "CUDA_HOME", CUDA_HOME,
-          "ninja", is_ninja_available())
-    if torch.cuda.is_available():
-        import ctypes
-        p = torch.cuda.get_device_properties(0)
-        driver = ctypes.c_int(0)
-        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(driver))
-        print(f"device 0: {p.name}, compute {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
-              f"{p.total_memory / 2**30:.1f} GiB; devices: {torch.cuda.device_count()}; "
-              f"cuDriverGetVersion: {driver.value}")
-    else:
-        print("torch.cuda.is_available(): False")
-for tool in ("nvcc", "compute-sanitizer", "ncu"):
-    print(tool, shutil.which(tool) or "not found")
-PY
+  "$py" scripts/gpu_check_report.py env
   nvcc --version 2>/dev/null | tail -n 2
 }
 
@@ -126,23 +93,12 @@ build() {
   export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas -v"
   "$py" setup.py build_ext --inplace && "$py" scripts/check_cuda_build.py
 }
-ptxas_summary() {
-  "$py" - "$out/build.log" <<'PY'
-import re, sys
-text = open(sys.argv[1], errors="replace").read()
-entries = re.findall(r"Compiling entry function '(\S+)' for '(sm_\d+)'(.*?)Used (\d+) registers", text, re.S)
-spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-print(f"ptxas: {len(entries)} kernels compiled; registers per thread: "
-      f"{sorted({int(e[3]) for e in entries}) or 'none reported'}; "
-      f"kernels with spills: {sum(1 for s in spills if s != ('0', '0'))} of {len(spills)}")
-PY
-}
 export -f build
 if ! phase build 270 140 build.log build; then
   say "build failed: the later phases need it; see $out/build.log"
   exit 1
 fi
-ptxas_summary | tee -a "$out/build.log"
+"$py" scripts/gpu_check_report.py ptxas "$out/build.log" | tee -a "$out/build.log"
 
 status=0
 phase tests 100 120 tests.log "$py" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda_gpu.py tests/test_cuda_opcheck.py || status=1
