@@ -2,15 +2,17 @@
 
 csrc/cuda/kernels.cuh (the kernels and the launchers the CUDA ops call: step
 launch, dtype groups, the planner) is compiled with g++ under
-tests/cuda_shim/host_shim.h, which runs every block and every thread of each
-launch in turn (threads are fibers, so __syncthreads is a real barrier). The
-results are compared with torch.optim. What this cannot show: anything about
-real GPU concurrency, memory ordering, the kernel-argument limit of a real
-launch, or nvcc's code generation; test_cuda_gpu.py covers those where a GPU
-exists.
+tests/cuda_shim/host_shim.h, which runs the blocks of each launch one by one
+and, within a block, its threads as fibers, so __syncthreads is a real
+barrier. The results are compared with torch.optim. The same source is also
+built with ThreadSanitizer in the shim's real-threads mode
+(tests/cuda_shim/race_check.cpp), where a missing barrier or a race between
+the threads of a block is reported. What this cannot show: races between
+blocks, the GPU memory model, the kernel-argument limit of a real launch, or
+nvcc's code generation; test_cuda_gpu.py covers those where a GPU exists.
 
-The shim module is built at test time with torch.utils.cpp_extension.load into
-build/cuda_shim/<hash of its sources> (reused while the sources are unchanged).
+The shim module and the race check are built at test time into
+build/cuda_shim/<hash of their sources> (reused while the sources are unchanged).
 """
 
 from __future__ import annotations
