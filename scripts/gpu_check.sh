@@ -104,11 +104,16 @@ status=0
 phase tests 100 120 tests.log "$py" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda_gpu.py tests/test_cuda_opcheck.py || status=1
 phase probe 200 50 probe.log "$py" scripts/gpu_probe.py --out "$out/probe.json" || status=1
 sanitize() {
+  local failed=0
   for tool in racecheck memcheck; do
-    echo "== compute-sanitizer --tool $tool"
+    echo "== compute-sanitizer --tool $tool (frozenopt's kernels only)"
     timeout 45 compute-sanitizer --tool "$tool" --kernel-name kns=frozenopt --error-exitcode 3 --print-limit 20 \
-      "$py" scripts/gpu_probe.py --tiny || { echo "== $tool: exit $?"; return 1; }
+      "$py" scripts/gpu_probe.py --tiny
+    local rc=$?
+    echo "== $tool: exit $rc"
+    (( rc == 0 )) || failed=1
   done
+  return $failed
 }
 export -f sanitize
 phase sanitizer 100 0 sanitizer.log sanitize || status=1
