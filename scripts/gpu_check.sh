@@ -22,13 +22,16 @@
 # exits 0. Otherwise the exit status is 0 when every phase passed.
 #
 # Environment: OUT, PYTHON (default python3), GPU_CHECK_SECONDS (the whole
-# run's budget, default 460), TORCH_CUDA_ARCH_LIST (default 9.0).
+# run's budget, default 460), TORCH_CUDA_ARCH_LIST (default 9.0),
+# GPU_CHECK_COMMIT (the commit to record when the tree has no .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu_check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 budget=${GPU_CHECK_SECONDS:-460}
+# The commit checked: GPU_CHECK_COMMIT (a copy of the tree without .git), else git's HEAD.
+commit=${GPU_CHECK_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
 start=$(date +%s)
 phases=()
 
@@ -66,7 +69,7 @@ phase() {
 }
 
 write_summary() {
-  "$py" scripts/gpu_check_report.py summary "$out/gpu_check.json" "$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+  "$py" scripts/gpu_check_report.py summary "$out/gpu_check.json" "$commit" \
     "$(elapsed)" ${phases[@]+"${phases[@]}"}
 }
 
@@ -91,7 +94,7 @@ fi
 build() {
   export MAX_JOBS=16 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
   export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas -v"
-  "$py" setup.py build_ext --inplace && "$py" scripts/check_cuda_build.py
+  "$py" setup.py build_ext --inplace && "$py" scripts/check_cuda_build.py --from .
 }
 export -f build
 if ! phase build 270 140 build.log build; then
