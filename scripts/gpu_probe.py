@@ -207,6 +207,7 @@ def check_capture_without_mask_only():
     named = [(f"p{i}", p) for i, p in enumerate(params_of([1000, 1000]))]
     opt = frozenopt.AdamW(named, lr=0.1, mask_only=False)
     opt.freeze("p1")
+    named[1][1].grad = None  # as after zero_grad(): autograd gives a frozen param no grad
     opt.prepare_capture()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
