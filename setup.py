@@ -12,7 +12,9 @@ FORCE_CUDA=1 insists (an error if it cannot), USE_CUDA=0 skips it. When
 TORCH_CUDA_ARCH_LIST is unset it defaults to 7.0;7.5;8.0;8.6;8.9;9.0+PTX
 (without 7.0 on CUDA >= 13, which dropped Volta); a value the user set is
 never changed. With CUDA >= 12.1 and every architecture sm_70 or newer the
-kernels take 32 KB of launch metadata, else 4 KB (FROZENOPT_SMALL_KERNEL_ARGS).
+kernels are compiled for 32 KB of launch metadata as well as 4 KB, and each
+launch uses 32 KB where the driver (CUDA >= 12.1) and the device allow it, at
+run time; otherwise for 4 KB only (FROZENOPT_SMALL_KERNEL_ARGS).
 """
 
 import os
@@ -158,7 +160,7 @@ def _extension():
     from torch.utils.cpp_extension import CUDAExtension
 
     defines = ["-DFROZENOPT_WITH_CUDA"] + _cuda_arch_flags(_nvcc_version())
-    sources = cpu_sources + [CSRC / "cuda" / "ops_cuda.cpp", CSRC / "cuda" / "kernels.cu"]
+    sources = cpu_sources + [CSRC / "cuda" / "ops_cuda.cpp", CSRC / "cuda" / "launch_sgd.cu", CSRC / "cuda" / "launch_adam.cu"]
     return CUDAExtension(
         name="frozenopt._C",
         sources=[str(p.relative_to(ROOT)) for p in sources],

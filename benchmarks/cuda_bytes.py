@@ -8,11 +8,13 @@ frozen fraction, the launches per step from the real launch planner
 
 Accounting. Element traffic: each kernel reads param and grad and every state
 row, and writes param and every state row, once (SGD's first momentum step
-does not read the buffer). A frozen element costs 0 bytes: its blocks read the
-one mask byte and return. Per-block and per-tensor extras (mask byte,
-found_inf/grad_scale/lr reads, the Adam step counter read by each block and
-read+written by the step launch) are counted separately and amortised over
-the unfrozen elements. The floor is the element traffic of the update rule
+does not read the buffer). A frozen element costs 0 bytes: its blocks read
+what decides them (SGD: the mask byte and found_inf; Adam: the tensor's record
+written by the step launch) and return. Per-block and per-tensor extras are
+counted separately and amortised over the unfrozen elements: SGD blocks read
+found_inf (4 B); Adam blocks read their tensor's 40-byte record; Adam's step
+launch reads and writes each step counter (8 B) and writes each record (40 B).
+lr and grad_scale reads (4 B per block when they are tensors) are left out. The floor is the element traffic of the update rule
 itself: SGD 3 x, SGD+momentum 5 x, Adam/AdamW 7 x (9 x with amsgrad) the
 element size, i.e. 12 / 20 / 28 (36) bytes in float32.
 """
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_models import MODELS, model_sizes  # noqa: E402
 
 CHUNK = 65536
+ADAM_RECORD_BYTES = 40  # what Adam's step launch writes per tensor for the element kernels (AdamTensorScalars)
 ELEMENT_SIZES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 # name: (planner depth, element reads, element writes, floor multiple, adam step counter)
 OPTIMIZERS = {
@@ -56,9 +59,8 @@ def model_row(plan, optimizer, dtype, sizes, frozen_fraction, budget):
     live_blocks = sum(-(-n // CHUNK) for n in live if n)
     all_blocks = sum(-(-n // CHUNK) for n in sizes if n)
     element_bytes = (reads + writes) * esize * live_elems
-    # Per block: found_inf (4 B) + mask byte (traced path) ; per Adam block: step read (4 B).
-    block_bytes = live_blocks * (4 + (4 if has_step else 0))
-    step_bytes = 8 * len(live) if has_step else 0  # the step launch reads and writes each counter
+    block_bytes = live_blocks * (ADAM_RECORD_BYTES if has_step else 4)
+    step_bytes = (8 + ADAM_RECORD_BYTES) * len(live) if has_step else 0
     eager_launches = plan.count_launches(depth, live, budget) + (plan.count_step_launches(len(live), budget)
                                                                   if has_step and live else 0)
     # Captured graph / torch.compile: every tensor is in the launch, the mask decides.
@@ -73,7 +75,8 @@ def model_row(plan, optimizer, dtype, sizes, frozen_fraction, budget):
         "element_bytes_per_unfrozen_element": (reads + writes) * esize,
         "floor_bytes_per_element": floor_k * esize,
         "bytes_per_frozen_element": 0,
-        "frozen_block_bytes_graph_path": frozen_blocks * 5,  # mask byte + found_inf per frozen block
+        # What a frozen block reads on the graph path: mask byte + found_inf, or Adam's record.
+        "frozen_block_bytes_graph_path": frozen_blocks * (ADAM_RECORD_BYTES if has_step else 5),
         "bytes_per_step": total, "floor_bytes_per_step": floor,
         "ratio_to_floor": round(total / floor, 6) if floor else None,
         "launches_per_step_eager": eager_launches,
@@ -87,8 +90,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2-small", choices=sorted(MODELS))
     parser.add_argument("--frozen", type=float, default=0.0, help="fraction of tensors frozen, from the first")
-    parser.add_argument("--budget", default="build", choices=["build", "large", "small"],
-                        help="kernel-argument budget: this build's, 32 KB or 4 KB")
+    parser.add_argument("--budget", default="large", choices=["large", "small"],
+                        help="kernel-argument budget: 32 KB (CUDA >= 12.1 driver, sm_70+) or 4 KB (the fallback)")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
@@ -96,7 +99,7 @@ def main(argv=None):
     sizes = model_sizes(args.model)
     rows = [model_row(plan, o, d, sizes, args.frozen, args.budget)
             for d in args.dtypes.split(",") for o in OPTIMIZERS]
-    budget_bytes = {"build": plan.build_budget, "large": 32764, "small": 4096}[args.budget]
+    budget_bytes = plan.budget_bytes[args.budget]
     print(f"model {args.model}: {len(sizes)} tensors, {sum(sizes):,} elements, {args.frozen:.0%} of tensors frozen; "
           f"kernel-argument budget {budget_bytes} B")
     head = f"{'optimizer':<13} {'dtype':<9} {'B/elem':>8} {'floor':>6} {'ratio':>8} {'launches eager':>15} {'graph':>6}"

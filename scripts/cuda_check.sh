@@ -43,30 +43,7 @@ site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 # 2. The build, from a synchronised copy of the sources (unchanged files keep
 # their times, so ninja recompiles only what changed).
 say "syncing the sources into build/cuda-src"
-"$py" - "$root" "$root/build/cuda-src" <<'PY'
-import filecmp, shutil, sys
-from pathlib import Path
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-wanted = ["setup.py", "pyproject.toml", "README.md", "csrc", "frozenopt"]
-keep = set()
-for name in wanted:
-    root = src / name
-    files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
-    for f in files:
-        rel = f.relative_to(src)
-        if "__pycache__" in rel.parts or f.suffix == ".so":
-            continue
-        keep.add(rel)
-        out = dst / rel
-        if not out.exists() or not filecmp.cmp(f, out, shallow=False):
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, out)
-for name in wanted:  # files deleted from the checkout go from the copy too
-    root = dst / name
-    for f in ([root] if root.is_file() else root.rglob("*")) if root.exists() else []:
-        if f.is_file() and f.relative_to(dst) not in keep and f.suffix != ".so" and "__pycache__" not in f.parts:
-            f.unlink()
-PY
+"$py" scripts/copy_tree.py sources "$root" "$root/build/cuda-src"
 say "building frozenopt with CUDA (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0})"
 (
   cd build/cuda-src
@@ -81,42 +58,13 @@ say "building frozenopt with CUDA (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-
 say "checking the installed build"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && "$py" - "$root" <<'PY'
-import os, sys
-import torch
-import frozenopt
-from frozenopt import _C
-root = sys.argv[1]
-assert not frozenopt.__file__.startswith(root + "/frozenopt"), f"imported the checkout: {frozenopt.__file__}"
-assert _C.cuda_plan.built_with_cuda, "frozenopt._C was built without its CUDA sources"
-for op in ("frozenopt::sgd_", "frozenopt::adam_"):
-    for key in ("CUDA", "CPU"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has no {key} kernel"
-print(f"cuda_check: {frozenopt.__file__}: torch {torch.__version__} (CUDA {torch.version.cuda}), "
-      f"sgd_/adam_ registered for CUDA and CPU, kernel-argument budget {_C.cuda_plan.build_budget} B, "
-      f"GPU visible: {torch.cuda.is_available()}", file=sys.stderr)
-PY
-)
+(cd "$work" && "$py" "$root/scripts/check_cuda_build.py" --not-from "$root")
 
 # 4. The test suite against the installed CUDA build, from a copy of the
 # checkout without frozenopt/ (tests read README.md, examples/, benchmarks/
 # beside them; the package itself must come from .venv-cuda).
 say "running the test suite against it"
-"$py" - "$root" "$work/tree" <<'PY'
-import shutil, sys
-from pathlib import Path
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-skip = {"frozenopt", "build", ".git", ".pytest_cache", ".hypothesis", "__pycache__"}
-ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
-dst.mkdir(parents=True)
-for entry in src.iterdir():
-    if entry.name in skip or entry.name.startswith(".venv") or entry.name.endswith(".egg-info"):
-        continue
-    if entry.is_dir():
-        shutil.copytree(entry, dst / entry.name, ignore=ignore, symlinks=True)
-    elif entry.is_file():
-        shutil.copy2(entry, dst / entry.name)
-PY
+"$py" scripts/copy_tree.py tests "$root" "$work/tree"
 status=0
 (cd "$work/tree" && FROZENOPT_SHIM_BUILD="$root/build/cuda_shim" \
   "$py" -m pytest -q -p no:cacheprovider ${FROZENOPT_CUDA_CHECK_PYTEST:-} tests) || status=$?

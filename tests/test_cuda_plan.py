@@ -61,11 +61,29 @@ def test_limits_fit_the_kernel_argument_budget(depth, budget):
         assert max_tensors >= 300 and max_blocks >= 2048 and max_steps >= 2700
 
 
-def test_budget_of_this_build():
-    if plan_mod.built_with_cuda:
-        assert plan_mod.build_budget in BUDGETS.values()
-    else:
-        assert plan_mod.build_budget == BUDGETS["large"]  # what a CUDA >= 12.1 build uses
+def test_budget_sizes():
+    assert plan_mod.budget_bytes == BUDGETS
+
+
+@pytest.mark.parametrize("driver,major,large", [
+    (13000, 9, True), (12010, 7, True), (12080, 8, True),
+    (12000, 9, False),  # a CUDA 12.1+ runtime on a 12.0 driver (minor-version compatibility)
+    (11080, 8, False), (12010, 6, False), (0, 9, False),  # 0: no driver version could be read
+])
+def test_budget_is_chosen_at_run_time_from_driver_and_device(driver, major, large):
+    expected = "large" if large and plan_mod.large_args_built else "small"
+    assert plan_mod.budget_for(driver, major) == expected
+
+
+def test_both_budgets_plan_the_same_work():
+    """What a launch carries differs with the budget, not what gets done."""
+    numels = [0, 300] * 200 + [3 * CHUNK + 1] * 50
+    for depth in DEPTHS:
+        plans = {b: plan_mod.plan(depth, numels, b) for b in BUDGETS}
+        for budget, launches in plans.items():
+            check_plan(depth, numels, launches, *plan_mod.limits(depth, budget)[:2])
+            assert all(l["meta_bytes"] + 256 <= BUDGETS[budget] for l in launches)
+        assert len(plans["small"]) > len(plans["large"])
 
 
 @pytest.mark.parametrize("depth", DEPTHS)

@@ -42,8 +42,21 @@ struct SGDArgs {
   bool first_step;
 };
 
+// What Adam's step launch works out once per tensor for the element launches
+// that follow it: whether the tensor is skipped (frozen, or found_inf), and the
+// step-dependent scalars of math::adam_step_scalars, in double (each element
+// kernel narrows them to its math type, as adam_step_scalars would).
+struct AdamTensorScalars {
+  double step_size;
+  double bias_correction2_sqrt;
+  double one_minus_beta1;
+  double one_minus_beta2;
+  int32_t skip;
+};
+
 struct AdamArgs {
   StepArgs common;
+  AdamTensorScalars* tensor_scalars;  // one per tensor of the op: device memory the caller provides
   double beta1;
   double beta2;
   double eps;
@@ -76,14 +89,22 @@ struct LimitOverride {
   int max_steps = 0;
 };
 
-// Kernel-argument budget of this build: 32 KB needs CUDA >= 12.1 and sm_70+
-// for every architecture compiled; setup.py defines FROZENOPT_SMALL_KERNEL_ARGS
-// otherwise.
+// 32 KB kernel arguments are compiled only with CUDA >= 12.1 and sm_70+ for
+// every architecture built (setup.py defines FROZENOPT_SMALL_KERNEL_ARGS
+// otherwise); the 4 KB kernels are always there.
 #if defined(FROZENOPT_SMALL_KERNEL_ARGS)
-constexpr size_t kArgBudget = mt::kSmallArgBytes;
+constexpr bool kLargeArgsBuilt = false;
 #else
-constexpr size_t kArgBudget = mt::kLargeArgBytes;
+constexpr bool kLargeArgsBuilt = true;
 #endif
+
+// The kernel-argument budget a launch may use, decided at run time: 32 KB
+// also needs a driver of CUDA >= 12.1 (a newer runtime runs on an older driver
+// under CUDA's minor-version compatibility) and a device of compute capability
+// 7.0 or newer. Otherwise 4 KB.
+constexpr size_t choose_budget(int driver_version, int compute_major) {
+  return kLargeArgsBuilt && driver_version >= 12010 && compute_major >= 7 ? mt::kLargeArgBytes : mt::kSmallArgBytes;
+}
 
 }  // namespace cuda
 }  // namespace frozenopt

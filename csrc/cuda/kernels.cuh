@@ -1,21 +1,26 @@
 // The SGD/Adam multi-tensor kernels and their launchers, written once.
 //
-// nvcc compiles this file in kernels.cu with a launcher that issues real
-// launches on the current stream; the CPU test suite compiles the very same
-// file under tests/cuda_shim/host_shim.h, which defines __global__,
-// threadIdx/blockIdx/blockDim, __shared__ and __syncthreads and runs every
-// block and thread of a launch in turn. Keep the device code within what that
-// shim provides: no warp intrinsics, no atomics, and every thread of a block
+// nvcc compiles this file in launch_sgd.cu / launch_adam.cu with a launcher
+// that issues real launches on the current stream; the CPU test suite compiles
+// the very same file under tests/cuda_shim/host_shim.h, which defines
+// __global__, threadIdx/blockIdx/blockDim, __shared__ and __syncthreads and
+// runs the blocks of a launch one by one (their threads as fibers, or as real
+// threads under ThreadSanitizer). Keep the device code within what that shim
+// provides: no warp intrinsics, no atomics, and every thread of a block
 // reaches each __syncthreads.
 //
-// A block: thread 0 reads the mask entry of its tensor (by the tensor id in
-// the metadata), found_inf, and the scalars it needs (lr, grad_scale, the step
-// counter), builds the update coefficients into shared memory, and the block
-// returns before any element load when the tensor is frozen or the step is
-// skipped for overflow. Otherwise each thread updates kILP elements per
-// iteration, with 16-byte-or-narrower aligned vector loads when every pointer
-// of the chunk allows, and element-wise loads otherwise. Element offsets are
-// 64-bit (chunk * 65536 can pass 2^31).
+// A block: thread 0 reads what decides the block (frozen? overflow?) and the
+// scalars of the update with independent loads (one memory round trip, no
+// chain of dependent reads), builds the update coefficients into shared
+// memory, and the block returns before any element load when the tensor is
+// frozen or the step is skipped for overflow. Adam's per-tensor scalars (the
+// bias corrections, two pow() in double) are worked out once per tensor by
+// the step launch that precedes the element launches, not by every block.
+// Otherwise each thread updates kILP elements per iteration: loads them all,
+// computes, stores them all; as aligned vector loads (at most 16 bytes each)
+// when every pointer of the chunk allows, element by element otherwise, and a
+// chunk's ragged tail (fewer than kILP elements) element by element. Element
+// offsets are 64-bit (chunk * 65536 can pass 2^31).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -23,6 +28,7 @@
 
 #include <cstdint>
 #include <map>
+#include <type_traits>
 #include <vector>
 
 #include "../update_math.h"
@@ -52,36 +58,79 @@ FROZENOPT_DEVICE double read_scalar(const ScalarArg& s) {
   return s.is_double ? *static_cast<const double*>(s.ptr) : double(*static_cast<const float*>(s.ptr));
 }
 
-// The block-uniform decision: is this tensor frozen, or is the step skipped?
+// Frozen, or the step skipped for overflow. Both reads are issued together
+// (no short-circuit): mask and found_inf are always readable.
 FROZENOPT_DEVICE bool skip_tensor(const StepArgs& a, int32_t tensor_id) {
-  if (a.mask != nullptr && a.mask[tensor_id] != 0) return true;
-  return read_scalar(a.found_inf) != 0.0;
+  const bool frozen = a.mask != nullptr && a.mask[tensor_id] != 0;
+  const bool overflow = read_scalar(a.found_inf) != 0.0;
+  return frozen | overflow;
 }
 
-// kILP consecutive elements as one aligned load/store.
+// ---------------------------------------------------------------- element access
+
+// kILP consecutive elements as one aligned access: 16 bytes at most (float32
+// x4, float64 x4 as two 16-byte halves, half types x4 in 8 bytes), so float64
+// needs 16-byte alignment, not 32.
 template <typename S>
-struct alignas(sizeof(S) * mt::kILP) Pack {
+struct alignas(sizeof(S) * mt::kILP < 16 ? sizeof(S) * mt::kILP : 16) Pack {
   S v[mt::kILP];
 };
 
 template <typename S>
 FROZENOPT_DEVICE bool aligned_for_pack(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<S>) == 0;
+  return reinterpret_cast<uintptr_t>(p) % alignof(Pack<S>) == 0;
 }
 
-template <typename S>
-FROZENOPT_DEVICE void load_pack(S (&dst)[mt::kILP], const S* src) {
-  const Pack<S> pack = *reinterpret_cast<const Pack<S>*>(src);
+// The two ways a thread reaches its kILP elements: kVector, the kILP
+// consecutive elements from i as one pack; else elements i, i + blockDim,
+// i + 2 * blockDim... below n. Elements past n load as 0 and are not stored.
+template <bool kVector, typename S>
+FROZENOPT_DEVICE void load(S (&dst)[mt::kILP], const S* __restrict__ src, int i, int n) {
+  if constexpr (kVector) {
+    const Pack<S> pack = *reinterpret_cast<const Pack<S>*>(src + i);
 #pragma unroll
-  for (int k = 0; k < mt::kILP; ++k) dst[k] = pack.v[k];
+    for (int k = 0; k < mt::kILP; ++k) dst[k] = pack.v[k];
+  } else {
+#pragma unroll
+    for (int k = 0; k < mt::kILP; ++k) {
+      const int j = i + k * static_cast<int>(blockDim.x);
+      dst[k] = j < n ? src[j] : S(0);
+    }
+  }
 }
 
-template <typename S>
-FROZENOPT_DEVICE void store_pack(S* dst, const S (&src)[mt::kILP]) {
-  Pack<S> pack;
+template <bool kVector, typename S>
+FROZENOPT_DEVICE void store(S* __restrict__ dst, const S (&src)[mt::kILP], int i, int n) {
+  if constexpr (kVector) {
+    Pack<S> pack;
 #pragma unroll
-  for (int k = 0; k < mt::kILP; ++k) pack.v[k] = src[k];
-  *reinterpret_cast<Pack<S>*>(dst) = pack;
+    for (int k = 0; k < mt::kILP; ++k) pack.v[k] = src[k];
+    *reinterpret_cast<Pack<S>*>(dst + i) = pack;
+  } else {
+#pragma unroll
+    for (int k = 0; k < mt::kILP; ++k) {
+      const int j = i + k * static_cast<int>(blockDim.x);
+      if (j < n) dst[j] = src[k];
+    }
+  }
+}
+
+// Calls update(std::bool_constant<kVector>, i, n) over a chunk of n elements:
+// packs over its aligned body when `aligned`, then its ragged tail (fewer than
+// kILP elements, one per thread) element-wise; element-wise throughout
+// otherwise. Both ways run the same math per element, so they give the same
+// bits.
+template <typename Update>
+FROZENOPT_DEVICE void for_each_group(int n, bool aligned, Update&& update) {
+  const int tid = static_cast<int>(threadIdx.x);
+  const int stride = static_cast<int>(blockDim.x) * mt::kILP;
+  if (aligned) {
+    const int body = n - n % mt::kILP;
+    for (int i = tid * mt::kILP; i < body; i += stride) update(std::true_type{}, i, body);
+    if (body + tid < n) update(std::false_type{}, body + tid, n);  // blockDim >= kILP: one element each
+    return;
+  }
+  for (int base = 0; base < n; base += stride) update(std::false_type{}, base + tid, n);
 }
 
 // Where this block works: its slot, its chunk and the chunk's length.
@@ -124,6 +173,26 @@ FROZENOPT_DEVICE math::SGDCoef<M> sgd_coef(const SGDArgs& a, bool has_momentum) 
   return c;
 }
 
+template <bool kVector, bool kMomentum, typename S, typename M>
+FROZENOPT_DEVICE void sgd_group(S* __restrict__ p, const S* __restrict__ g, S* __restrict__ buf, int i, int n,
+                                const math::SGDCoef<M>& c) {
+  const bool load_buf = kMomentum && !c.first_step;
+  S rp[mt::kILP], rg[mt::kILP], rb[mt::kILP] = {};
+  load<kVector>(rp, p, i, n);
+  load<kVector>(rg, g, i, n);
+  if (load_buf) load<kVector>(rb, buf, i, n);
+#pragma unroll
+  for (int k = 0; k < mt::kILP; ++k) {
+    M vp = M(rp[k]);
+    M vb = M(rb[k]);
+    math::sgd_update(vp, M(rg[k]), &vb, c);
+    rp[k] = S(vp);
+    rb[k] = S(vb);
+  }
+  store<kVector>(p, rp, i, n);
+  if (kMomentum) store<kVector>(buf, rb, i, n);
+}
+
 template <typename S, bool kMomentum, typename MetaT>
 __global__ void __launch_bounds__(mt::kBlockThreads) sgd_kernel(MetaT meta, SGDArgs args) {
   using M = typename MathOf<S>::type;
@@ -131,8 +200,10 @@ __global__ void __launch_bounds__(mt::kBlockThreads) sgd_kernel(MetaT meta, SGDA
   __shared__ int skip;
   const BlockSpan span = block_span(meta);
   if (threadIdx.x == 0) {
+    // Mask, found_inf, lr and grad_scale are independent loads of memory
+    // that is always readable: one round trip, then the block's decision.
     skip = skip_tensor(args.common, meta.tensor_id[span.slot]);
-    if (!skip) coef = sgd_coef<M>(args, kMomentum);
+    coef = sgd_coef<M>(args, kMomentum);
   }
   __syncthreads();
   if (skip) return;  // frozen or overflow: nothing of this tensor is loaded
@@ -140,51 +211,21 @@ __global__ void __launch_bounds__(mt::kBlockThreads) sgd_kernel(MetaT meta, SGDA
   S* p = row_ptr<S>(meta, row::kParam, span);
   const S* g = row_ptr<S>(meta, row::kGrad, span);
   S* buf = kMomentum ? row_ptr<S>(meta, row::kMomentum, span) : nullptr;
-  const bool load_buf = kMomentum && !c.first_step;
-  const int n = span.n;
-  const int stride = static_cast<int>(blockDim.x) * mt::kILP;
-
-  if (n % mt::kILP == 0 && aligned_for_pack<S>(p) && aligned_for_pack<S>(g) &&
-      (!kMomentum || aligned_for_pack<S>(buf))) {
-    for (int i = static_cast<int>(threadIdx.x) * mt::kILP; i < n; i += stride) {
-      S rp[mt::kILP], rg[mt::kILP], rb[mt::kILP];
-      load_pack(rp, p + i);
-      load_pack(rg, g + i);
-      if (load_buf) load_pack(rb, buf + i);
-#pragma unroll
-      for (int k = 0; k < mt::kILP; ++k) {
-        M vp = M(rp[k]);
-        M vb = load_buf ? M(rb[k]) : M(0);
-        math::sgd_update(vp, M(rg[k]), &vb, c);
-        rp[k] = S(vp);
-        rb[k] = S(vb);
-      }
-      store_pack(p + i, rp);
-      if (kMomentum) store_pack(buf + i, rb);
-    }
-    return;
-  }
-  for (int base = 0; base < n; base += stride) {
-#pragma unroll
-    for (int k = 0; k < mt::kILP; ++k) {
-      const int i = base + static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
-      if (i >= n) continue;
-      M vp = M(p[i]);
-      M vb = load_buf ? M(buf[i]) : M(0);
-      math::sgd_update(vp, M(g[i]), &vb, c);
-      p[i] = S(vp);
-      if (kMomentum) buf[i] = S(vb);
-    }
-  }
+  const bool aligned = aligned_for_pack<S>(p) && aligned_for_pack<S>(g) && (!kMomentum || aligned_for_pack<S>(buf));
+  for_each_group(span.n, aligned, [&](auto vector, int i, int n) {
+    sgd_group<decltype(vector)::value, kMomentum>(p, g, buf, i, n, c);
+  });
 }
 
 // ---------------------------------------------------------------- Adam / AdamW
 
+// The Adam coefficients of a tensor from the launch arguments and what the
+// step launch worked out for it (narrowed from double to M, as
+// adam_step_scalars narrows them).
 template <typename M>
-FROZENOPT_DEVICE math::AdamCoef<M> adam_coef(const AdamArgs& a, double step) {
+FROZENOPT_DEVICE math::AdamCoef<M> adam_coef(const AdamArgs& a, const AdamTensorScalars& s) {
   math::AdamCoef<M> c;
-  const double lr = read_scalar(a.common.lr);
-  c.lr = M(lr);
+  c.lr = M(read_scalar(a.common.lr));
   c.beta1 = M(a.beta1);
   c.beta2 = M(a.beta2);
   c.eps = M(a.eps);
@@ -194,12 +235,41 @@ FROZENOPT_DEVICE math::AdamCoef<M> adam_coef(const AdamArgs& a, double step) {
   c.decoupled_weight_decay = a.decoupled_weight_decay;
   c.amsgrad = a.amsgrad;
   c.maximize = a.maximize;
-  math::adam_step_scalars(c, lr, a.beta1, a.beta2, step);
+  c.step_size = M(s.step_size);
+  c.bias_correction2_sqrt = M(s.bias_correction2_sqrt);
+  c.one_minus_beta1 = M(s.one_minus_beta1);
+  c.one_minus_beta2 = M(s.one_minus_beta2);
   return c;
 }
 
-// The step counters were advanced by step_kernel before this launch (stream
-// order), so every block of a tensor reads the same, already advanced, step.
+template <bool kVector, bool kAmsgrad, typename S, typename M>
+FROZENOPT_DEVICE void adam_group(S* __restrict__ p, const S* __restrict__ g, S* __restrict__ m,
+                                 S* __restrict__ v, S* __restrict__ vmax, int i, int n,
+                                 const math::AdamCoef<M>& c) {
+  S rp[mt::kILP], rg[mt::kILP], rm[mt::kILP], rv[mt::kILP], rx[mt::kILP] = {};
+  load<kVector>(rp, p, i, n);
+  load<kVector>(rg, g, i, n);
+  load<kVector>(rm, m, i, n);
+  load<kVector>(rv, v, i, n);
+  if (kAmsgrad) load<kVector>(rx, vmax, i, n);
+#pragma unroll
+  for (int k = 0; k < mt::kILP; ++k) {
+    M vp = M(rp[k]), vm = M(rm[k]), vv = M(rv[k]), vx = M(rx[k]);
+    math::adam_update(vp, M(rg[k]), vm, vv, &vx, c);
+    rp[k] = S(vp);
+    rm[k] = S(vm);
+    rv[k] = S(vv);
+    rx[k] = S(vx);
+  }
+  store<kVector>(p, rp, i, n);
+  store<kVector>(m, rm, i, n);
+  store<kVector>(v, rv, i, n);
+  if (kAmsgrad) store<kVector>(vmax, rx, i, n);
+}
+
+// Reads what step_kernel (an earlier launch on the same stream) wrote for
+// this tensor: skip, and the step's scalars; every block of a tensor reads
+// the same.
 template <typename S, bool kAmsgrad, typename MetaT>
 __global__ void __launch_bounds__(mt::kBlockThreads) adam_kernel(MetaT meta, AdamArgs args) {
   using M = typename MathOf<S>::type;
@@ -207,11 +277,10 @@ __global__ void __launch_bounds__(mt::kBlockThreads) adam_kernel(MetaT meta, Ada
   __shared__ int skip;
   const BlockSpan span = block_span(meta);
   if (threadIdx.x == 0) {
-    skip = skip_tensor(args.common, meta.tensor_id[span.slot]);
-    if (!skip) {
-      const float step = *static_cast<const float*>(meta.addresses[row::kStep][span.slot]);
-      coef = adam_coef<M>(args, double(step));
-    }
+    // The tensor's scalars, lr and grad_scale: independent loads, one round trip.
+    const AdamTensorScalars s = args.tensor_scalars[meta.tensor_id[span.slot]];
+    skip = s.skip;
+    coef = adam_coef<M>(args, s);
   }
   __syncthreads();
   if (skip) return;  // frozen or overflow: nothing of this tensor is loaded
@@ -221,69 +290,42 @@ __global__ void __launch_bounds__(mt::kBlockThreads) adam_kernel(MetaT meta, Ada
   S* m = row_ptr<S>(meta, row::kExpAvg, span);
   S* v = row_ptr<S>(meta, row::kExpAvgSq, span);
   S* vmax = kAmsgrad ? row_ptr<S>(meta, row::kMaxExpAvgSq, span) : nullptr;
-  const int n = span.n;
-  const int stride = static_cast<int>(blockDim.x) * mt::kILP;
-
-  if (n % mt::kILP == 0 && aligned_for_pack<S>(p) && aligned_for_pack<S>(g) && aligned_for_pack<S>(m) &&
-      aligned_for_pack<S>(v) && (!kAmsgrad || aligned_for_pack<S>(vmax))) {
-    for (int i = static_cast<int>(threadIdx.x) * mt::kILP; i < n; i += stride) {
-      S rp[mt::kILP], rg[mt::kILP], rm[mt::kILP], rv[mt::kILP], rx[mt::kILP];
-      load_pack(rp, p + i);
-      load_pack(rg, g + i);
-      load_pack(rm, m + i);
-      load_pack(rv, v + i);
-      if (kAmsgrad) load_pack(rx, vmax + i);
-#pragma unroll
-      for (int k = 0; k < mt::kILP; ++k) {
-        M vp = M(rp[k]), vm = M(rm[k]), vv = M(rv[k]);
-        M vx = kAmsgrad ? M(rx[k]) : M(0);
-        math::adam_update(vp, M(rg[k]), vm, vv, &vx, c);
-        rp[k] = S(vp);
-        rm[k] = S(vm);
-        rv[k] = S(vv);
-        rx[k] = S(vx);
-      }
-      store_pack(p + i, rp);
-      store_pack(m + i, rm);
-      store_pack(v + i, rv);
-      if (kAmsgrad) store_pack(vmax + i, rx);
-    }
-    return;
-  }
-  for (int base = 0; base < n; base += stride) {
-#pragma unroll
-    for (int k = 0; k < mt::kILP; ++k) {
-      const int i = base + static_cast<int>(threadIdx.x) + k * static_cast<int>(blockDim.x);
-      if (i >= n) continue;
-      M vp = M(p[i]), vm = M(m[i]), vv = M(v[i]);
-      M vx = kAmsgrad ? M(vmax[i]) : M(0);
-      math::adam_update(vp, M(g[i]), vm, vv, &vx, c);
-      p[i] = S(vp);
-      m[i] = S(vm);
-      v[i] = S(vv);
-      if (kAmsgrad) vmax[i] = S(vx);
-    }
-  }
+  const bool aligned = aligned_for_pack<S>(p) && aligned_for_pack<S>(g) && aligned_for_pack<S>(m) &&
+                       aligned_for_pack<S>(v) && (!kAmsgrad || aligned_for_pack<S>(vmax));
+  for_each_group(span.n, aligned, [&](auto vector, int i, int n) {
+    adam_group<decltype(vector)::value, kAmsgrad>(p, g, m, v, vmax, i, n, c);
+  });
 }
 
-// Advances the step counter of every unfrozen tensor by one, unless found_inf.
-// A launch of its own, before the Adam launches of the same op.
+// One thread per tensor of the op, a launch of its own before the Adam
+// launches: decides whether the tensor is skipped (frozen, or found_inf) and,
+// if not, advances its step counter and works out the step's scalars in
+// double (two pow()), for every block of the tensor to read.
 constexpr int kStepThreads = 256;
 
 template <typename StepMetaT>
-__global__ void __launch_bounds__(kStepThreads) step_kernel(StepMetaT meta, StepArgs args) {
-  if (read_scalar(args.found_inf) != 0.0) return;
+__global__ void __launch_bounds__(kStepThreads) step_kernel(StepMetaT meta, AdamArgs args) {
   const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (i >= meta.count) return;
-  if (args.mask != nullptr && args.mask[meta.tensor_id[i]] != 0) return;
-  *meta.step[i] += 1.0f;
+  const int32_t id = meta.tensor_id[i];
+  AdamTensorScalars& out = args.tensor_scalars[id];
+  out.skip = skip_tensor(args.common, id);
+  if (out.skip) return;  // a frozen tensor's step counter is not touched
+  const float step = *meta.step[i] + 1.0f;
+  *meta.step[i] = step;
+  math::AdamCoef<double> c;
+  math::adam_step_scalars(c, read_scalar(args.common.lr), args.beta1, args.beta2, double(step));
+  out.step_size = c.step_size;
+  out.bias_correction2_sqrt = c.bias_correction2_sqrt;
+  out.one_minus_beta1 = c.one_minus_beta1;
+  out.one_minus_beta2 = c.one_minus_beta2;
 }
 
 // ---------------------------------------------------------------- launchers
 
 // Launcher: an object with
 //   template <class Kernel, class... Args> void operator()(Kernel k, int grid, int block, const Args&...);
-// kernels.cu issues `k<<<grid, block, 0, stream>>>(args...)`; the shim runs it on the CPU.
+// stream_launcher.cuh issues `k<<<grid, block, 0, stream>>>(args...)`; the shim runs it on the CPU.
 // Each function returns the number of launches it issued.
 
 template <typename MetaT, typename Kernel, typename Args, typename Launcher>
@@ -322,7 +364,7 @@ int launch_adam_typed(const std::vector<mt::TensorRef>& refs, const AdamArgs& ar
 }
 
 template <size_t Budget, typename Launcher>
-int launch_steps_typed(const std::vector<float*>& steps, const std::vector<int32_t>& ids, const StepArgs& args,
+int launch_steps_typed(const std::vector<float*>& steps, const std::vector<int32_t>& ids, const AdamArgs& args,
                        Launcher& launch, const LimitOverride& lim = {}) {
   using MetaT = mt::StepMetaFor<Budget>;
   static_assert(sizeof(MetaT) + mt::kReservedArgBytes <= Budget, "kernel arguments over budget");
@@ -380,8 +422,9 @@ int run_sgd(const std::vector<OpTensor>& tensors, const SGDArgs& args, bool has_
 
 // A whole Adam op: first the step launch over every tensor of the list
 // (empty ones included, as torch.optim advances their step too; frozen ones
-// skipped by the kernel), then one launch group per dtype, which read the
-// advanced steps (stream order).
+// skipped), which fills args.tensor_scalars (one entry per tensor, device
+// memory the caller provides), then one launch group per dtype, which read
+// them (stream order).
 template <size_t Budget, typename Launcher>
 int run_adam(const std::vector<OpTensor>& tensors, const AdamArgs& args, Launcher& launch,
              const LimitOverride& lim = {}) {
@@ -391,7 +434,7 @@ int run_adam(const std::vector<OpTensor>& tensors, const AdamArgs& args, Launche
     steps[i] = static_cast<float*>(tensors[i].rows[row::kStep]);
     ids[i] = static_cast<int32_t>(i);
   }
-  int launches = launch_steps_typed<Budget>(steps, ids, args.common, launch, lim);
+  int launches = launch_steps_typed<Budget>(steps, ids, args, launch, lim);
   for (const auto& [dtype, refs] : group_by_dtype(tensors, args.amsgrad ? 6 : 5)) {
     dispatch_dtype(dtype, [&](auto tag) { launches += launch_adam_typed<decltype(tag), Budget>(refs, args, launch, lim); });
   }

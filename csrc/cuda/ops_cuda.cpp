@@ -1,15 +1,19 @@
 // CUDA bodies of the step ops (TORCH_LIBRARY_IMPL(frozenopt, CUDA, m)).
 //
 // Host work only: the shared argument checks, grouping by dtype, the launch
-// metadata, and the launches on the current stream (kernels.cu). Nothing here
-// reads device memory: found_inf, grad_scale, a CUDA lr tensor, the mask and
+// metadata, and the launches on the current stream (launch_sgd.cu,
+// launch_adam.cu) with the kernel-argument budget that the driver and the
+// device allow. Nothing here reads device memory: found_inf, grad_scale, a CUDA lr tensor, the mask and
 // the step counters are read by the kernels, so step() never synchronises
 // and can be captured in a CUDA graph. A frozen tensor (mask entry non-zero)
 // still gets its metadata slot (the captured graph must cover it when it is
 // unfrozen), and its blocks return before loading anything.
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -19,6 +23,15 @@
 
 namespace frozenopt {
 namespace cuda {
+
+size_t kernel_arg_budget(int device) {
+  static const int driver = [] {
+    int version = 0;
+    return cudaDriverGetVersion(&version) == cudaSuccess ? version : 0;
+  }();
+  return choose_budget(driver, at::cuda::getDeviceProperties(device)->major);
+}
+
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
@@ -130,7 +143,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   for (size_t i = 0; i < params.size(); ++i) {
     rows.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()});
   }
-  launch_sgd(rows.tensors(), args, has_momentum, stream_of(params[0]));
+  launch_sgd(rows.tensors(), args, has_momentum, kernel_arg_budget(params[0].get_device()), stream_of(params[0]));
   rows.write_back();
 }
 
@@ -173,7 +186,12 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
              {exp_avgs[i], exp_avg_sqs[i], at::Tensor(), amsgrad ? max_exp_avg_sqs[i] : at::Tensor()});
     rows.tensors().back().rows[row::kStep] = state_steps[i].data_ptr<float>();
   }
-  launch_adam(rows.tensors(), args, stream_of(params[0]));
+  // Filled by the step launch, read by the element launches; the caching
+  // allocator reuses it only for work queued after them on this stream.
+  const at::Tensor scratch = at::empty({static_cast<int64_t>(adam_scratch_bytes(params.size()))},
+                                       params[0].options().dtype(at::kByte));
+  args.tensor_scalars = static_cast<AdamTensorScalars*>(scratch.data_ptr());
+  launch_adam(rows.tensors(), args, kernel_arg_budget(params[0].get_device()), stream_of(params[0]));
   rows.write_back();
 }
 

@@ -11,6 +11,9 @@
 
 #include "kernel_args.h"
 #include "launch_plan.h"
+#if defined(FROZENOPT_WITH_CUDA)
+#include "launch.h"
+#endif
 
 namespace py = pybind11;
 
@@ -89,9 +92,10 @@ int count_with(int depth, const std::vector<int64_t>& numels) {
 size_t budget_of(const std::string& which) {
   if (which == "large") return mt::kLargeArgBytes;
   if (which == "small") return mt::kSmallArgBytes;
-  if (which == "build") return kArgBudget;
-  throw py::value_error("budget must be 'large', 'small' or 'build'");
+  throw py::value_error("budget must be 'large' (32 KB) or 'small' (4 KB)");
 }
+
+const char* budget_name(size_t bytes) { return bytes == mt::kLargeArgBytes ? "large" : "small"; }
 
 }  // namespace
 }  // namespace cuda
@@ -103,7 +107,19 @@ void bind_launch_plan(py::module_& parent) {
   m.attr("chunk_size") = mt::kChunkSize;
   m.attr("block_threads") = mt::kBlockThreads;
   m.attr("ilp") = mt::kILP;
-  m.attr("build_budget") = kArgBudget;
+  m.attr("large_args_built") = kLargeArgsBuilt;
+  m.attr("budget_bytes") = py::dict(py::arg("large") = mt::kLargeArgBytes, py::arg("small") = mt::kSmallArgBytes);
+  m.def(
+      "budget_for",
+      [](int driver_version, int compute_major) { return budget_name(choose_budget(driver_version, compute_major)); },
+      py::arg("driver_version"), py::arg("compute_major"),
+      "The budget ('large' or 'small') launches use with this driver version (e.g. 12010 for CUDA 12.1) "
+      "and a device of this compute capability major, in this build");
+#if defined(FROZENOPT_WITH_CUDA)
+  m.def(
+      "device_budget", [](int device) { return budget_name(kernel_arg_budget(device)); }, py::arg("device"),
+      "The budget launches on this CUDA device use (the driver and the device decide)");
+#endif
   m.def(
       "limits",
       [](int depth, const std::string& budget) {
@@ -111,14 +127,14 @@ void bind_launch_plan(py::module_& parent) {
         const mt::Limits l = mt::limits_for(depth, b);
         return py::make_tuple(l.max_tensors, l.max_blocks, mt::step_limit(b));
       },
-      py::arg("depth"), py::arg("budget") = "build", "(max tensors, max blocks, max steps) per launch");
+      py::arg("depth"), py::arg("budget") = "large", "(max tensors, max blocks, max steps) per launch");
   m.def(
       "plan",
       [](int depth, const std::vector<int64_t>& numels, const std::string& budget, int max_tensors, int max_blocks) {
         if (budget_of(budget) == mt::kLargeArgBytes) return plan_budget<mt::kLargeArgBytes>(depth, numels, max_tensors, max_blocks);
         return plan_budget<mt::kSmallArgBytes>(depth, numels, max_tensors, max_blocks);
       },
-      py::arg("depth"), py::arg("numels"), py::arg("budget") = "build", py::arg("max_tensors") = 0,
+      py::arg("depth"), py::arg("numels"), py::arg("budget") = "large", py::arg("max_tensors") = 0,
       py::arg("max_blocks") = 0,
       "The launches for tensors of these sizes (tensor id = list index): a list of dicts with 'slots' "
       "[(tensor_id, numel, [address per row])], 'blocks' [(slot, chunk)] and 'meta_bytes'.");
@@ -128,7 +144,7 @@ void bind_launch_plan(py::module_& parent) {
         if (budget_of(budget) == mt::kLargeArgBytes) return count_with<mt::kLargeArgBytes>(depth, numels);
         return count_with<mt::kSmallArgBytes>(depth, numels);
       },
-      py::arg("depth"), py::arg("numels"), py::arg("budget") = "build",
+      py::arg("depth"), py::arg("numels"), py::arg("budget") = "large",
       "Element-kernel launches for tensors of these sizes (without building the metadata lists).");
   m.def(
       "count_step_launches",
@@ -136,7 +152,7 @@ void bind_launch_plan(py::module_& parent) {
         const int64_t per = mt::step_limit(budget_of(budget));
         return (tensors + per - 1) / per;
       },
-      py::arg("tensors"), py::arg("budget") = "build");
+      py::arg("tensors"), py::arg("budget") = "large");
 }
 
 }  // namespace frozenopt

@@ -100,6 +100,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         a.decoupled_weight_decay = decoupled;
         shim::Launcher launcher;
         const auto tensors = op_tensors(rows, numels, dtypes);
+        std::vector<AdamTensorScalars> scratch(tensors.size());
+        a.tensor_scalars = scratch.data();
         const auto lim = limits(max_tensors, max_blocks, max_steps);
         if (small_budget) return run_adam<frozenopt::mt::kSmallArgBytes>(tensors, a, launcher, lim);
         return run_adam<frozenopt::mt::kLargeArgBytes>(tensors, a, launcher, lim);
@@ -109,6 +111,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
       py::arg("max_tensors") = 0, py::arg("max_blocks") = 0, py::arg("max_steps") = 0,
       py::arg("small_budget") = false);
+  m.def(
+      "pack_alignment",
+      [](int dtype) {
+        size_t alignment = 0;
+        dispatch_dtype(static_cast<DType>(dtype), [&](auto tag) { alignment = alignof(Pack<decltype(tag)>); });
+        return alignment;
+      },
+      py::arg("dtype"), "the alignment, in bytes, the vector path needs of every row of a chunk");
   m.def("stats", &stats_dict, "counters since the last reset: launches, blocks, threads, barriers, grids");
   m.def("reset_stats", [] { shim::stats = shim::Stats{}; });
   m.def(

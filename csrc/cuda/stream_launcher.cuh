@@ -1,13 +1,16 @@
-// nvcc's instantiation of kernels.cuh: a launcher that issues the kernels on
-// the given stream (the caller's current stream) and checks the launch, with
-// no synchronisation.
+// What launch_sgd.cu and launch_adam.cu share: the launcher that issues
+// kernels.cuh's kernels on a stream and checks each launch (no
+// synchronisation), and the dispatch from a run-time budget to the kernels
+// compiled for it.
+#pragma once
+
 #include <cuda_runtime.h>
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "kernels.cuh"
-#include "launch.h"
 
 #if !defined(FROZENOPT_SMALL_KERNEL_ARGS) && CUDART_VERSION < 12010
 #error "32 KB kernel arguments need CUDA >= 12.1: define FROZENOPT_SMALL_KERNEL_ARGS (setup.py does)"
@@ -15,7 +18,6 @@
 
 namespace frozenopt {
 namespace cuda {
-namespace {
 
 struct StreamLauncher {
   cudaStream_t stream;
@@ -30,16 +32,14 @@ struct StreamLauncher {
   }
 };
 
-}  // namespace
-
-int launch_sgd(const std::vector<OpTensor>& tensors, const SGDArgs& args, bool has_momentum, void* stream) {
-  StreamLauncher launcher{static_cast<cudaStream_t>(stream)};
-  return run_sgd<kArgBudget>(tensors, args, has_momentum, launcher);
-}
-
-int launch_adam(const std::vector<OpTensor>& tensors, const AdamArgs& args, void* stream) {
-  StreamLauncher launcher{static_cast<cudaStream_t>(stream)};
-  return run_adam<kArgBudget>(tensors, args, launcher);
+// run(std::integral_constant<size_t, Budget>) with the kernels of `budget`;
+// 4 KB where the 32 KB kernels are not built.
+template <typename Run>
+int with_budget(size_t budget, Run&& run) {
+#if !defined(FROZENOPT_SMALL_KERNEL_ARGS)
+  if (budget == mt::kLargeArgBytes) return run(std::integral_constant<size_t, mt::kLargeArgBytes>{});
+#endif
+  return run(std::integral_constant<size_t, mt::kSmallArgBytes>{});
 }
 
 }  // namespace cuda
