@@ -18,6 +18,7 @@
 
 #include <vector>
 
+#include "../layout.h"
 #include "../ops.h"
 #include "launch.h"
 
@@ -36,8 +37,9 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// Complex tensors are stepped as their real and imaginary parts (torch.optim's view_as_real).
 DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
+  switch (c10::toRealValueType(t.scalar_type())) {
     case at::kFloat: return DType::kFloat;
     case at::kDouble: return DType::kDouble;
     case at::kHalf: return DType::kHalf;
@@ -70,19 +72,19 @@ StepArgs step_args(const char* op, const OptTensor& mask, const OptTensor& lr_te
   return a;
 }
 
-// The tensors of one op as launcher rows. The kernels walk memory in storage
-// order, which is right when every tensor of a row has the param's dense
-// layout; other tensors are stepped through contiguous copies written back
-// afterwards (extra copy kernels, only for such odd layouts).
+// The tensors of one op as launcher rows. The kernels step a row in place
+// when layout.h allows it; other tensors are stepped through contiguous
+// copies written back afterwards (extra copy kernels, only for such layouts).
 class Rows {
  public:
   void add(const at::Tensor& p, const at::Tensor& g, std::initializer_list<at::Tensor> states) {
     OpTensor t{};
     t.dtype = dtype_of(p);
-    t.numel = p.numel();
+    t.numel = p.numel() * (p.is_complex() ? 2 : 1);
     if (t.numel > 0) {
-      bool direct = p.is_non_overlapping_and_dense() && g.strides() == p.strides();
-      for (const auto& s : states) direct = direct && (!s.defined() || s.strides() == p.strides());
+      const c10::TensorImpl& pi = *p.unsafeGetTensorImpl();
+      bool direct = walkable(pi) && same_layout(*g.unsafeGetTensorImpl(), pi);
+      for (const auto& s : states) direct = direct && (!s.defined() || same_layout(*s.unsafeGetTensorImpl(), pi));
       t.rows[row::kParam] = direct ? p.data_ptr() : copy(p, true);
       t.rows[row::kGrad] = direct ? g.data_ptr() : copy(g, false);
       int r = row::kGrad + 1;
@@ -109,6 +111,25 @@ class Rows {
   std::vector<std::pair<at::Tensor, at::Tensor>> copies_;
   std::vector<at::Tensor> keep_;
 };
+
+// Runs launch(rows, first) over consecutive waves of params (layout.h's
+// wave_ends), each wave's rows built by add(rows, i) just before it: a param
+// that shares memory with an earlier one is stepped after it, in a later
+// launch on the same stream, and sees its update.
+template <typename Add, typename Launch>
+void in_waves(at::TensorList params, const Add& add, const Launch& launch) {
+  std::vector<Span> spans;
+  spans.reserve(params.size());
+  for (const auto& p : params) spans.push_back(span_of(*p.unsafeGetTensorImpl(), p.data_ptr()));
+  size_t first = 0;
+  for (const size_t end : wave_ends(spans)) {
+    Rows rows;
+    for (size_t i = first; i < end; ++i) add(rows, i);
+    launch(rows, first);
+    rows.write_back();
+    first = end;
+  }
+}
 
 void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
@@ -139,12 +160,15 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   args.maximize = maximize;
   args.first_step = is_first_step;
 
-  Rows rows;
-  for (size_t i = 0; i < params.size(); ++i) {
-    rows.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()});
-  }
-  launch_sgd(rows.tensors(), args, has_momentum, kernel_arg_budget(params[0].get_device()), stream_of(params[0]));
-  rows.write_back();
+  const size_t budget = kernel_arg_budget(params[0].get_device());
+  in_waves(
+      params,
+      [&](Rows& rows, size_t i) { rows.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()}); },
+      [&](Rows& rows, size_t first) {
+        SGDArgs wave = args;
+        if (wave.common.mask != nullptr) wave.common.mask += first;  // tensor ids restart in each wave
+        launch_sgd(rows.tensors(), wave, has_momentum, budget, stream_of(params[0]));
+      });
 }
 
 void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -180,19 +204,24 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   // The launchers advance every unfrozen tensor's step (empty tensors' too, as
   // torch.optim) in a launch of their own, on the device, before the Adam
   // launches read it.
-  Rows rows;
-  for (size_t i = 0; i < params.size(); ++i) {
-    rows.add(params[i], grads[i],
-             {exp_avgs[i], exp_avg_sqs[i], at::Tensor(), amsgrad ? max_exp_avg_sqs[i] : at::Tensor()});
-    rows.tensors().back().rows[row::kStep] = state_steps[i].data_ptr<float>();
-  }
   // Filled by the step launch, read by the element launches; the caching
   // allocator reuses it only for work queued after them on this stream.
   const at::Tensor scratch = at::empty({static_cast<int64_t>(adam_scratch_bytes(params.size()))},
                                        params[0].options().dtype(at::kByte));
-  args.tensor_scalars = static_cast<AdamTensorScalars*>(scratch.data_ptr());
-  launch_adam(rows.tensors(), args, kernel_arg_budget(params[0].get_device()), stream_of(params[0]));
-  rows.write_back();
+  const size_t budget = kernel_arg_budget(params[0].get_device());
+  in_waves(
+      params,
+      [&](Rows& rows, size_t i) {
+        rows.add(params[i], grads[i],
+                 {exp_avgs[i], exp_avg_sqs[i], at::Tensor(), amsgrad ? max_exp_avg_sqs[i] : at::Tensor()});
+        rows.tensors().back().rows[row::kStep] = state_steps[i].data_ptr<float>();
+      },
+      [&](Rows& rows, size_t first) {
+        AdamArgs wave = args;
+        if (wave.common.mask != nullptr) wave.common.mask += first;  // tensor ids restart in each wave
+        wave.tensor_scalars = static_cast<AdamTensorScalars*>(scratch.data_ptr()) + first;
+        launch_adam(rows.tensors(), wave, budget, stream_of(params[0]));
+      });
 }
 
 }  // namespace
