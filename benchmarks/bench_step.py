@@ -9,6 +9,12 @@ Cases (each for AdamW and for SGD with momentum=0.9):
   b  20,000 tensors of 256 elements         target: frozenopt at least 10x torch fused
   c  the same 20,000 with 90% frozen        target: frozenopt stepping all 20,000 with 90% frozen
      (every tenth tensor left unfrozen)     within 1.2x of frozenopt holding only the unfrozen 10%
+  d  64 conv weights 128x128x3x3 in         target: frozenopt at least 1.0x torch fused
+     channels_last (grads and state too)    (stepped in place, no copies)
+  e  20,000 tensors of 256 elements: the    target: the check at most 10% of frozenopt's step
+     per-step check that the optimizer's
+     groups, state and requires_grad are
+     still what its plan was built from
 
 How it measures. Every contender of a case steps the same param and grad tensors
 (grads are set once; every step reuses them, as the task defines it). Each
@@ -62,6 +68,8 @@ SIZES = {
     "a": {"full": (80, 625_000), "quick": (4, 20_000)},
     "b": {"full": (20_000, 256), "quick": (300, 256)},
     "c": {"full": (20_000, 256), "quick": (300, 256)},
+    "d": {"full": (64, 128 * 128 * 9), "quick": (4, 32 * 32 * 9)},
+    "e": {"full": (20_000, 256), "quick": (300, 256)},
 }
 FROZEN_FRACTION = 0.9
 KEEP_EVERY = 10  # case c: tensor i stays unfrozen when i % KEEP_EVERY == 0
@@ -69,6 +77,8 @@ KEEP_EVERY = 10  # case c: tensor i stays unfrozen when i % KEEP_EVERY == 0
 def case_title(case: str, count: int, numel: int) -> str:
     if case == "a":
         return f"{count * numel / 1e6:.3g}M params in {count} large tensors"
+    if case == "d":
+        return f"{count} channels_last conv weights of {numel:,} elements"
     title = f"{count:,} tensors of {numel:,} elements"
     return title + (f", {FROZEN_FRACTION:.0%} frozen" if case == "c" else "")
 
@@ -115,6 +125,28 @@ def make_params(count: int, numel: int, seed: int) -> list[torch.nn.Parameter]:
     return params
 
 
+def make_channels_last(count: int, numel: int, seed: int) -> list[torch.nn.Parameter]:
+    """count conv weights (c, c, 3, 3) in channels_last, with grads laid out alike (as autograd makes them)."""
+    gen = torch.Generator().manual_seed(seed)
+    c = round((numel // 9) ** 0.5)
+    params = []
+    for _ in range(count):
+        p = torch.nn.Parameter(torch.randn(c, c, 3, 3, generator=gen).to(memory_format=torch.channels_last))
+        p.grad = torch.randn(c, c, 3, 3, generator=gen).to(memory_format=torch.channels_last)
+        params.append(p)
+    return params
+
+
+class SyncCheck:
+    """Steps nothing: runs only the check frozenopt makes at the start of each step()."""
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def step(self):
+        self.opt._sync()
+
+
 def optimizer_factories(kind: str):
     """(frozenopt class + kwargs, torch class + kwargs) for "adamw" or "sgd"."""
     if kind == "adamw":
@@ -124,13 +156,20 @@ def optimizer_factories(kind: str):
 
 def build_contenders(case: str, kind: str, params: list[torch.nn.Parameter]) -> tuple[list[Contender], Target]:
     (fo_cls, torch_cls), kw = optimizer_factories(kind)
-    if case in ("a", "b"):
+    if case == "e":
+        opt = fo_cls(params, **kw)
+        contenders = [
+            Contender("sync_check", "frozenopt's per-step check", lambda: SyncCheck(opt)),
+            Contender("frozenopt", "the whole frozenopt step", lambda: opt),
+        ]
+        return contenders, Target("check <= 0.1x step", "sync_check", "frozenopt", "slowdown_at_most", 0.1)
+    if case in ("a", "b", "d"):
         contenders = [
             Contender("frozenopt", "frozenopt", lambda: fo_cls(params, **kw)),
             Contender("torch_fused", "torch fused=True", lambda: torch_cls(params, fused=True, **kw)),
             Contender("torch_foreach", "torch foreach=True", lambda: torch_cls(params, foreach=True, **kw)),
         ]
-        bound = 1.0 if case == "a" else 10.0
+        bound = 10.0 if case == "b" else 1.0
         target = Target(f"frozenopt >= {bound:g}x torch fused", "frozenopt", "torch_fused", "speedup_at_least",
                         bound)
         return contenders, target
@@ -195,7 +234,7 @@ def run_repeat(contenders: list[Contender], shift: int) -> None:
 
 def run_case(case: str, kind: str, args) -> dict:
     count, numel = SIZES[case]["quick" if args.quick else "full"]
-    params = make_params(count, numel, seed=0)
+    params = (make_channels_last if case == "d" else make_params)(count, numel, seed=0)
     contenders, target = build_contenders(case, kind, params)
     for c in contenders:
         warm_up(c, args.min_measure_s, args.max_inner)
@@ -290,7 +329,7 @@ def format_table(results: list[dict]) -> str:
             ratio = res["ratio_to_reference"].get(name)
             if ratio is None:
                 rel = "ref"
-            elif res["case"] == "c":
+            elif res["case"] in ("c", "e"):
                 rel = f"{1.0 / ratio['median']:.2f}x"  # time(first) / time(this)
             else:
                 rel = f"{ratio['median']:.1f}x"  # time(this) / time(first): the first's speed-up
@@ -301,8 +340,9 @@ def format_table(results: list[dict]) -> str:
         shown = f"{t['value']:.2f}x" if t["kind"] == "slowdown_at_most" else f"{t['value']:.1f}x"
         lines.append(f"{'':<5}target: {t['text']}: {shown} -> {'MET' if t['met'] else 'NOT MET'}")
         lines.append("")
-    lines.append("vs first: for a and b, time of that contender / time of frozenopt (frozenopt's speed-up);")
-    lines.append("for c, time of frozenopt with 90% frozen / time of that contender (lower is better for frozenopt).")
+    lines.append("vs first: for a, b and d, time of that contender / time of frozenopt (frozenopt's speed-up);")
+    lines.append("for c, time of frozenopt with 90% frozen / time of that contender (lower is better for frozenopt);")
+    lines.append("for e, time of the check / time of the whole step.")
     lines.append("Each figure is the median over the repeats of ratios measured within one repeat.")
     return "\n".join(lines)
 
@@ -312,7 +352,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per contender (default 7)")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run, figures not meaningful")
-    ap.add_argument("--cases", default="a,b,c", help="comma-separated subset of a,b,c (default all)")
+    ap.add_argument("--cases", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e (default all)")
     ap.add_argument("--optimizers", default="adamw,sgd", help="comma-separated subset of adamw,sgd")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     ap.add_argument("--min-measure-ms", type=float, default=None,

@@ -14,6 +14,10 @@
 // dropped cannot be freed and its address reused by a new one that would
 // compare equal. Storage changes inside a tensor (`t.data = ...`) are the
 // plan's to notice: it compares data pointers itself.
+//
+// A state dict is compared by its version tag where CPython has one that
+// changes on every edit of the dict (PEP 509; 3.10 to 3.12): one compare per
+// dict instead of a walk over its entries. Elsewhere the entries are walked.
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -21,10 +25,23 @@
 #include <unordered_map>
 #include <vector>
 
+#if PY_VERSION_HEX < 0x030D0000
+#define FROZENOPT_DICT_VERSIONS 1
+#endif
+
 namespace frozenopt {
 namespace {
 
 namespace py = pybind11;
+
+#ifdef FROZENOPT_DICT_VERSIONS
+uint64_t version_of(PyObject* dict) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  return reinterpret_cast<PyDictObject*>(dict)->ma_version_tag;
+#pragma GCC diagnostic pop
+}
+#endif
 
 bool requires_grad(PyObject* obj) {
   return THPVariable_Check(obj) && THPVariable_Unpack(obj).requires_grad();
@@ -64,6 +81,9 @@ class Watch {
     while (PyDict_Next(state.ptr(), &pos, &key, &value)) {
       keys_.push_back(borrow(key));
       values_.push_back(borrow(value));
+#ifdef FROZENOPT_DICT_VERSIONS
+      versions_.push_back(PyDict_Check(value) ? version_of(value) : 0);
+#else
       Py_ssize_t inner = 0;
       PyObject *k, *v;
       while (PyDict_Check(value) && PyDict_Next(value, &inner, &k, &v)) {
@@ -71,7 +91,11 @@ class Watch {
         entry_values_.push_back(borrow(v));
       }
       entry_ends_.push_back(entry_keys_.size());
+#endif
     }
+#ifdef FROZENOPT_DICT_VERSIONS
+    state_version_ = version_of(state.ptr());
+#endif
     valid_ = true;
   }
 
@@ -87,6 +111,7 @@ class Watch {
     group_of_.clear();
     keys_.clear();
     values_.clear();
+    versions_.clear();
     entry_keys_.clear();
     entry_values_.clear();
     entry_ends_.clear();
@@ -109,24 +134,30 @@ class Watch {
       if (group != group_dicts_[g].ptr()) return all;
       marked[g] = !group_unchanged(g, PyDict_GetItem(group, params_key()));
     }
+    auto mark_owner = [&](PyObject* key) {
+      const auto owner = group_of_.find(key);
+      if (owner == group_of_.end()) return false;
+      marked[owner->second] = 1;
+      return true;
+    };
+#ifdef FROZENOPT_DICT_VERSIONS
+    if (version_of(state.ptr()) == state_version_) {  // the same entries: only their dicts may have changed
+      for (size_t k = 0; k < keys_.size(); ++k) {
+        if (!entry_unchanged(k, values_[k].ptr()) && !mark_owner(keys_[k].ptr())) return all;
+      }
+      return marked_groups(marked);
+    }
+#endif
     Py_ssize_t pos = 0;
     PyObject *key, *value;
     size_t k = 0;
     while (PyDict_Next(state.ptr(), &pos, &key, &value)) {
       if (k >= keys_.size() || key != keys_[k].ptr()) return all;  // an entry added or deleted
-      if (!entry_unchanged(k, value)) {
-        const auto owner = group_of_.find(key);
-        if (owner == group_of_.end()) return all;
-        marked[owner->second] = 1;
-      }
+      if (!entry_unchanged(k, value) && !mark_owner(key)) return all;
       ++k;
     }
     if (k != keys_.size()) return all;
-    std::vector<int64_t> out;
-    for (Py_ssize_t g = 0; g < n; ++g) {
-      if (marked[g]) out.push_back(g);
-    }
-    return out;
+    return marked_groups(marked);
   }
 
  private:
@@ -152,9 +183,20 @@ class Watch {
     return true;
   }
 
+  static std::vector<int64_t> marked_groups(const std::vector<char>& marked) {
+    std::vector<int64_t> out;
+    for (size_t g = 0; g < marked.size(); ++g) {
+      if (marked[g]) out.push_back(static_cast<int64_t>(g));
+    }
+    return out;
+  }
+
   // State entry k is the same dict holding the same (key, value) pairs.
   bool entry_unchanged(size_t k, PyObject* value) const {
     if (value != values_[k].ptr()) return false;
+#ifdef FROZENOPT_DICT_VERSIONS
+    return !PyDict_Check(value) || version_of(value) == versions_[k];
+#else
     const size_t begin = k == 0 ? 0 : entry_ends_[k - 1], end = entry_ends_[k];
     if (!PyDict_Check(value)) return begin == end;
     if (PyDict_GET_SIZE(value) != static_cast<Py_ssize_t>(end - begin)) return false;
@@ -164,6 +206,7 @@ class Watch {
       if (name != entry_keys_[i].ptr() || entry != entry_values_[i].ptr()) return false;
     }
     return true;
+#endif
   }
 
   bool valid_ = false;
@@ -175,7 +218,9 @@ class Watch {
   std::vector<size_t> group_ends_;        // group g's params end at params_[group_ends_[g]]
   std::unordered_map<PyObject*, int64_t> group_of_;
   std::vector<py::object> keys_, values_;  // the state dict's items, in order
-  std::vector<py::object> entry_keys_, entry_values_;  // each value's own items, concatenated
+  uint64_t state_version_ = 0;             // with dict versions: the state dict's ...
+  std::vector<uint64_t> versions_;         // ... and each item's
+  std::vector<py::object> entry_keys_, entry_values_;  // without: each item's own items, concatenated
   std::vector<size_t> entry_ends_;         // state item k's entries end at entry_ends_[k]
 };
 

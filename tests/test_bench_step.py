@@ -21,7 +21,7 @@ def test_bench_step_quick_runs_and_writes_json(tmp_path):
         assert key in report, key
     assert report["quick"] is True and report["repeats"] == 2
     got = {(r["case"], r["optimizer"]) for r in report["results"]}
-    assert got == {(c, o) for c in "abc" for o in ("AdamW", "SGD(momentum=0.9)")}
+    assert got == {(c, o) for c in "abcde" for o in ("AdamW", "SGD(momentum=0.9)")}
     for r in report["results"]:
         for key in ("title", "tensors", "elements", "frozen_fraction", "reference", "contenders",
                     "ratio_to_reference", "target"):
@@ -30,6 +30,8 @@ def test_bench_step_quick_runs_and_writes_json(tmp_path):
         assert names[0] == r["reference"]
         if r["case"] == "c":
             assert {"frozenopt_only_unfrozen", "torch_fused_only_unfrozen"} <= set(names)
+        elif r["case"] == "e":
+            assert names == ["sync_check", "frozenopt"]
         else:
             assert {"torch_fused", "torch_foreach"} <= set(names)
         for c in r["contenders"].values():
