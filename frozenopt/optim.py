@@ -154,6 +154,27 @@ def _is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _write_mask(mask: Tensor, flags: Tensor) -> None:
+    """Rewrites a mask in place. On a GPU, steps or graph replays queued on any stream
+    may still read it: the write waits for them, and is done before anything queued
+    after it on any stream runs (freezing is rare; a step never waits)."""
+    if mask.device.type != "cuda":
+        mask.copy_(flags)
+        return
+    torch.cuda.synchronize(mask.device)
+    mask.copy_(flags)
+    torch.cuda.current_stream(mask.device).synchronize()
+
+
+def _on_device_of(group: dict[str, Any], *tensors: Any) -> list[Any]:
+    """The tensors, copied to the group's GPU when they are on another one (GradScaler's
+    found_inf/grad_scale, a tensor lr), as torch.optim's fused optimizers do; CPU
+    tensors and numbers stay as they are."""
+    device = group["params"][0].device
+    return [t.to(device) if isinstance(t, Tensor) and t.device.type != "cpu" and t.device != device else t
+            for t in tensors]
+
+
 def _synced(method):
     """Run method on an optimizer that has taken in what user code changed since its last look."""
     @functools.wraps(method)
@@ -202,6 +223,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         self._plan_keys: dict[int, Any] = {}  # per group: the _plan_key its plan was built for
         self._masks: list[Tensor] = []
         self._mask_subsets: dict[tuple, Tensor] = {}
+        self._captured = False  # a CUDA graph has captured a step
         self._refresh_masks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -495,7 +517,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             flags = torch.tensor([p in self._frozen for p in group["params"]], dtype=torch.uint8)
             device = group["params"][0].device if group["params"] else torch.device("cpu")
             if gi < len(self._masks) and self._masks[gi].numel() == flags.numel() and self._masks[gi].device == device:
-                self._masks[gi].copy_(flags)
+                _write_mask(self._masks[gi], flags)
             elif gi < len(self._masks):
                 self._masks[gi] = flags.to(device)
             else:
@@ -686,7 +708,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 for p in fresh:
                     self.state[p].update(self._new_state(p, group))
                 self._step_fresh(group, fresh, grad_scale, found_inf)
-                if self._kind == "sgd" and found_inf is not None and bool(found_inf):
+                if self._first_step_skip_needs_host(group, found_inf) and bool(found_inf):
                     # A skipped first step must leave no momentum buffer: a zero one would make
                     # the next step blend (dampening) instead of taking the grad as torch does.
                     for p in fresh:
@@ -730,8 +752,36 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                     "step first.")
             for p in fresh:
                 self.state[p].update(self._new_state(p, group))
+            if capturing:
+                self._note_capture(group)
             mask = self._mask_for(gi, positions, capturing) if self._mask_only else None
             self._run_op(group, params, mask, fresh, grad_scale, found_inf)
+
+    def _note_capture(self, group: dict[str, Any]) -> None:
+        """Says, once per optimizer, what a CUDA graph of this step will not follow."""
+        if self._captured:
+            return
+        self._captured = True
+        if not (isinstance(group["lr"], Tensor) and group["lr"].device.type == "cuda"):
+            warnings.warn(
+                "frozenopt: a CUDA graph is capturing step() with a float (or CPU tensor) lr: the graph "
+                "keeps this value, and LR schedulers will not change it on replay. Pass "
+                "lr=torch.tensor(lr, device='cuda') to have replays read the current lr.", stacklevel=4)
+        if not self._mask_only:
+            warnings.warn(
+                "frozenopt: a CUDA graph is capturing step() of an optimizer in default mode: params that "
+                "are frozen now are not in the graph, and freeze() after the capture frees grads that "
+                "replays still read. Build the optimizer with mask_only=True to freeze and unfreeze "
+                "between replays (the graph covers every param and reads the mask on the device).",
+                stacklevel=4)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if set_to_none and self._captured:
+            warnings.warn(
+                "frozenopt: zero_grad(set_to_none=True) after step() was captured in a CUDA graph frees the "
+                "grads that replays read; use zero_grad(set_to_none=False) and keep the grads static.",
+                stacklevel=2)
+        super().zero_grad(set_to_none)
 
     def _mask_for(self, gi: int, positions: list[int], capturing: bool) -> Tensor:
         """The group mask's entries at ``positions``, read from the group mask on the device.
@@ -801,6 +851,10 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._run_op(group, params, None, fresh, grad_scale, found_inf)
 
     # Hooks each optimizer fills in.
+    def _first_step_skip_needs_host(self, group: dict[str, Any], found_inf: Optional[Tensor]) -> bool:
+        """Whether a first step that GradScaler skipped must be undone on the host."""
+        return False
+
     def _check_hyper(self, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
@@ -865,6 +919,15 @@ class SGD(_FreezableOptimizer):
     def _plan_key(self, group):
         return group["momentum"] != 0
 
+    def _first_step_skip_needs_host(self, group, found_inf):
+        # The buffers made for a first step stay zero when GradScaler skips it. Without
+        # dampening the next step's blend, momentum * 0 + 1 * grad, is exactly torch's
+        # first-step rule, so on a GPU the buffers stay and nothing waits for found_inf;
+        # on the CPU (reading found_inf costs nothing) they go, as in torch.optim.
+        if found_inf is None or group["momentum"] == 0:
+            return False
+        return found_inf.device.type == "cpu" or group["dampening"] != 0
+
     def _has_state(self, p, group):
         return group["momentum"] == 0 or self.state.get(p, {}).get("momentum_buffer") is not None
 
@@ -884,7 +947,8 @@ class SGD(_FreezableOptimizer):
                     maximize=group["maximize"])
 
     def _run_plan(self, plan, group, grad_scale, found_inf):
-        lr, lr_tensor = ops.split_lr(group["lr"])
+        lr, grad_scale, found_inf = _on_device_of(group, group["lr"], grad_scale, found_inf)
+        lr, lr_tensor = ops.split_lr(lr)
         plan.sgd(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
 
     def _step_fresh(self, group, fresh, grad_scale, found_inf):
@@ -892,6 +956,7 @@ class SGD(_FreezableOptimizer):
         self._run_op(group, fresh, None, fresh, grad_scale, found_inf)
 
     def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
+        lr, grad_scale, found_inf = _on_device_of(group, group["lr"], grad_scale, found_inf)
         fresh_set = set(fresh)
         for first in (True, False):
             subset = [i for i, p in enumerate(params) if (p in fresh_set) == first]
@@ -903,7 +968,7 @@ class SGD(_FreezableOptimizer):
                 sub_params = [params[i] for i in subset]
                 sub_mask = None if mask is None else mask[subset]
             buffers = self._state_lists(sub_params, group)[0]
-            ops.sgd_(sub_params, [p.grad for p in sub_params], buffers, sub_mask, lr=group["lr"],
+            ops.sgd_(sub_params, [p.grad for p in sub_params], buffers, sub_mask, lr=lr,
                      is_first_step=first and group["momentum"] != 0, grad_scale=grad_scale,
                      found_inf=found_inf, **self._kwargs(group))
 
@@ -990,16 +1055,18 @@ class Adam(_FreezableOptimizer):
                     decoupled_weight_decay=group["decoupled_weight_decay"])
 
     def _run_plan(self, plan, group, grad_scale, found_inf):
-        lr, lr_tensor = ops.split_lr(group["lr"])
+        lr, grad_scale, found_inf = _on_device_of(group, group["lr"], grad_scale, found_inf)
+        lr, lr_tensor = ops.split_lr(lr)
         plan.adam(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
 
     def _step_fresh(self, group, fresh, grad_scale, found_inf):
         self._run_op(group, fresh, None, fresh, grad_scale, found_inf)
 
     def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
+        lr, grad_scale, found_inf = _on_device_of(group, group["lr"], grad_scale, found_inf)
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._state_lists(params, group)
         ops.adam_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask,
-                  lr=group["lr"], grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
+                  lr=lr, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
 
 
 class AdamW(Adam):

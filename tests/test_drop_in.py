@@ -388,3 +388,12 @@ def test_betas_as_a_two_element_tensor_and_as_tensors():
         frozenopt.Adam([p], betas=(0.9, torch.tensor(0.99)))
     with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
         frozenopt.Adam([p], betas=torch.tensor([0.9, 1.0]))
+
+
+def test_betas_on_another_device_are_not_read_at_construction():
+    """Tensor betas on a GPU are checked on the device by the kernels, not read on the host
+    (that would synchronise); "meta" stands in for the GPU here."""
+    p = nn.Parameter(torch.ones(3))
+    betas = (torch.tensor(0.9, device="meta"), torch.tensor(0.99, device="meta"))
+    opt = frozenopt.AdamW([p], betas=betas)
+    assert opt.param_groups[0]["betas"] is betas
