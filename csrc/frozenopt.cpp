@@ -3,9 +3,9 @@
 // The ops take every param of a group plus one mask entry per param, so a
 // compiled graph or a captured CUDA graph stays valid when the mask flips.
 // The plan is the eager fast path: it holds only the unfrozen params and their
-// state, reads param.grad() itself and, on the CPU, runs the kernels on a
-// cached launch (see StepPlan), so per-step host work is a short C++ loop
-// over the unfrozen params.
+// state, reads param.grad() itself and runs the kernels on a cached launch
+// (see StepPlan), so per-step host work is a short C++ loop over the
+// unfrozen params.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -18,6 +18,9 @@
 #include <vector>
 
 #include "cpu/launch.h"
+#ifdef FROZENOPT_WITH_CUDA
+#include "cuda/ops_cuda.h"
+#endif
 #include "layout.h"
 #include "ops.h"
 
@@ -41,16 +44,19 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 
 // The unfrozen params of one param group whose state exists, in group order.
-// Python rebuilds a plan when the frozen set, the state or the group changes.
+// Python rebuilds a plan when the frozen set, the state or the group changes
+// (its watch notices edits made by user code).
 //
-// On the CPU a step does not go through the dispatcher: the plan keeps, per
-// param, the raw pointers the kernel needs (a cpu::Slot) together with what
-// they were taken from (the grad's TensorImpl, the data pointers, the size).
-// Each step compares those with param.grad() and re-validates only the params
-// whose grad or storage changed, with the op's own checks; when nothing
-// changed (grads kept between steps) the cached launch runs as it is. The op
-// path (dispatcher) remains for other devices, non-contiguous tensors, tensor
-// subclasses and active dispatch modes, and it gives the op's error messages.
+// On the CPU, and on a GPU in CUDA builds, a step does not go through the
+// dispatcher: the plan keeps, per param, the raw pointers the kernels need (a
+// cpu::Slot; on a GPU also the launchers' rows) together with what they were
+// taken from (the grad's TensorImpl, the storages, sizes and layouts). Each
+// step compares those with param.grad() and the tensors, and re-validates only
+// the params whose grad or storage changed, with the op's own checks; when
+// nothing changed (grads kept between steps) the cached launch runs as it is.
+// The op path (dispatcher) remains for layouts the kernels cannot walk,
+// tensor subclasses, active dispatch modes and, on a GPU, params that share
+// memory; it gives the op's error messages.
 class StepPlan {
  public:
   // states: the op's state lists in its order (sgd: momentum_buffers; adam:
@@ -67,9 +73,15 @@ class StepPlan {
     }
     adam_ = lists == 4;
     op_name_ = adam_ ? "frozenopt::adam_" : "frozenopt::sgd_";
-    direct_ = std::all_of(params_.begin(), params_.end(), [](const at::Tensor& p) { return plain_cpu(p); });
+    device_ = params_.empty() ? c10::DeviceType::CPU : params_[0].device().type();
+#ifdef FROZENOPT_WITH_CUDA
+    direct_ = device_ == c10::DeviceType::CPU || device_ == c10::DeviceType::CUDA;
+#else
+    direct_ = device_ == c10::DeviceType::CPU;
+#endif
+    for (const auto& p : params_) direct_ = direct_ && plain(p);
     for (const auto& list : states_) {
-      for (const auto& t : list) direct_ = direct_ && plain_cpu(t);
+      for (const auto& t : list) direct_ = direct_ && plain(t);
     }
     entries_.resize(params_.size());
   }
@@ -96,6 +108,16 @@ class StepPlan {
       if (active_.empty()) return;
       RECORD_FUNCTION("frozenopt::sgd_ (step plan)", std::vector<c10::IValue>());
       check_scalars(lr_tensor, grad_scale, found_inf);
+#ifdef FROZENOPT_WITH_CUDA
+      if (device_ == c10::DeviceType::CUDA) {
+        std::vector<at::Tensor> keep;
+        const cuda::SGDArgs args = cuda::sgd_args(op_name_, std::nullopt, lr, lr_tensor, momentum, dampening,
+                                                  weight_decay, nesterov, maximize, /*first_step=*/false,
+                                                  grad_scale, found_inf, keep);
+        cuda::launch_sgd_rows(rows_, args, has_momentum, params_[active_.front()].device());
+        return;
+      }
+#endif
       lr = value_of(lr_tensor, lr);
       check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov);
       if (skipped_for_overflow(found_inf)) return;
@@ -132,6 +154,16 @@ class StepPlan {
       if (active_.empty()) return;
       RECORD_FUNCTION("frozenopt::adam_ (step plan)", std::vector<c10::IValue>());
       check_scalars(lr_tensor, grad_scale, found_inf);
+#ifdef FROZENOPT_WITH_CUDA
+      if (device_ == c10::DeviceType::CUDA) {  // the launch advances the step counters on the device
+        std::vector<at::Tensor> keep;
+        const cuda::AdamArgs args = cuda::adam_args(op_name_, std::nullopt, lr, lr_tensor, beta1, beta2,
+                                                    weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
+                                                    grad_scale, found_inf, keep);
+        cuda::launch_adam_rows(rows_, args, params_[active_.front()].device());
+        return;
+      }
+#endif
       lr = value_of(lr_tensor, lr);
       check_adam_hyper(lr, beta1, beta2, weight_decay, eps);
       if (skipped_for_overflow(found_inf)) return;
@@ -212,17 +244,16 @@ class StepPlan {
     float* step = nullptr;  // adam's step counter
   };
 
-  // A CPU tensor the kernels may read through a raw pointer. Complex tensors
-  // are read as their real and imaginary parts; a conjugate or negative view
-  // would need its bit applied, so it is not.
-  static bool plain_cpu(const at::Tensor& t) {
+  // A tensor on the plan's device that the kernels may read through a raw
+  // pointer. Complex tensors are read as their real and imaginary parts; a
+  // conjugate or negative view would need its bit applied, so it is not.
+  bool plain(const at::Tensor& t) const {
     if (!t.defined()) return false;
     const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
     const c10::DispatchKeySet keys = impl->key_set();
-    return impl->device_type() == c10::DeviceType::CPU && impl->layout() == c10::kStrided &&
-           impl->has_storage() && !keys.has(c10::DispatchKey::Python) &&
-           !keys.has(c10::DispatchKey::Conjugate) && !keys.has(c10::DispatchKey::Negative) &&
-           !keys.has(c10::DispatchKey::Functionalize);
+    return impl->device_type() == device_ && impl->layout() == c10::kStrided && impl->has_storage() &&
+           !keys.has(c10::DispatchKey::Python) && !keys.has(c10::DispatchKey::Conjugate) &&
+           !keys.has(c10::DispatchKey::Negative) && !keys.has(c10::DispatchKey::Functionalize);
   }
 
   // Where a tensor's elements start, for noticing a changed storage (set_,
@@ -236,8 +267,9 @@ class StepPlan {
            t->storage_offset() * static_cast<int64_t>(t->dtype().itemsize());
   }
 
-  // The direct path is for CPU plans, and not while a Python dispatch mode
-  // (which must see the op) is active.
+  // The direct path is for plans of plain CPU (or, in CUDA builds, CUDA)
+  // tensors, and not while a Python dispatch mode (which must see the op) is
+  // active.
   bool use_direct() const { return direct_ && c10::impl::TorchDispatchModeTLS::stack_len() == 0; }
 
   bool is_step_list(size_t k) const { return adam_ && k == 3; }
@@ -310,7 +342,8 @@ class StepPlan {
       if (!e.direct) ++indirect_;
     }
     if (changed) rebuild_slots();
-    return indirect_ == 0;
+    // On a GPU, params that share memory take the op path, which launches them in waves.
+    return indirect_ == 0 && !(device_ != c10::DeviceType::CPU && memory_shared_);
   }
 
   void drop_grad(Entry& e) {
@@ -325,12 +358,13 @@ class StepPlan {
   // A "no" goes through validate(), which gives the op's error or sends the
   // param to the op path.
   static bool grad_fits(const Entry& e, const c10::TensorImpl& p, const c10::TensorImpl& g) {
+    // (the device check below also keeps a grad on another device type out)
     const c10::DispatchKeySet keys = g.key_set();
     if (keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::Conjugate) ||
         keys.has(c10::DispatchKey::Negative) || keys.has(c10::DispatchKey::Functionalize)) {
       return false;
     }
-    return g.layout() == c10::kStrided && g.device_type() == c10::DeviceType::CPU && g.has_storage() &&
+    return g.layout() == c10::kStrided && g.has_storage() &&
            g.dtype() == p.dtype() && g.device() == p.device() && g.sizes() == p.sizes() &&
            (e.contiguous ? g.is_contiguous() : same_layout(g, p));
   }
@@ -350,14 +384,14 @@ class StepPlan {
       throw;
     }
     const c10::TensorImpl& pi = *p.unsafeGetTensorImpl();
-    bool param_direct = plain_cpu(p) && walkable(pi);
+    bool param_direct = plain(p) && walkable(pi);
     bool contiguous = pi.is_contiguous();
     for (size_t k = 0; k < states_.size(); ++k) {
       if (states_[k].empty()) continue;
       const at::Tensor& s = states_[k][i];
       e.state_data[k] = raw_data(s.unsafeGetTensorImpl());
       if (is_step_list(k)) continue;
-      param_direct = param_direct && plain_cpu(s) && same_layout(*s.unsafeGetTensorImpl(), pi);
+      param_direct = param_direct && plain(s) && same_layout(*s.unsafeGetTensorImpl(), pi);
       contiguous = contiguous && s.is_contiguous();
     }
     if (param_direct) {
@@ -378,7 +412,7 @@ class StepPlan {
     e.grad = grad.unsafeGetTensorImpl();
     e.grad_data = raw_data(e.grad);
     e.slot.grad = e.grad_data;
-    e.direct = param_direct && plain_cpu(grad) && same_layout(*e.grad, pi) && (!contiguous || grad.is_contiguous());
+    e.direct = param_direct && plain(grad) && same_layout(*e.grad, pi) && (!contiguous || grad.is_contiguous());
   }
 
   void check_one(size_t i, const at::Tensor& grad) const {
@@ -457,6 +491,9 @@ class StepPlan {
       memory_shared_ = wave_ends(spans).size() > 1;
       spans_checked_ = true;
     }
+#ifdef FROZENOPT_WITH_CUDA
+    if (device_ == c10::DeviceType::CUDA) rebuild_rows();
+#endif
     wave_ends_.clear();
     if (memory_shared_) {
       std::vector<Span> spans;
@@ -464,6 +501,34 @@ class StepPlan {
       wave_ends_ = wave_ends(spans);
     }
   }
+
+#ifdef FROZENOPT_WITH_CUDA
+  // The CUDA launchers' rows: every param with a grad, empty ones too (Adam's
+  // launch advances their step counters), in order.
+  void rebuild_rows() {
+    rows_.clear();
+    for (const int32_t i : active_) {
+      const Entry& e = entries_[i];
+      if (!e.direct) continue;  // refresh() sends the plan to the op path then
+      cuda::OpTensor t{};
+      t.dtype = cuda::dtype_of(e.slot.dtype);
+      t.numel = e.slot.numel;
+      if (t.numel > 0) {
+        t.rows[cuda::row::kParam] = e.slot.param;
+        t.rows[cuda::row::kGrad] = const_cast<void*>(e.slot.grad);
+        if (adam_) {
+          t.rows[cuda::row::kExpAvg] = e.slot.state0;
+          t.rows[cuda::row::kExpAvgSq] = e.slot.state1;
+          t.rows[cuda::row::kMaxExpAvgSq] = e.slot.state2;
+        } else {
+          t.rows[cuda::row::kMomentum] = e.slot.state0;
+        }
+      }
+      if (adam_) t.rows[cuda::row::kStep] = e.step;
+      rows_.push_back(t);
+    }
+  }
+#endif
 
   // The params that have a grad this step, like torch.optim's grad-is-None skip.
   Gathered gather() const {
@@ -488,7 +553,8 @@ class StepPlan {
   std::vector<std::vector<at::Tensor>> states_;
   bool adam_ = false;
   const char* op_name_ = "";
-  bool direct_ = false;              // a CPU plan of plain tensors
+  c10::DeviceType device_;           // the params' device type
+  bool direct_ = false;              // a plan of plain tensors on a device with direct launches
   std::vector<Entry> entries_;       // parallel to params_
   int64_t indirect_ = 0;             // entries with a grad that need the op path
   std::vector<int32_t> active_;      // entries with a grad
@@ -497,6 +563,9 @@ class StepPlan {
   std::vector<size_t> wave_ends_;    // the slots' waves; empty: one wave
   bool spans_checked_ = false;       // memory_shared_ is up to date with the entries
   bool memory_shared_ = false;       // some params share memory: slots run in waves
+#ifdef FROZENOPT_WITH_CUDA
+  std::vector<cuda::OpTensor> rows_;  // on a GPU: what the launchers take, from the entries
+#endif
   cpu::SGDLaunch sgd_launch_;
   cpu::AdamLaunch adam_launch_;
 };

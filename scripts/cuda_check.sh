@@ -29,11 +29,11 @@ fi
 # 1. The environment.
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$(cd "$venv" && pwd)/bin/python"
-if ! "$py" -c "import torch, pybind11, ninja, pytest, hypothesis, numpy, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
+if ! "$py" -c "import torch, pybind11, ninja, pytest, hypothesis, numpy, expecttest, sys; sys.exit(torch.__version__.split('+')[0] != '2.14.1')" 2>/dev/null; then
   say "installing torch==2.14.1 (CUDA 13.0 build) and the test tools into $venv"
   {
     "$py" -m pip install -q --upgrade pip setuptools wheel
-    "$py" -m pip install -q torch==2.14.1 pybind11 ninja pytest hypothesis numpy
+    "$py" -m pip install -q torch==2.14.1 pybind11 ninja pytest hypothesis numpy expecttest
   } 2>&1 | { grep -vE "Location '.*' is ignored" || true; } >&2
   "$py" -c "import torch" || { echo "cuda_check: installing torch==2.14.1 into $venv failed" >&2; exit 1; }
 fi

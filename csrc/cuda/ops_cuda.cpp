@@ -18,6 +18,8 @@
 
 #include <vector>
 
+#include "ops_cuda.h"
+
 #include "../layout.h"
 #include "../ops.h"
 #include "launch.h"
@@ -33,20 +35,18 @@ size_t kernel_arg_budget(int device) {
   return choose_budget(driver, at::cuda::getDeviceProperties(device)->major);
 }
 
-namespace {
-
-using OptTensor = std::optional<at::Tensor>;
-
 // Complex tensors are stepped as their real and imaginary parts (torch.optim's view_as_real).
-DType dtype_of(const at::Tensor& t) {
-  switch (c10::toRealValueType(t.scalar_type())) {
+DType dtype_of(at::ScalarType t) {
+  switch (c10::toRealValueType(t)) {
     case at::kFloat: return DType::kFloat;
     case at::kDouble: return DType::kDouble;
     case at::kHalf: return DType::kHalf;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "frozenopt: unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK(false, "frozenopt: unsupported dtype ", t);
   }
 }
+
+namespace {
 
 // A CUDA tensor is read by the kernel where it lies; a CPU one (or none) is a
 // host value (reading a CPU tensor is no device synchronisation).
@@ -79,7 +79,7 @@ class Rows {
  public:
   void add(const at::Tensor& p, const at::Tensor& g, std::initializer_list<at::Tensor> states) {
     OpTensor t{};
-    t.dtype = dtype_of(p);
+    t.dtype = dtype_of(p.scalar_type());
     t.numel = p.numel() * (p.is_complex() ? 2 : 1);
     if (t.numel > 0) {
       const c10::TensorImpl& pi = *p.unsafeGetTensorImpl();
@@ -131,7 +131,73 @@ void in_waves(at::TensorList params, const Add& add, const Launch& launch) {
   }
 }
 
-void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+void* stream_of(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
+
+// A CPU lr tensor is a host value; a CUDA one is read by the kernels.
+double host_lr(const OptTensor& lr_tensor, double lr) {
+  return lr_tensor.has_value() && lr_tensor->is_cpu() ? lr_tensor->item<double>() : lr;
+}
+bool lr_on_device(const OptTensor& lr_tensor) { return lr_tensor.has_value() && !lr_tensor->is_cpu(); }
+
+}  // namespace
+
+SGDArgs sgd_args(const char* op, const OptTensor& mask, double lr, const OptTensor& lr_tensor, double momentum,
+                 double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
+                 const OptTensor& grad_scale, const OptTensor& found_inf, std::vector<at::Tensor>& keep) {
+  lr = host_lr(lr_tensor, lr);
+  check_sgd_hyper(lr_on_device(lr_tensor) ? 0.0 : lr, momentum, dampening, weight_decay, nesterov);
+  SGDArgs args{};
+  args.common = step_args(op, mask, lr_tensor, lr, grad_scale, found_inf, keep);
+  args.momentum = momentum;
+  args.dampening = dampening;
+  args.weight_decay = weight_decay;
+  args.nesterov = nesterov;
+  args.maximize = maximize;
+  args.first_step = first_step;
+  return args;
+}
+
+AdamArgs adam_args(const char* op, const OptTensor& mask, double lr, const OptTensor& lr_tensor, double beta1,
+                   double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
+                   bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf,
+                   std::vector<at::Tensor>& keep) {
+  lr = host_lr(lr_tensor, lr);
+  check_adam_hyper(lr_on_device(lr_tensor) ? 0.0 : lr, beta1, beta2, weight_decay, eps);
+  AdamArgs args{};
+  args.common = step_args(op, mask, lr_tensor, lr, grad_scale, found_inf, keep);
+  args.beta1 = beta1;
+  args.beta2 = beta2;
+  args.eps = eps;
+  args.weight_decay = weight_decay;
+  args.amsgrad = amsgrad;
+  args.maximize = maximize;
+  args.decoupled_weight_decay = decoupled_weight_decay;
+  return args;
+}
+
+void launch_sgd_rows(const std::vector<OpTensor>& rows, const SGDArgs& args, bool has_momentum,
+                     const at::Device& device) {
+  c10::cuda::CUDAGuard guard(device);
+  launch_sgd(rows, args, has_momentum, kernel_arg_budget(device.index()), stream_of(device));
+}
+
+void launch_adam_rows(const std::vector<OpTensor>& rows, AdamArgs args, const at::Device& device) {
+  c10::cuda::CUDAGuard guard(device);
+  // Filled by the step launch, read by the element launches; the caching
+  // allocator reuses it only for work queued after them on this stream.
+  const at::Tensor scratch = at::empty({static_cast<int64_t>(adam_scratch_bytes(rows.size()))},
+                                       at::TensorOptions().device(device).dtype(at::kByte));
+  args.tensor_scalars = static_cast<AdamTensorScalars*>(scratch.data_ptr());
+  launch_adam(rows, args, kernel_arg_budget(device.index()), stream_of(device));
+}
+
+namespace {
+
+// The mask entries of the params a wave steps (tensor ids restart in each wave).
+OptTensor wave_mask(const OptTensor& mask, size_t first, size_t count) {
+  if (!mask.has_value() || (first == 0 && count == static_cast<size_t>(mask->numel()))) return mask;
+  return mask->narrow(0, static_cast<int64_t>(first), static_cast<int64_t>(count));
+}
 
 void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const OptTensor& mask,
               double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay,
@@ -143,31 +209,19 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
                   has_momentum ? std::initializer_list<NamedList>{{"momentum_buffers", momentum_buffers}}
                                : std::initializer_list<NamedList>{},
                   mask, lr_tensor, grad_scale, found_inf);
-  if (lr_tensor.has_value() && lr_tensor->is_cpu()) lr = lr_tensor->item<double>();
-  // A CUDA lr tensor is not read on the host (that would synchronise).
-  check_sgd_hyper(lr_tensor.has_value() && !lr_tensor->is_cpu() ? 0.0 : lr, momentum, dampening, weight_decay,
-                  nesterov);
+  std::vector<at::Tensor> keep;
+  sgd_args(op, std::nullopt, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, is_first_step,
+           grad_scale, found_inf, keep);  // the hyper-parameter checks, before anything moves
   if (params.empty()) return;
   c10::cuda::CUDAGuard guard(params[0].device());
-
-  std::vector<at::Tensor> keep;
-  SGDArgs args{};
-  args.common = step_args(op, mask, lr_tensor, lr, grad_scale, found_inf, keep);
-  args.momentum = momentum;
-  args.dampening = dampening;
-  args.weight_decay = weight_decay;
-  args.nesterov = nesterov;
-  args.maximize = maximize;
-  args.first_step = is_first_step;
-
-  const size_t budget = kernel_arg_budget(params[0].get_device());
   in_waves(
       params,
       [&](Rows& rows, size_t i) { rows.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()}); },
       [&](Rows& rows, size_t first) {
-        SGDArgs wave = args;
-        if (wave.common.mask != nullptr) wave.common.mask += first;  // tensor ids restart in each wave
-        launch_sgd(rows.tensors(), wave, has_momentum, budget, stream_of(params[0]));
+        const SGDArgs args = sgd_args(op, wave_mask(mask, first, rows.tensors().size()), lr, lr_tensor, momentum,
+                                      dampening, weight_decay, nesterov, maximize, is_first_step, grad_scale,
+                                      found_inf, keep);
+        launch_sgd_rows(rows.tensors(), args, has_momentum, params[0].device());
       });
 }
 
@@ -185,30 +239,14 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                     grad_scale, found_inf);
   }
   check_steps(op, params, state_steps);
-  if (lr_tensor.has_value() && lr_tensor->is_cpu()) lr = lr_tensor->item<double>();
-  check_adam_hyper(lr_tensor.has_value() && !lr_tensor->is_cpu() ? 0.0 : lr, beta1, beta2, weight_decay, eps);
+  std::vector<at::Tensor> keep;
+  adam_args(op, std::nullopt, lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+            decoupled_weight_decay, grad_scale, found_inf, keep);  // the hyper-parameter checks
   if (params.empty()) return;
   c10::cuda::CUDAGuard guard(params[0].device());
-
-  std::vector<at::Tensor> keep;
-  AdamArgs args{};
-  args.common = step_args(op, mask, lr_tensor, lr, grad_scale, found_inf, keep);
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.eps = eps;
-  args.weight_decay = weight_decay;
-  args.amsgrad = amsgrad;
-  args.maximize = maximize;
-  args.decoupled_weight_decay = decoupled_weight_decay;
-
   // The launchers advance every unfrozen tensor's step (empty tensors' too, as
   // torch.optim) in a launch of their own, on the device, before the Adam
   // launches read it.
-  // Filled by the step launch, read by the element launches; the caching
-  // allocator reuses it only for work queued after them on this stream.
-  const at::Tensor scratch = at::empty({static_cast<int64_t>(adam_scratch_bytes(params.size()))},
-                                       params[0].options().dtype(at::kByte));
-  const size_t budget = kernel_arg_budget(params[0].get_device());
   in_waves(
       params,
       [&](Rows& rows, size_t i) {
@@ -217,10 +255,10 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
         rows.tensors().back().rows[row::kStep] = state_steps[i].data_ptr<float>();
       },
       [&](Rows& rows, size_t first) {
-        AdamArgs wave = args;
-        if (wave.common.mask != nullptr) wave.common.mask += first;  // tensor ids restart in each wave
-        wave.tensor_scalars = static_cast<AdamTensorScalars*>(scratch.data_ptr()) + first;
-        launch_adam(rows.tensors(), wave, budget, stream_of(params[0]));
+        const AdamArgs args = adam_args(op, wave_mask(mask, first, rows.tensors().size()), lr, lr_tensor, beta1,
+                                        beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
+                                        grad_scale, found_inf, keep);
+        launch_adam_rows(rows.tensors(), args, params[0].device());
       });
 }
 

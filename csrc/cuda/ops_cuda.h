@@ -1,0 +1,41 @@
+// What the CUDA op bodies and the eager step plan share: the launch arguments
+// built from an op's scalars (read where they lie: a CUDA lr, grad_scale or
+// found_inf is read by the kernels, never synchronised to the host), and one
+// launch of ready rows on the device's current stream. Plain C++ (ATen and
+// the launchers' structs), built only in CUDA builds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+#include "kernel_args.h"
+
+namespace frozenopt {
+namespace cuda {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// The kernels' element type of a param (complex: its real type, two per element).
+DType dtype_of(at::ScalarType t);
+
+// Checks the hyper-parameters (a CUDA lr is not read) and builds the
+// arguments; `keep` holds what the arguments point into until the launch.
+SGDArgs sgd_args(const char* op, const OptTensor& mask, double lr, const OptTensor& lr_tensor, double momentum,
+                 double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
+                 const OptTensor& grad_scale, const OptTensor& found_inf, std::vector<at::Tensor>& keep);
+AdamArgs adam_args(const char* op, const OptTensor& mask, double lr, const OptTensor& lr_tensor, double beta1,
+                   double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
+                   bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf,
+                   std::vector<at::Tensor>& keep);
+
+// One step over `rows` (tensor id = index) on `device`'s current stream, with
+// the kernel-argument budget the driver and device allow. Adam's rows carry
+// their step counters (row::kStep), which the launch advances on the device.
+void launch_sgd_rows(const std::vector<OpTensor>& rows, const SGDArgs& args, bool has_momentum,
+                     const at::Device& device);
+void launch_adam_rows(const std::vector<OpTensor>& rows, AdamArgs args, const at::Device& device);
+
+}  // namespace cuda
+}  // namespace frozenopt
