@@ -204,7 +204,8 @@ def describe_run(report: Dict[str, Any]) -> str:
         f"data: batch {m.get('batch_size')} x seq {m.get('seq_len')}, seed {args['seed']}; "
         f"AdamW lr {args['lr']:g}, weight decay {args['weight_decay']:g}; torch recipes: "
         f"torch.optim.AdamW, {TORCH_IMPL[args['torch_impl']]}",
-        f"schedule: {args['schedule']}; {args['rounds']} rounds, the recipes taking turns, each run a "
+        f"schedule: {args['schedule']}; {args['rounds']} round{'s' if args['rounds'] != 1 else ''}, the "
+        f"recipes taking turns, each run a "
         f"fresh process with {args['warmup']} warm-up + {args['steps']} timed steps{per_stage}",
         f"machine: {mach.get('cpu')}, {threads} torch threads on {mach.get('affinity_cpus') or mach.get('cpu_count')} "
         f"CPUs, device {args['device']}, torch {mach.get('torch')}, python {mach.get('python')}",

@@ -227,6 +227,8 @@ def merge_rounds(runs: List[Dict[str, Any]], busy_limit: float) -> Dict[str, Any
         "peak_memory_bytes": run["peak_memory_bytes"],
         "worker_wall_s": run["worker_wall_s"],
     } for run in runs]
+    for key in ("round", "position", "load_average_start", "worker_wall_s"):  # per round, above
+        del merged[key]
     merged["peak_memory_bytes"] = max(run["peak_memory_bytes"] for run in runs)
     stages = []
     for si, first in enumerate(runs[0]["stages"]):
