@@ -13,8 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-REBUILD = ("from the frozenopt checkout run `pip install --no-build-isolation -e .` (or "
-           "`pip install --no-build-isolation .`; `./run.sh test` sets up a fresh environment)")
+REBUILD = ("in the frozenopt source folder run `pip install --no-build-isolation --no-deps --force-reinstall .` "
+           "(add -e for an editable install; `./run.sh` rebuilds its own .venv by itself)")
 
 
 def check_built_against(built: Optional[str], loaded: str) -> None:
