@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per recipe and round (per stage with --schedule gradual); "
-                        "default 8 (tiny: 3)")
+                        "default 6 (tiny: 3)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed warm-up steps before the timed ones, in every run (default 3; tiny: 2)")
     p.add_argument("--rounds", type=int, default=3,
@@ -94,7 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     tiny = args.size == "tiny" and args.model == "builtin"
     if args.steps is None:
-        args.steps = 3 if tiny else 8
+        args.steps = 3 if tiny else 6
     if args.warmup is None:
         args.warmup = 2 if tiny else 3
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
