@@ -31,14 +31,14 @@ RECIPE_FIELDS = [
     "recipe", "ok", "arithmetic", "median_step_s", "median_iter_s", "step_spread_s", "iter_spread_s",
     "peak_memory_bytes", "peak_memory_kind", "baseline_rss_bytes", "state_bytes", "grad_bytes",
     "frozen_max_abs_change", "frozen_bitwise_unchanged", "max_update_abs", "vs_reference", "stages",
-    "losses", "threads", "rounds", "others_cores_max", "timing_suspect", "timing_suspect_reasons",
+    "losses", "threads", "rounds", "rounds_used", "busy_rounds_left_out", "others_cores_max", "timing_suspect",
+    "timing_suspect_reasons",
 ]
 STAGE_FIELDS = [
     "stage", "transition_s", "rebuilt_optimizer", "state_survived", "median_step_s",
     "median_iter_s", "step_spread_s", "iter_spread_s", "wall_s", "state_bytes", "grad_bytes",
-    "others_cpu_s", "timed_wall_s",
 ]
-ROUND_FIELDS = ["round", "position", "load_average_start", "others_cores", "median_step_s", "median_iter_s",
+ROUND_FIELDS = ["round", "position", "load_average_start", "others_cores", "busy", "median_step_s", "median_iter_s",
                 "peak_memory_bytes"]
 ROUNDS = 2  # the fixed schedule's; the gradual one runs one round
 STEPS = 3
@@ -104,16 +104,20 @@ def test_json_has_every_field(fixed):
 def test_rounds_pool_the_times_and_give_the_spread(fixed):
     _, _, report = fixed
     for name, res in report["recipes"].items():
+        # the load was measured (this is Linux) while the recipe was timed, in every round
+        assert all(r["others_cores"] is not None and r["others_cores"] >= 0 for r in res["rounds"])
+        assert res["others_cores_max"] == max(r["others_cores"] for r in res["rounds"])
+        busy = [r["round"] for r in res["rounds"] if r["busy"]]
+        used = [r for r in res["rounds"] if not r["busy"]] or res["rounds"]
+        assert res["rounds_used"] == [r["round"] for r in used]
+        assert res["busy_rounds_left_out"] == (busy if len(busy) < ROUNDS else [])
         st = res["stages"][0]
-        assert len(st["step_times_s"]) == len(st["iter_times_s"]) == ROUNDS * STEPS
+        assert len(st["step_times_s"]) == len(st["iter_times_s"]) == len(used) * STEPS
         lo, mid, hi = res["step_spread_s"]
         assert lo <= mid <= hi
         # the median of the pooled steps lies between the medians of the single rounds
         assert lo <= res["median_step_s"] <= hi
-        assert sorted(r["median_step_s"][0] for r in res["rounds"])[0] == lo
-        # the load was measured (this is Linux) while the recipe was timed, in every round
-        assert all(r["others_cores"] is not None and r["others_cores"] >= 0 for r in res["rounds"])
-        assert res["others_cores_max"] == max(r["others_cores"] for r in res["rounds"])
+        assert min(r["median_step_s"][0] for r in used) == lo
     # each round started with another recipe
     firsts = {r["round"]: n for n, res in report["recipes"].items() for r in res["rounds"] if r["position"] == 1}
     assert firsts == {1: RECIPES[0], 2: RECIPES[len(RECIPES) // 2]}
@@ -267,13 +271,23 @@ def _fake_run(round_index, step_ms, others_cores, recipe="frozenopt"):
             "stages": [stage]}
 
 
-def test_a_busy_round_is_flagged():
+def test_busy_rounds_are_left_out_and_all_busy_is_suspect():
     quiet = merge_rounds([_fake_run(0, 2.0, 0.02), _fake_run(1, 2.1, 0.05)], busy_limit=0.25)
     assert not quiet["timing_suspect"] and quiet["timing_suspect_reasons"] == []
-    busy = merge_rounds([_fake_run(0, 2.0, 0.02), _fake_run(1, 2.2, 0.9)], busy_limit=0.25)
-    assert busy["timing_suspect"]
-    assert busy["timing_suspect_reasons"] == ["round 2: other processes used 0.90 cores while it was timed"]
-    assert busy["others_cores_max"] == pytest.approx(0.9)
+    assert quiet["rounds_used"] == [1, 2] and quiet["busy_rounds_left_out"] == []
+    # a busy spell slowed round 2 ten times: left out, the figures come from round 1
+    one_busy = merge_rounds([_fake_run(0, 2.0, 0.02), _fake_run(1, 20.0, 0.9)], busy_limit=0.25)
+    assert not one_busy["timing_suspect"]
+    assert one_busy["rounds_used"] == [1] and one_busy["busy_rounds_left_out"] == [2]
+    assert one_busy["median_step_s"] == pytest.approx(0.002)
+    assert [r["busy"] for r in one_busy["rounds"]] == [False, True]
+    assert one_busy["others_cores_max"] == pytest.approx(0.9)
+    assert report._timing(one_busy) == "ok, busy round 2 left out"
+    all_busy = merge_rounds([_fake_run(0, 2.0, 0.5), _fake_run(1, 2.2, 0.9)], busy_limit=0.25)
+    assert all_busy["timing_suspect"] and all_busy["busy_rounds_left_out"] == []
+    assert all_busy["timing_suspect_reasons"] == [
+        "every round was busy: other processes used 0.50, 0.90 cores while it was timed"]
+    assert report._timing(all_busy) == "SUSPECT"
     unsteady = merge_rounds([_fake_run(0, 2.0, 0.0), _fake_run(1, 4.0, 0.0)], busy_limit=0.25)
     assert unsteady["timing_suspect"] and "range 2-4 ms" in unsteady["timing_suspect_reasons"][0]
     assert unsteady["step_spread_s"] == pytest.approx([0.002, 0.003, 0.004])
@@ -286,11 +300,11 @@ def test_suspect_recipe_is_marked_in_table_json_and_chart(fixed, tmp_path):
         res["timing_suspect"], res["timing_suspect_reasons"] = False, []
     res = rep["recipes"]["filtered"]
     res["timing_suspect"] = True
-    res["timing_suspect_reasons"] = ["round 2: other processes used 1.20 cores while it was timed"]
+    res["timing_suspect_reasons"] = ["every round was busy: other processes used 1.20, 0.90 cores while it was timed"]
     text = report.render_text(rep)
     row = next(line for line in text.splitlines() if line.startswith("filtered "))
     assert "SUSPECT" in row
-    assert "SUSPECT filtered: round 2: other processes used 1.20 cores" in text
+    assert "SUSPECT filtered: every round was busy: other processes used 1.20, 0.90 cores" in text
     assert "WARNING: the timing of filtered is suspect" in text
     assert "| filtered |" in report.render_markdown(rep) and "SUSPECT" in report.render_markdown(rep)
     pytest.importorskip("matplotlib")

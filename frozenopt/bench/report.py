@@ -70,7 +70,10 @@ def _cores(x: Optional[float]) -> str:
 
 
 def _timing(res: Dict[str, Any]) -> str:
-    return "SUSPECT" if res.get("timing_suspect") else "ok"
+    if res.get("timing_suspect"):
+        return "SUSPECT"
+    out = res.get("busy_rounds_left_out")
+    return f"ok, busy round {', '.join(map(str, out))} left out" if out else "ok"
 
 
 def gradual(report: Dict[str, Any]) -> bool:
@@ -226,11 +229,12 @@ TORCH_IMPL = {
 }
 
 NOTES_TIMES = (
-    "step/iter ms: medians of every timed step of every round (warm-up excluded), in brackets the lowest "
-    "and highest median of a single round; iter = forward + backward + step + zero_grad.\n"
+    "step/iter ms: medians of every timed step of the rounds used (warm-up excluded), in brackets the "
+    "lowest and highest median of a single round; iter = forward + backward + step + zero_grad.\n"
     "others' CPU: cores other processes used, on average, while the recipe was timed (its worst round). "
-    "timing: SUSPECT when in some round that exceeded {busy:.2f} (the CPUs its {threads} torch threads "
-    "leave free + 0.25), or when the medians of its rounds differ by more than {spread:g}x.\n"
+    "A round in which that exceeded {busy:.2f} (the CPUs its {threads} torch threads leave free + 0.25) is "
+    "busy and left out of the times (the JSON keeps it); timing is SUSPECT when every round was busy, or "
+    "when the medians of the rounds used differ by more than {spread:g}x.\n"
 )
 
 NOTES_FIXED = (
@@ -350,7 +354,7 @@ def write_chart(report: Dict[str, Any], path: str) -> Optional[str]:
                 label = fmt.format(m) + (f"  {sname}" if len(stages) > 1 else "")
                 ax.text(b + top * 0.02, yi, label, va="center", fontsize=7 if len(stages) > 1 else 8)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("ms: median of all rounds; whisker: lowest to highest round median", fontsize=8)
+        ax.set_xlabel("ms: median of the rounds used; whisker: lowest to highest round median", fontsize=8)
         ax.set_xlim(0, top * (1.45 if len(stages) > 1 else 1.25) if top > 0 else 1)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=9)
@@ -425,7 +429,12 @@ def write_chart(report: Dict[str, Any], path: str) -> Optional[str]:
     foot = _load_line(report)
     suspect = [n for n, r in recipes if r.get("timing_suspect")]
     if suspect:
-        foot += f"\nSUSPECT timing (red, hatched): {', '.join(suspect)}: other processes were busy or the rounds disagree"
+        foot += (f"\nSUSPECT timing (red, hatched): {', '.join(suspect)}: other processes were busy in every "
+                 f"round, or the rounds disagree")
+    left_out = [f"{n} ({', '.join(map(str, r['busy_rounds_left_out']))})" for n, r in recipes
+                if r.get("busy_rounds_left_out")]
+    if left_out:
+        foot += f"\nbusy rounds left out of the times: {', '.join(left_out)}"
     if gradual(report):
         foot += "\nstages: head = pooler + classifier trained; top2 = + top 2 blocks; all = everything"
     fig.text(0.01, 0.01, foot, fontsize=8, va="bottom", ha="left",

@@ -212,27 +212,37 @@ def _others_cores(stages: List[Dict[str, Any]]) -> Optional[float]:
 def merge_rounds(runs: List[Dict[str, Any]], busy_limit: float) -> Dict[str, Any]:
     """One recipe's runs (one per round, the first with the weight checks) as one result.
 
-    Times are pooled over the rounds (medians of every timed step); the medians
-    of the single rounds give the spread, and the load measured in each round
-    says whether the timing can be trusted.
+    A round in which other processes used more than ``busy_limit`` cores while
+    the recipe was timed is busy: its times are kept in the JSON but left out of
+    the figures, which pool every timed step of the other rounds (medians), with
+    the medians of the single rounds as the spread. The timing is suspect when
+    every round was busy, or when the rounds used disagree by more than
+    SPREAD_LIMIT times.
     """
     merged = dict(runs[0])
-    merged["rounds"] = [{
-        "round": run["round"] + 1,
-        "position": run["position"],
-        "load_average_start": run["load_average_start"],
-        "others_cores": _others_cores(run["stages"]),
-        "median_step_s": [st["median_step_s"] for st in run["stages"]],
-        "median_iter_s": [st["median_iter_s"] for st in run["stages"]],
-        "peak_memory_bytes": run["peak_memory_bytes"],
-        "worker_wall_s": run["worker_wall_s"],
-    } for run in runs]
+    merged["rounds"] = []
+    for run in runs:
+        others = _others_cores(run["stages"])
+        merged["rounds"].append({
+            "round": run["round"] + 1,
+            "position": run["position"],
+            "load_average_start": run["load_average_start"],
+            "others_cores": others,
+            "busy": others is not None and others > busy_limit,
+            "median_step_s": [st["median_step_s"] for st in run["stages"]],
+            "median_iter_s": [st["median_iter_s"] for st in run["stages"]],
+            "peak_memory_bytes": run["peak_memory_bytes"],
+            "worker_wall_s": run["worker_wall_s"],
+        })
     for key in ("round", "position", "load_average_start", "worker_wall_s"):  # per round, above
         del merged[key]
+    quiet = [run for run, r in zip(runs, merged["rounds"]) if not r["busy"]]
+    used = quiet or runs
+    merged["rounds_used"] = [run["round"] + 1 for run in used]
     merged["peak_memory_bytes"] = max(run["peak_memory_bytes"] for run in runs)
     stages = []
     for si, first in enumerate(runs[0]["stages"]):
-        per_round = [run["stages"][si] for run in runs]
+        per_round = [run["stages"][si] for run in used]
         steps = [t for st in per_round for t in st["step_times_s"]]
         iters = [t for st in per_round for t in st["iter_times_s"]]
         stages.append({
@@ -245,24 +255,27 @@ def merge_rounds(runs: List[Dict[str, Any]], busy_limit: float) -> Dict[str, Any
             "iter_spread_s": _spread([st["median_iter_s"] for st in per_round]),
             "transition_s": statistics.median(st["transition_s"] for st in per_round),
             "wall_s": statistics.median(st["wall_s"] for st in per_round),
-            "others_cpu_s": None if any(st["others_cpu_s"] is None for st in per_round)
-            else sum(st["others_cpu_s"] for st in per_round),
-            "timed_wall_s": sum(st["timed_wall_s"] for st in per_round),
         })
+    for st in stages:  # per round: in merged["rounds"]
+        del st["others_cpu_s"], st["timed_wall_s"]
     merged["stages"] = stages
     if merged["schedule"] == "fixed":
         for key in ("median_step_s", "median_iter_s", "step_spread_s", "iter_spread_s"):
             merged[key] = stages[0][key]
     loads = [r["others_cores"] for r in merged["rounds"] if r["others_cores"] is not None]
     merged["others_cores_max"] = max(loads) if loads else None
-    reasons = [f"round {r['round']}: other processes used {r['others_cores']:.2f} cores while it was timed"
-               for r in merged["rounds"] if r["others_cores"] is not None and r["others_cores"] > busy_limit]
+    busy = [r for r in merged["rounds"] if r["busy"]]
+    merged["busy_rounds_left_out"] = [r["round"] for r in busy] if quiet else []
+    reasons = []
+    if busy and not quiet:
+        reasons.append("every round was busy: other processes used "
+                       + ", ".join(f"{r['others_cores']:.2f}" for r in busy) + " cores while it was timed")
     for st in stages:
         for what, key in (("step", "step_spread_s"), ("iteration", "iter_spread_s")):
             lo, _, hi = st[key]
             if lo > 0 and hi / lo > SPREAD_LIMIT:
                 where = "" if merged["schedule"] == "fixed" else f" in stage {st['stage']}"
-                reasons.append(f"{what} medians of the rounds{where} range {lo * 1e3:.3g}-{hi * 1e3:.3g} ms")
+                reasons.append(f"{what} medians of the rounds used{where} range {lo * 1e3:.3g}-{hi * 1e3:.3g} ms")
     merged["timing_suspect"] = bool(reasons)
     merged["timing_suspect_reasons"] = reasons
     return merged
@@ -396,10 +409,10 @@ def run_bench(args) -> Dict[str, Any]:
         # 1/5/15-minute load averages before the first worker and after the last one
         # (the run itself adds about one per torch thread).
         "load_average": {"start": load_start, "end": load_average()},
-        # A recipe's timing is suspect when, in one of its rounds, other processes used more
-        # than this many cores on average while it was timed (CPUs left free by its torch
-        # threads + BUSY_CORES), or when the medians of its rounds differ by more than
-        # SPREAD_LIMIT times.
+        # A round is busy when other processes used more than this many cores on average
+        # while the recipe was timed (CPUs left free by its torch threads + BUSY_CORES); busy
+        # rounds are left out of the figures, and a recipe with no other round, or whose
+        # rounds differ by more than SPREAD_LIMIT times, is suspect.
         "busy_limit_cores": busy_limit,
         "spread_limit": SPREAD_LIMIT,
         "reference_recipe": reference,
