@@ -190,6 +190,10 @@ def _check_targets(args) -> None:
         raise BenchError("--freeze covers every parameter: nothing would be trained")
 
 
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
 def round_order(recipes: List[str], round_index: int, rounds: int) -> List[str]:
     """The recipes of one round, rotated so that each round starts at a different one."""
     k = (round_index * len(recipes)) // max(rounds, 1)
@@ -227,6 +231,8 @@ def merge_rounds(runs: List[Dict[str, Any]], busy_limit: float) -> Dict[str, Any
             "round": run["round"] + 1,
             "position": run["position"],
             "load_average_start": run["load_average_start"],
+            "started_utc": run["started_utc"],
+            "finished_utc": run["finished_utc"],
             "others_cores": others,
             "busy": others is not None and others > busy_limit,
             "median_step_s": [st["median_step_s"] for st in run["stages"]],
@@ -234,7 +240,7 @@ def merge_rounds(runs: List[Dict[str, Any]], busy_limit: float) -> Dict[str, Any
             "peak_memory_bytes": run["peak_memory_bytes"],
             "worker_wall_s": run["worker_wall_s"],
         })
-    for key in ("round", "position", "load_average_start", "worker_wall_s"):  # per round, above
+    for key in ("round", "position", "load_average_start", "started_utc", "finished_utc", "worker_wall_s"):
         del merged[key]
     quiet = [run for run, r in zip(runs, merged["rounds"]) if not r["busy"]]
     used = quiet or runs
@@ -353,6 +359,7 @@ def run_bench(args) -> Dict[str, Any]:
                 if hasattr(bar, "set_postfix_str"):
                     bar.set_postfix_str(f"round {rd + 1}/{args.rounds}: {recipe}")
                 load_before = load_average()
+                began = _now()
                 res = _run_one(cfg, bar)
                 done += per_run
                 # keep the bar's total consistent even when a worker died early
@@ -364,6 +371,7 @@ def run_bench(args) -> Dict[str, Any]:
                     continue
                 res["position"] = position + 1
                 res["load_average_start"] = load_before
+                res["started_utc"], res["finished_utc"] = began, _now()
                 runs[recipe].append(res)
                 if rd == 0:
                     weights[recipe] = cfg["weights_path"]
