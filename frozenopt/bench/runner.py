@@ -18,12 +18,12 @@ from .recipes import ALL_RECIPES, FROZENOPT_RECIPES, PROGRESS_TAG
 
 # "Trained params agree with the reference recipe": torch.allclose with RTOL and an
 # absolute tolerance of ATOL_FRACTION of the largest change any weight made in the
-# reference run. Two correct AdamW implementations differ by rounding only, and on a
-# whole training run that rounding is amplified: torch's own fused and for-loop AdamW
-# end ~8e-5 apart after the default 27 steps (lr 1e-3, weights moved up to ~3e-2), so a
-# fixed atol such as 1e-6 would call torch itself wrong. A real difference (optimizer
-# state lost at a stage change, a different frozen set) is of the size of the update
-# itself, so 5 % of the update separates the two by an order of magnitude either way.
+# reference run. Runs of the same AdamW arithmetic (frozenopt and torch's fused=True)
+# that freeze the same params end bitwise equal. Other arithmetic (torch's for-loop code)
+# differs by rounding that training amplifies: 8e-5 after 27 steps of the default model
+# (weights moved up to ~3e-2), so a fixed atol such as 1e-6 would call torch itself
+# wrong. A real difference (optimizer state lost at a stage change, another frozen set)
+# is of the size of the update itself, which 5 % of the update catches.
 RTOL = 1e-5
 ATOL_FRACTION = 0.05
 # A recipe whose rounds' median times differ by more than this factor is flagged even when
