@@ -231,7 +231,7 @@ TORCH_IMPL = {
 NOTES_TIMES = (
     "step/iter ms: medians of every timed step of the rounds used (warm-up excluded), in brackets the "
     "lowest and highest median of a single round; iter = forward + backward + step + zero_grad.\n"
-    "others' CPU: cores other processes used, on average, while the recipe was timed (its worst round). "
+    "others' CPU: cores other processes used, on average, while the recipe was timed (the worst of the rounds used). "
     "A round in which that exceeded {busy:.2f} (the CPUs its {threads} torch threads leave free + 0.25) is "
     "busy and left out of the times (the JSON keeps it); timing is SUSPECT when every round was busy, or "
     "when the medians of the rounds used differ by more than {spread:g}x.\n"

@@ -268,7 +268,9 @@ def merge_rounds(runs: List[Dict[str, Any]], busy_limit: float) -> Dict[str, Any
     if merged["schedule"] == "fixed":
         for key in ("median_step_s", "median_iter_s", "step_spread_s", "iter_spread_s"):
             merged[key] = stages[0][key]
-    loads = [r["others_cores"] for r in merged["rounds"] if r["others_cores"] is not None]
+    # the load under the figures shown: in the rounds used
+    loads = [r["others_cores"] for r in merged["rounds"] if r["others_cores"] is not None and r["round"] in
+             merged["rounds_used"]]
     merged["others_cores_max"] = max(loads) if loads else None
     busy = [r for r in merged["rounds"] if r["busy"]]
     merged["busy_rounds_left_out"] = [r["round"] for r in busy] if quiet else []
