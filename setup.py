@@ -82,9 +82,20 @@ class BuildWithCapabilities(BuildExtension):
             ext.extra_objects = list(ext.extra_objects or []) + self._compile_kernels(ext)
         super().build_extensions()
         for ext in self.extensions:
-            record = Path(self.get_ext_fullpath(ext.name)).parent / "_build_info.py"
-            record.write_text("# Written by setup.py when frozenopt._C was compiled; checked at import.\n"
-                              f"TORCH_VERSION = {torch.__version__!r}\n")
+            self._write_record(Path(self.get_ext_fullpath(ext.name)).parent)
+
+    def copy_extensions_to_source(self):
+        """An in-place (editable) build copies the module into the source tree: the record goes with it."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            self._write_record(Path(build_py.get_package_dir(ext.name.rpartition(".")[0])))
+
+    @staticmethod
+    def _write_record(package_dir):
+        (package_dir / "_build_info.py").write_text(
+            "# Written by setup.py when frozenopt._C was compiled; checked at import.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n")
 
     def _compile_kernels(self, ext):
         source = str(CSRC / "cpu" / "kernels.cpp")
