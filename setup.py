@@ -3,8 +3,14 @@
 csrc/cpu/kernels.cpp is compiled once per CPU capability (DEFAULT, AVX2,
 AVX512), each with the defines and -m flags that make at::vec vectorise, and
 the objects are linked into the extension; csrc/cpu/ops_cpu.cpp picks one at
-run time. Build with `pip install --no-build-isolation .` against an installed
-torch (build isolation would fetch a different torch from the registry).
+run time.
+
+The extension only works with the torch it was compiled against, so it is
+built against the torch already installed: `pip install --no-build-isolation .`.
+torch is deliberately not a build requirement: an isolated build cannot see the
+user's torch and stops here with that instruction instead of compiling against
+another one. The torch version used is written beside the module
+(frozenopt/_build_info.py) and checked when frozenopt is imported.
 
 CUDA: when torch is a CUDA build and a CUDA toolkit is found (CUDA_HOME or
 nvcc on PATH), csrc/cuda/ is compiled too, whether or not a GPU is visible.
@@ -23,8 +29,26 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import setuptools
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+INSTALL = 'pip install "setuptools>=77" wheel pybind11 ninja && pip install --no-build-isolation .'
+MIN_TORCH = (2, 4)
+
+try:
+    import torch
+except ImportError:
+    raise SystemExit(
+        "frozenopt: no torch to compile against here (an isolated build cannot see the torch you have). "
+        f"Install torch first, then: {INSTALL}"
+    ) from None
+if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
+    raise SystemExit(f"frozenopt needs torch >= {'.'.join(map(str, MIN_TORCH))}; this environment has "
+                     f"torch {torch.__version__}")
+if int(setuptools.__version__.split(".")[0]) < 77:
+    raise SystemExit(f"frozenopt needs setuptools >= 77 to build (found {setuptools.__version__}): {INSTALL}")
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = ROOT / "csrc"
@@ -59,10 +83,23 @@ class BuildWithCapabilities(BuildExtension):
         for ext in self.extensions:
             ext.extra_objects = list(ext.extra_objects or []) + self._compile_kernels(ext)
         super().build_extensions()
+        for ext in self.extensions:
+            self._write_record(Path(self.get_ext_fullpath(ext.name)).parent)
+
+    def copy_extensions_to_source(self):
+        """An in-place (editable) build copies the module into the source tree: the record goes with it."""
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            self._write_record(Path(build_py.get_package_dir(ext.name.rpartition(".")[0])))
+
+    @staticmethod
+    def _write_record(package_dir):
+        (package_dir / "_build_info.py").write_text(
+            "# Written by setup.py when frozenopt._C was compiled; checked at import.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\n")
 
     def _compile_kernels(self, ext):
-        import torch
-
         source = str(CSRC / "cpu" / "kernels.cpp")
         out_root = Path(self.build_temp) / "kernels"
         abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
@@ -93,7 +130,6 @@ def _flag(name):
 
 def _cuda_build():
     """(build the CUDA sources?, why not) from torch, the toolkit and FORCE_CUDA/USE_CUDA."""
-    import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
     if os.environ.get("USE_CUDA", "").strip() in ("0", "false", "no", "off"):

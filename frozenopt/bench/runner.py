@@ -6,24 +6,29 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 from typing import Any, Dict, List, Optional
 
+from .load import BUSY_CORES, spare_cores
 from .progress import progress_bar
 from .recipes import ALL_RECIPES, FROZENOPT_RECIPES, PROGRESS_TAG
 
 # "Trained params agree with the reference recipe": torch.allclose with RTOL and an
 # absolute tolerance of ATOL_FRACTION of the largest change any weight made in the
-# reference run. Two correct AdamW implementations differ by rounding only, and on a
-# whole training run that rounding is amplified: torch's own fused and for-loop AdamW
-# end ~8e-5 apart after the default 27 steps (lr 1e-3, weights moved up to ~3e-2), so a
-# fixed atol such as 1e-6 would call torch itself wrong. A real difference (optimizer
-# state lost at a stage change, a different frozen set) is of the size of the update
-# itself, so 5 % of the update separates the two by an order of magnitude either way.
+# reference run. Runs of the same AdamW arithmetic (frozenopt and torch's fused=True)
+# that freeze the same params end bitwise equal. Other arithmetic (torch's for-loop code)
+# differs by rounding that training amplifies: 8e-5 after 27 steps of the default model
+# (weights moved up to ~3e-2), so a fixed atol such as 1e-6 would call torch itself
+# wrong. A real difference (optimizer state lost at a stage change, another frozen set)
+# is of the size of the update itself, which 5 % of the update catches.
 RTOL = 1e-5
 ATOL_FRACTION = 0.05
+# A recipe whose rounds' median times differ by more than this factor is flagged even when
+# no other process was seen: something unmeasured (memory bandwidth, clock) moved them.
+SPREAD_LIMIT = 1.5
 
 
 class BenchError(RuntimeError):
@@ -103,7 +108,7 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
-def _run_one(cfg: Dict[str, Any], bar, done_before: int) -> Dict[str, Any]:
+def _run_one(cfg: Dict[str, Any], bar) -> Dict[str, Any]:
     cfg_path = os.path.join(cfg["tmp_dir"], "config.json")
     with open(cfg_path, "w") as fh:
         json.dump(cfg, fh)
@@ -185,6 +190,105 @@ def _check_targets(args) -> None:
         raise BenchError("--freeze covers every parameter: nothing would be trained")
 
 
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def round_order(recipes: List[str], round_index: int, rounds: int) -> List[str]:
+    """The recipes of one round, rotated so that each round starts at a different one."""
+    k = (round_index * len(recipes)) // max(rounds, 1)
+    return recipes[k:] + recipes[:k]
+
+
+def _spread(values: List[float]) -> List[float]:
+    """[min, median, max]."""
+    return [min(values), statistics.median(values), max(values)]
+
+
+def _others_cores(stages: List[Dict[str, Any]]) -> Optional[float]:
+    """Cores other processes used, on average, while one run's iterations were timed."""
+    if any(st["others_cpu_s"] is None for st in stages):
+        return None
+    wall = sum(st["timed_wall_s"] for st in stages)
+    return sum(st["others_cpu_s"] for st in stages) / wall if wall else None
+
+
+def merge_rounds(runs: List[Dict[str, Any]], busy_limit: float) -> Dict[str, Any]:
+    """One recipe's runs (one per round, the first with the weight checks) as one result.
+
+    A round in which other processes used more than ``busy_limit`` cores while
+    the recipe was timed is busy: its times are kept in the JSON but left out of
+    the figures, which pool every timed step of the other rounds (medians), with
+    the medians of the single rounds as the spread. The timing is suspect when
+    every round was busy, or when the rounds used disagree by more than
+    SPREAD_LIMIT times.
+    """
+    merged = dict(runs[0])
+    merged["rounds"] = []
+    for run in runs:
+        others = _others_cores(run["stages"])
+        merged["rounds"].append({
+            "round": run["round"] + 1,
+            "position": run["position"],
+            "load_average_start": run["load_average_start"],
+            "started_utc": run["started_utc"],
+            "finished_utc": run["finished_utc"],
+            "others_cores": others,
+            "busy": others is not None and others > busy_limit,
+            "median_step_s": [st["median_step_s"] for st in run["stages"]],
+            "median_iter_s": [st["median_iter_s"] for st in run["stages"]],
+            "peak_memory_bytes": run["peak_memory_bytes"],
+            "worker_wall_s": run["worker_wall_s"],
+        })
+    for key in ("round", "position", "load_average_start", "started_utc", "finished_utc", "worker_wall_s"):
+        del merged[key]
+    quiet = [run for run, r in zip(runs, merged["rounds"]) if not r["busy"]]
+    used = quiet or runs
+    merged["rounds_used"] = [run["round"] + 1 for run in used]
+    merged["peak_memory_bytes"] = max(run["peak_memory_bytes"] for run in runs)
+    stages = []
+    for si, first in enumerate(runs[0]["stages"]):
+        per_round = [run["stages"][si] for run in used]
+        steps = [t for st in per_round for t in st["step_times_s"]]
+        iters = [t for st in per_round for t in st["iter_times_s"]]
+        stages.append({
+            **first,
+            "step_times_s": steps,
+            "iter_times_s": iters,
+            "median_step_s": statistics.median(steps),
+            "median_iter_s": statistics.median(iters),
+            "step_spread_s": _spread([st["median_step_s"] for st in per_round]),
+            "iter_spread_s": _spread([st["median_iter_s"] for st in per_round]),
+            "transition_s": statistics.median(st["transition_s"] for st in per_round),
+            "wall_s": statistics.median(st["wall_s"] for st in per_round),
+        })
+    for st in stages:  # per round: in merged["rounds"]
+        del st["others_cpu_s"], st["timed_wall_s"]
+    merged["stages"] = stages
+    if merged["schedule"] == "fixed":
+        for key in ("median_step_s", "median_iter_s", "step_spread_s", "iter_spread_s"):
+            merged[key] = stages[0][key]
+    # the load under the figures shown: in the rounds used
+    loads = [r["others_cores"] for r in merged["rounds"] if r["others_cores"] is not None and r["round"] in
+             merged["rounds_used"]]
+    merged["others_cores_max"] = max(loads) if loads else None
+    busy = [r for r in merged["rounds"] if r["busy"]]
+    merged["busy_rounds_left_out"] = [r["round"] for r in busy] if quiet else []
+    reasons = []
+    if busy and not quiet:
+        reasons.append("every round was busy: other processes used "
+                       + ", ".join(f"{r['others_cores']:.2f}" for r in busy) + " cores while it was timed")
+    for st in stages:
+        for what, key in (("step", "step_spread_s"), ("iteration", "iter_spread_s")):
+            lo, _, hi = st[key]
+            if lo > 0 and hi / lo > SPREAD_LIMIT:
+                where = "" if merged["schedule"] == "fixed" else f" in stage {st['stage']}"
+                reasons.append(f"{what} medians of the rounds used{where} range {lo * 1e3:.3g}-{hi * 1e3:.3g} ms")
+    merged["timing_suspect"] = bool(reasons)
+    merged["timing_suspect_reasons"] = reasons
+    return merged
+
+
 def run_bench(args) -> Dict[str, Any]:
     """Run every requested recipe; return the full report dict (also written to disk)."""
     import torch
@@ -213,49 +317,68 @@ def run_bench(args) -> Dict[str, Any]:
 
     reference = args.reference or ("filtered" if args.schedule == "fixed" else "requires_grad")
     n_stages = 1 if args.schedule == "fixed" else 3
-    per_recipe = (args.warmup + args.steps) * n_stages
+    per_run = (args.warmup + args.steps) * n_stages
+    threads = args.threads or torch.get_num_threads()
+    busy_limit = spare_cores(threads) + BUSY_CORES
     started = _dt.datetime.now(_dt.timezone.utc)
     load_start = load_average()
 
     tmp_root = tempfile.mkdtemp(prefix="frozenopt-bench-")
     atol, rule = None, "not computed"
-    results: Dict[str, Dict[str, Any]] = {}
+    runs: Dict[str, List[Dict[str, Any]]] = {r: [] for r in recipes}
+    failed: Dict[str, Dict[str, Any]] = {}
     weights: Dict[str, str] = {}
-    bar = progress_bar(per_recipe * len(recipes), desc="frozenopt-bench", disable=args.quiet)
+    bar = progress_bar(per_run * len(recipes) * args.rounds, desc="frozenopt-bench", disable=args.quiet)
     try:
-        for i, recipe in enumerate(recipes):
-            work = os.path.join(tmp_root, recipe)
-            os.makedirs(work, exist_ok=True)
-            cfg = {
-                "recipe": recipe,
-                "model": args.model,
-                "size": args.size,
-                "device": args.device,
-                "seed": args.seed,
-                "steps": args.steps,
-                "warmup": args.warmup,
-                "schedule": args.schedule,
-                "freeze": args.freeze,
-                "lr": args.lr,
-                "weight_decay": args.weight_decay,
-                "torch_impl": args.torch_impl,
-                "threads": args.threads,
-                "top": 2,
-                "tmp_dir": work,
-                "result_path": os.path.join(work, "result.json"),
-                "weights_path": os.path.join(work, "weights.pt"),
-            }
-            if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"{recipe} ({i + 1}/{len(recipes)})")
-            res = _run_one(cfg, bar, i * per_recipe)
-            # keep the bar's total consistent even when a worker died early
-            bar.n = (i + 1) * per_recipe
-            if hasattr(bar, "refresh"):
-                bar.refresh()
-            results[recipe] = res
-            if res.get("ok"):
-                weights[recipe] = cfg["weights_path"]
+        done = 0
+        for rd in range(args.rounds):
+            for position, recipe in enumerate(round_order(recipes, rd, args.rounds)):
+                if recipe in failed:
+                    continue
+                work = os.path.join(tmp_root, recipe, f"round{rd + 1}")
+                os.makedirs(work, exist_ok=True)
+                cfg = {
+                    "recipe": recipe,
+                    "round": rd,
+                    "check": rd == 0,  # weights and drift: the same in every round
+                    "model": args.model,
+                    "size": args.size,
+                    "device": args.device,
+                    "seed": args.seed,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "schedule": args.schedule,
+                    "freeze": args.freeze,
+                    "lr": args.lr,
+                    "weight_decay": args.weight_decay,
+                    "torch_impl": args.torch_impl,
+                    "threads": args.threads,
+                    "top": 2,
+                    "tmp_dir": work,
+                    "result_path": os.path.join(work, "result.json"),
+                    "weights_path": os.path.join(work, "weights.pt"),
+                }
+                if hasattr(bar, "set_postfix_str"):
+                    bar.set_postfix_str(f"round {rd + 1}/{args.rounds}: {recipe}")
+                load_before = load_average()
+                began = _now()
+                res = _run_one(cfg, bar)
+                done += per_run
+                # keep the bar's total consistent even when a worker died early
+                bar.n = done
+                if hasattr(bar, "refresh"):
+                    bar.refresh()
+                if not res.get("ok"):
+                    failed[recipe] = res
+                    continue
+                res["position"] = position + 1
+                res["load_average_start"] = load_before
+                res["started_utc"], res["finished_utc"] = began, _now()
+                runs[recipe].append(res)
+                if rd == 0:
+                    weights[recipe] = cfg["weights_path"]
         bar.close()
+        results = {r: failed.get(r) or merge_rounds(runs[r], busy_limit) for r in recipes}
 
         # Cross-recipe comparison of the trained weights.
         ref_res = results.get(reference, {})
@@ -272,6 +395,7 @@ def run_bench(args) -> Dict[str, Any]:
                 continue
             if reference in weights and recipe != reference and atol is not None:
                 res["vs_reference"] = compare_weights(weights[recipe], weights[reference], atol=atol)
+                res["vs_reference"]["same_arithmetic"] = res["arithmetic"] == ref_res["arithmetic"]
             elif recipe == reference:
                 res["vs_reference"] = {"max_abs_diff": 0.0, "allclose": True, "bitwise_equal": True,
                                        "worst_param": None, "is_reference": True}
@@ -295,6 +419,12 @@ def run_bench(args) -> Dict[str, Any]:
         # 1/5/15-minute load averages before the first worker and after the last one
         # (the run itself adds about one per torch thread).
         "load_average": {"start": load_start, "end": load_average()},
+        # A round is busy when other processes used more than this many cores on average
+        # while the recipe was timed (CPUs left free by its torch threads + BUSY_CORES); busy
+        # rounds are left out of the figures, and a recipe with no other round, or whose
+        # rounds differ by more than SPREAD_LIMIT times, is suspect.
+        "busy_limit_cores": busy_limit,
+        "spread_limit": SPREAD_LIMIT,
         "reference_recipe": reference,
         "tolerance": {"rtol": RTOL, "atol": atol, "atol_rule": rule},
         "model": first.get("model_info"),
