@@ -6,6 +6,7 @@
 // state, reads param.grad() itself and runs the kernels on a cached launch
 // (see StepPlan), so per-step host work is a short C++ loop over the
 // unfrozen params.
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -299,6 +300,19 @@ class StepPlan {
     return !e.param_direct || (e.contiguous ? p.is_contiguous() : walkable(p));
   }
 
+  static constexpr int64_t kCheckGrain = 2048;  // entries per thread at least
+
+  // Entry i is as it was checked: no grad then and now, or the same grad and
+  // the same param part. TensorImpl::grad, not Tensor::grad: the latter asks
+  // is_leaf() each time.
+  bool entry_unchanged(size_t i) const {
+    const Entry& e = entries_[i];
+    const c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
+    const at::Tensor& grad = p->grad();
+    if (!grad.defined()) return e.grad == nullptr;
+    return param_part_unchanged(i, *p) && grad_unchanged(e, *p, *grad.unsafeGetTensorImpl());
+  }
+
   // The grad the entry holds, unchanged since it was checked.
   bool grad_unchanged(const Entry& e, const c10::TensorImpl& p, const c10::TensorImpl& g) const {
     return &g == e.grad && g.numel() == e.numel && raw_data(&g) == e.grad_data &&
@@ -310,26 +324,25 @@ class StepPlan {
   // kernels cannot walk). Raises the op's error, changing nothing, when a
   // grad or a state tensor is bad.
   bool refresh(bool from_check_grads) {
-    bool changed = false;
     const size_t n = params_.size();
+    // Which entries changed: read-only, and split across threads, because for
+    // thousands of small params it is a walk over as many scattered
+    // TensorImpls and StorageImpls, each a cache (and TLB) miss.
+    unchanged_.resize(n);
+    at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) unchanged_[i] = entry_unchanged(static_cast<size_t>(i));
+    });
+    bool changed = false;
     for (size_t i = 0; i < n; ++i) {
+      if (unchanged_[i]) continue;
+      changed = true;
       Entry& e = entries_[i];
       const c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
-      // TensorImpl::grad, not Tensor::grad: the latter asks is_leaf() each time.
       const at::Tensor& grad = p->grad();
-      if (!grad.defined()) {
-        if (e.grad != nullptr) {
-          drop_grad(e);
-          changed = true;
-        }
-        continue;
-      }
-      c10::TensorImpl* g = grad.unsafeGetTensorImpl();
-      const bool same_param = param_part_unchanged(i, *p);
-      if (same_param && grad_unchanged(e, *p, *g)) continue;  // nothing changed since the last check
-      changed = true;
       drop_grad(e);
-      if (same_param && e.param_direct && grad_fits(e, *p, *g)) {
+      if (!grad.defined()) continue;
+      c10::TensorImpl* g = grad.unsafeGetTensorImpl();
+      if (param_part_unchanged(i, *p) && e.param_direct && grad_fits(e, *p, *g)) {
         // Only the grad is new (zero_grad(set_to_none=True) makes this every
         // step), and it passes the op's grad checks: the param part stands.
         e.grad = g;
@@ -563,6 +576,7 @@ class StepPlan {
   std::vector<size_t> wave_ends_;    // the slots' waves; empty: one wave
   bool spans_checked_ = false;       // memory_shared_ is up to date with the entries
   bool memory_shared_ = false;       // some params share memory: slots run in waves
+  std::vector<uint8_t> unchanged_;   // refresh's scratch: entry i needs no new check
 #ifdef FROZENOPT_WITH_CUDA
   std::vector<cuda::OpTensor> rows_;  // on a GPU: what the launchers take, from the entries
 #endif
