@@ -49,9 +49,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -106,7 +106,7 @@ class Contender:
     name: str
     label: str
     make: Callable[[], torch.optim.Optimizer]
-    opt: Optional[torch.optim.Optimizer] = None
+    opt: torch.optim.Optimizer | None = None
     inner: int = 1
     times: list[float] = field(default_factory=list)  # seconds per step, one per repeat
 

@@ -11,8 +11,8 @@ import sys
 
 import torch.optim as _torch_optim
 
-from frozenopt.optim import SGD, Adam, AdamW
 from frozenopt.finetune import FineTuner, GradualUnfreeze, frozen_bn_eval, layer_groups, spread_lr, stop_gradient  # noqa: E402,I001
+from frozenopt.optim import SGD, Adam, AdamW
 
 _OWN = ["SGD", "Adam", "AdamW", "FineTuner", "GradualUnfreeze", "frozen_bn_eval", "layer_groups", "spread_lr",
         "stop_gradient"]

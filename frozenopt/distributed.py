@@ -17,7 +17,7 @@ Works for plain tensors and FSDP2/DTensor params, in one process or many.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
@@ -42,7 +42,7 @@ def _frozen_names(optimizer: Any) -> list[str]:
     return [n for n, p, _ in _names(optimizer) if optimizer.is_frozen(p)]
 
 
-def save_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, extra: Optional[dict] = None,
+def save_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, extra: dict | None = None,
                     **save_kwargs: Any) -> None:
     """``dcp.save`` of the model, the optimizer, its frozen set and which params have state.
 
@@ -58,7 +58,7 @@ def save_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, ext
     dcp.save(state, checkpoint_id=checkpoint_id, **save_kwargs)
 
 
-def load_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, extra: Optional[dict] = None,
+def load_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, extra: dict | None = None,
                     **load_kwargs: Any) -> dict:
     """Load what :func:`save_checkpoint` wrote into ``model`` and ``optimizer``; returns ``extra``, loaded.
 
@@ -67,7 +67,11 @@ def load_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, ext
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_state_dict, set_model_state_dict, set_optimizer_state_dict)
+        StateDictOptions,
+        get_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     head = {_KEY: ""}
     dcp.load(head, checkpoint_id=checkpoint_id, **load_kwargs)

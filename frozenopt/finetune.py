@@ -19,7 +19,8 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,8 +48,8 @@ NORM_TYPES: tuple[type, ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
-def _optimizer_names(opt: torch.optim.Optimizer) -> tuple[list[Optional[str]], list[Tensor]]:
-    names: list[Optional[str]] = []
+def _optimizer_names(opt: torch.optim.Optimizer) -> tuple[list[str | None], list[Tensor]]:
+    names: list[str | None] = []
     params: list[Tensor] = []
     for group in opt.param_groups:
         names += group.get("param_names") or [None] * len(group["params"])
@@ -179,7 +180,7 @@ class _Handles:
             h.remove()
         self.handles = []
 
-    def __enter__(self) -> "_Handles":
+    def __enter__(self) -> _Handles:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -241,7 +242,7 @@ class GradualUnfreeze:
     """
 
     def __init__(self, optimizer: Any, schedule: Mapping[int, Any], *, reset_state: bool = False,
-                 finetuner: Optional[FineTuner] = None) -> None:
+                 finetuner: FineTuner | None = None) -> None:
         _check_freezable(optimizer)
         if not isinstance(schedule, Mapping) or not schedule:
             raise ValueError("schedule must be a non-empty {step_or_epoch: targets} mapping")
@@ -255,7 +256,7 @@ class GradualUnfreeze:
         self.last = -1  # the last step or epoch applied
         self._applied: set[int] = set()
 
-    def step(self, t: Optional[int] = None) -> list[str]:
+    def step(self, t: int | None = None) -> list[str]:
         """Move to step/epoch ``t`` (default: the next one) and apply what is due."""
         self.last = self.last + 1 if t is None else int(t)
         changed: list[str] = []
@@ -331,7 +332,7 @@ def stop_gradient(model: nn.Module, names: Any) -> _Handles:
     return _Handles(handles)
 
 
-def spread_lr(lr: Union[float, slice], n: int) -> list[float]:
+def spread_lr(lr: float | slice, n: int) -> list[float]:
     """fastai's ``lr=slice(a, b)`` over ``n`` groups: geometric from ``a`` (first) to ``b`` (last).
 
     ``slice(None, b)`` gives ``b / 10`` to every group but the last, and ``b`` to the
@@ -357,7 +358,7 @@ def spread_lr(lr: Union[float, slice], n: int) -> list[float]:
     return [start * math.exp(ratio * i) for i in range(n - 1)] + [stop]
 
 
-def layer_groups(model: nn.Module, splits: Sequence[Any], *, lr: Union[float, slice, None] = None,
+def layer_groups(model: nn.Module, splits: Sequence[Any], *, lr: float | slice | None = None,
                  rest: str = "error", **group_options: Any) -> list[dict[str, Any]]:
     """Named param groups, one per split, for discriminative learning rates.
 

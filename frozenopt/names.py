@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -36,8 +37,8 @@ class NameIndex:
     parameters.
     """
 
-    def __init__(self, names: Sequence[Optional[str]], params: Sequence[torch.Tensor],
-                 aliases: Optional[Dict[str, Sequence[str]]] = None):
+    def __init__(self, names: Sequence[str | None], params: Sequence[torch.Tensor],
+                 aliases: dict[str, Sequence[str]] | None = None):
         names = list(names)
         params = list(params)
         if len(names) != len(params):
@@ -45,11 +46,11 @@ class NameIndex:
                 f"names and params must have the same length "
                 f"(got {len(names)} names, {len(params)} params)"
             )
-        self.names: List[Optional[str]] = names
+        self.names: list[str | None] = names
         # Keep references so id() values stay valid for the index's lifetime.
-        self.params: List[torch.Tensor] = params
+        self.params: list[torch.Tensor] = params
 
-        self._id_to_index: Dict[int, int] = {}
+        self._id_to_index: dict[int, int] = {}
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params[{i}] is {type(p).__name__}, expected a torch.Tensor")
@@ -60,9 +61,9 @@ class NameIndex:
         # Every dotted prefix of every name (including the full name) -> the
         # indices under it. "fc2" covers "fc2" and "fc2.*" but never "fc20.*",
         # because prefixes are cut only at dots.
-        self._prefixes: Dict[str, List[int]] = {}
+        self._prefixes: dict[str, list[int]] = {}
         # Top-level components in first-seen order, for error hints.
-        self._top_level: Dict[str, None] = {}
+        self._top_level: dict[str, None] = {}
         for i, name in enumerate(names):
             if name is None:
                 continue
@@ -73,8 +74,8 @@ class NameIndex:
 
         # Tied params: each alias is indexed like a name, and name_of shows them all,
         # e.g. "wte.weight (= lm_head.weight)", a string that resolves back to the param.
-        self._aliases: Dict[int, List[str]] = {}
-        self._shown: Dict[str, int] = {}
+        self._aliases: dict[int, list[str]] = {}
+        self._shown: dict[str, int] = {}
         position = {name: i for i, name in enumerate(names) if name is not None}
         for name, others in (aliases or {}).items():
             if name not in position:
@@ -106,7 +107,7 @@ class NameIndex:
             return f"{self.param_name(i)} (= {', '.join(aliases)})"
         return self.param_name(i)
 
-    def index_of(self, tensor: torch.Tensor) -> Optional[int]:
+    def index_of(self, tensor: torch.Tensor) -> int | None:
         """Index of this exact tensor object, or None if it is not indexed."""
         i = self._id_to_index.get(id(tensor))
         # Compare identity too, in case an id() was reused by a dead object.
@@ -116,13 +117,13 @@ class NameIndex:
 
     # -- string/regex matching -------------------------------------------
 
-    def _match_exact(self, target: str) -> List[int]:
+    def _match_exact(self, target: str) -> list[int]:
         if target in self._shown:
             return [self._shown[target]]
         return self._prefixes.get(target, [])
 
-    def _match_regex(self, pattern: "re.Pattern[str]") -> Set[int]:
-        out: Set[int] = set()
+    def _match_regex(self, pattern: re.Pattern[str]) -> set[int]:
+        out: set[int] = set()
         for prefix, idxs in self._prefixes.items():
             if pattern.fullmatch(prefix):
                 out.update(idxs)
@@ -153,10 +154,10 @@ def describe(target: Any) -> str:
     return f"{type(target).__name__} {text}"
 
 
-def _glob_to_regex(glob: str) -> "re.Pattern[str]":
+def _glob_to_regex(glob: str) -> re.Pattern[str]:
     """Compile a dotted-name glob: '*' and '?' stay inside one component,
     '**' crosses dots. fnmatch is not used because its '*' crosses dots."""
-    out: List[str] = []
+    out: list[str] = []
     i, n = 0, len(glob)
     while i < n:
         c = glob[i]
@@ -253,7 +254,7 @@ def _resolve_one(index: NameIndex, target: Any) -> Iterable[int]:
     raise TypeError(f"cannot freeze/unfreeze by {describe(target)}; expected {_ACCEPTED}")
 
 
-def resolve_targets(index: NameIndex, targets: Iterable[Any]) -> List[int]:
+def resolve_targets(index: NameIndex, targets: Iterable[Any]) -> list[int]:
     """Sorted, de-duplicated indices matched by any target.
 
     Raises ValueError/TypeError on the first bad target, before returning
@@ -264,7 +265,7 @@ def resolve_targets(index: NameIndex, targets: Iterable[Any]) -> List[int]:
         targets = (targets,)  # tolerate a single bare target
     elif not isinstance(targets, (list, tuple, set, frozenset, collections.abc.Iterator)):
         raise TypeError(f"cannot freeze/unfreeze by {describe(targets)}; expected {_ACCEPTED}")
-    found: Set[int] = set()
+    found: set[int] = set()
     for t in _flatten(targets):
         found.update(_resolve_one(index, t))
     return sorted(found)

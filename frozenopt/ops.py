@@ -8,7 +8,7 @@ The fake kernels let ``torch.compile`` trace through them.
 from __future__ import annotations
 
 import sys
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ REBUILD = ("in the frozenopt source folder run `pip install --no-build-isolation
            "(add -e for an editable install; `./run.sh` rebuilds its own .venv by itself)")
 
 
-def check_built_against(built: Optional[str], loaded: str) -> None:
+def check_built_against(built: str | None, loaded: str) -> None:
     """Raise ImportError when the extension was compiled against another torch than ``loaded``.
 
     Checked before the module is loaded: a module compiled against another torch
@@ -40,7 +40,7 @@ try:
     from frozenopt import _C
 except ImportError as error:  # reported at optimizer construction, not at import
     _C = None
-    _IMPORT_ERROR: Optional[ImportError] = error
+    _IMPORT_ERROR: ImportError | None = error
 else:
     _IMPORT_ERROR = None
 
@@ -77,7 +77,7 @@ def _local(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
     return [t._local_tensor if isinstance(t, dtensor.DTensor) else t for t in tensors]
 
 
-def split_lr(lr: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
+def split_lr(lr: float | Tensor) -> tuple[float, Tensor | None]:
     """(float lr, tensor lr or None): the ops take a 0-dim tensor lr as its own argument."""
     if isinstance(lr, Tensor):
         return 0.0, lr
@@ -85,9 +85,9 @@ def split_lr(lr: Union[float, Tensor]) -> tuple[float, Optional[Tensor]]:
 
 
 def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
-         mask: Optional[Tensor], *, lr: Union[float, Tensor], momentum: float, dampening: float,
+         mask: Tensor | None, *, lr: float | Tensor, momentum: float, dampening: float,
          weight_decay: float, nesterov: bool, maximize: bool, is_first_step: bool,
-         grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+         grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """One fused SGD step over the lists; ``momentum_buffers`` is empty when momentum is 0."""
     lr_value, lr_tensor = split_lr(lr)
     torch.ops.frozenopt.sgd_(
@@ -99,9 +99,9 @@ def sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Se
 
 def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
           exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor],
-          mask: Optional[Tensor], *, lr: Union[float, Tensor], beta1: float, beta2: float,
+          mask: Tensor | None, *, lr: float | Tensor, beta1: float, beta2: float,
           weight_decay: float, eps: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
-          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+          grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """One fused Adam (AdamW when decoupled) step; ``max_exp_avg_sqs`` is empty without amsgrad."""
     lr_value, lr_tensor = split_lr(lr)
     torch.ops.frozenopt.adam_(

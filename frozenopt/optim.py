@@ -21,7 +21,8 @@ import math
 import sys
 import warnings
 from collections import Counter, OrderedDict, defaultdict
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,7 @@ __all__ = ["SGD", "Adam", "AdamW"]
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128)
 
 
-def _check_number(value: Any, name: str, message: str, *, at_least_zero: bool = True) -> Optional[float]:
+def _check_number(value: Any, name: str, message: str, *, at_least_zero: bool = True) -> float | None:
     """Raise ValueError(message) unless value is a finite number (>= 0 by default).
 
     A tensor must have one element; one not on the CPU is not read (that would
@@ -198,7 +199,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
 
     _kind: str  # the StepPlan kind: "sgd" or "adam"
 
-    def __init__(self, params: Any, defaults: dict[str, Any], *, mask_only: Optional[bool]) -> None:
+    def __init__(self, params: Any, defaults: dict[str, Any], *, mask_only: bool | None) -> None:
         ops.require_extension()
         if defaults.get("differentiable"):
             raise ValueError(
@@ -240,7 +241,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         self._frozen |= {p for p in self.param_groups[-1]["params"] if not p.requires_grad}
         self._refresh_masks()
 
-    def _check_params(self, groups: Optional[Iterable[int]] = None) -> None:
+    def _check_params(self, groups: Iterable[int] | None = None) -> None:
         """Checks the params and hyper-parameters of the given groups (all by default)."""
         if not self.param_groups or not any(g["params"] for g in self.param_groups):
             raise ValueError("optimizer got an empty parameter list")
@@ -355,7 +356,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         key, held = self._group_key()
         if cached is not None and cached[0] == key:
             return cached[2]
-        names: list[Optional[str]] = []
+        names: list[str | None] = []
         aliases: dict[str, list[str]] = {}
         for group in self.param_groups:
             names += group.get("param_names") or [None] * len(group["params"])
@@ -454,7 +455,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
 
     @_synced
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                        foreach: Optional[bool] = None) -> Tensor:
+                        foreach: bool | None = None) -> Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the params the next step moves: unfrozen, with a grad.
 
         Returns the total norm of those grads, as torch does. In ``mask_only`` mode
@@ -501,7 +502,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._refresh_masks()
         return [index.name_of(i) for i in changed]
 
-    def _refresh_masks(self, groups: Optional[Iterable[int]] = None) -> None:
+    def _refresh_masks(self, groups: Iterable[int] | None = None) -> None:
         """Brings the masks of the given groups (all by default) in line with the frozen set.
 
         A mask is rewritten in place when its size and device allow it, so a
@@ -524,7 +525,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 self._masks.append(flags.to(device))
         self._invalidate(groups)
 
-    def _invalidate(self, groups: Optional[Iterable[int]] = None) -> None:
+    def _invalidate(self, groups: Iterable[int] | None = None) -> None:
         """After a change of ours: the plans of those groups (all by default) are built
         again at the next step, and the watch records what Python holds now."""
         for gi in range(len(self._plans)) if groups is None else groups:
@@ -592,7 +593,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _loaded_frozen(self, state_dict: dict[str, Any]) -> Optional[set[int]]:
+    def _loaded_frozen(self, state_dict: dict[str, Any]) -> set[int] | None:
         """Positions (optimizer order) of the params ``state_dict["frozen"]`` freezes; None without one."""
         frozen = state_dict.get("frozen")
         if frozen is None:
@@ -688,7 +689,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             raise
         return loss
 
-    def _step_eager(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    def _step_eager(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         for gi, group in enumerate(self.param_groups):
             if self._plan_keys.get(gi) != self._plan_key(group):
                 self._plans[gi] = None  # momentum turned on or off, amsgrad toggled: other state lists
@@ -729,7 +730,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._plan_keys[gi] = self._plan_key(group)
         return self._plans[gi]
 
-    def _step_traced(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         capturing = not torch.compiler.is_compiling() and any(
             _is_capturing(g["params"][0].device) for g in self.param_groups if g["params"])
         for gi, group in enumerate(self.param_groups):
@@ -835,7 +836,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._state_lists(group["params"], group)  # normalises loaded Adam steps onto the device
         self._invalidate()
 
-    def _step_sharded(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    def _step_sharded(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """DTensor params (FSDP2, tensor parallel): the ops step each param's local shard.
 
         No StepPlan here (it reads ``param.grad()`` in C++, which for a DTensor is a
@@ -851,7 +852,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             self._run_op(group, params, None, fresh, grad_scale, found_inf)
 
     # Hooks each optimizer fills in.
-    def _first_step_skip_needs_host(self, group: dict[str, Any], found_inf: Optional[Tensor]) -> bool:
+    def _first_step_skip_needs_host(self, group: dict[str, Any], found_inf: Tensor | None) -> bool:
         """Whether a first step that GradScaler skipped must be undone on the host."""
         return False
 
@@ -889,10 +890,10 @@ class SGD(_FreezableOptimizer):
 
     _kind = "sgd"
 
-    def __init__(self, params: Any, lr: Union[float, Tensor] = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: Union[float, Tensor] = 0, nesterov: bool = False, *, maximize: bool = False,
-                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
-                 mask_only: Optional[bool] = None) -> None:
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
+                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 mask_only: bool | None = None) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -978,11 +979,11 @@ class Adam(_FreezableOptimizer):
 
     _kind = "adam"
 
-    def __init__(self, params: Any, lr: Union[float, Tensor] = 1e-3,
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
-                 amsgrad: bool = False, *, foreach: Optional[bool] = None, maximize: bool = False,
-                 capturable: bool = False, differentiable: bool = False, fused: Optional[bool] = None,
-                 decoupled_weight_decay: bool = False, mask_only: Optional[bool] = None) -> None:
+                 amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 decoupled_weight_decay: bool = False, mask_only: bool | None = None) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -1072,11 +1073,11 @@ class Adam(_FreezableOptimizer):
 class AdamW(Adam):
     """torch.optim.AdamW (decoupled weight decay) with freezing."""
 
-    def __init__(self, params: Any, lr: Union[float, Tensor] = 1e-3,
+    def __init__(self, params: Any, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False, foreach: Optional[bool] = None,
-                 capturable: bool = False, differentiable: bool = False, fused: Optional[bool] = None,
-                 mask_only: Optional[bool] = None) -> None:
+                 amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 mask_only: bool | None = None) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, mask_only=mask_only)

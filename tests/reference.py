@@ -21,7 +21,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ def clone_param(p: Tensor, contiguous: bool = False) -> nn.Parameter:
     return nn.Parameter(q, requires_grad=True)
 
 
-def _glob_regex(glob: str) -> "re.Pattern[str]":
+def _glob_regex(glob: str) -> re.Pattern[str]:
     # '*' and '?' stay within one dotted component, '**' crosses components.
     out = []
     i = 0
@@ -119,7 +120,7 @@ def _plain(t: Tensor) -> Tensor:
     return (t.to_dense() if t.layout != torch.strided else t).clone()
 
 
-def _diff(a: Any, b: Any, path: str = "") -> Optional[str]:
+def _diff(a: Any, b: Any, path: str = "") -> str | None:
     """Where two snapshot values differ (None when bitwise equal)."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         same = (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
@@ -186,7 +187,7 @@ class Reference:
         self.cls = getattr(torch.optim, type(opt).__name__)
         self.impl = impl
         self.mask_only = bool(getattr(opt, "mask_only", False))
-        self.names: list[Optional[str]] = []
+        self.names: list[str | None] = []
         self.group_sizes: list[int] = []
         ours = []
         for g in opt.param_groups:
@@ -231,7 +232,7 @@ class Reference:
     # ------------------------------------------------------------ targets
 
     def resolve(self, targets: Iterable[Any], ours_params: Sequence[Tensor],
-                modules: Optional[dict[int, nn.Module]] = None) -> set[int]:
+                modules: dict[int, nn.Module] | None = None) -> set[int]:
         """Indices matched by the targets, by DESIGN.md's rules: a plain name
         is a module prefix (cut at dots) or an exact param name; '*'/'?' globs
         stay within a component; a compiled regex must fullmatch a prefix;
@@ -286,7 +287,7 @@ class Reference:
         self.snapshots = {b if i == a else a if i == b else i: v for i, v in self.snapshots.items()}
         self.scales = {(b if i == a else a if i == b else i, k): v for (i, k), v in self.scales.items()}
 
-    def step(self, grads: Sequence[Optional[Tensor]]) -> None:
+    def step(self, grads: Sequence[Tensor | None]) -> None:
         """One torch.optim step; frozen params get grad=None whatever ``grads`` holds."""
         for i, (p, g) in enumerate(zip(self.work, grads)):
             if g is None or i in self.frozen:

@@ -17,10 +17,10 @@ import warnings
 
 import pytest
 import torch
+from reference import assert_same, snapshot
 from torch import nn
 
 import frozenopt
-from reference import assert_same, snapshot
 
 OPTIMIZERS = ["SGD", "Adam", "AdamW"]
 

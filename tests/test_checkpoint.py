@@ -6,11 +6,11 @@ import io
 
 import pytest
 import torch
+from reference import assert_same, snapshot
 from torch import nn
 
 import frozenopt
 from frozenopt.finetune import GradualUnfreeze, layer_groups
-from reference import assert_same, snapshot
 
 
 def make_model():

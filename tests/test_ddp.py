@@ -5,11 +5,11 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+from dist_helpers import needs_gloo, run_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import frozenopt
-from dist_helpers import needs_gloo, run_distributed
 
 pytestmark = pytest.mark.skipif(not needs_gloo[0], reason=needs_gloo[1])
 

@@ -12,10 +12,10 @@ import collections
 
 import pytest
 import torch
+from reference import Reference, assert_same, snapshot
 from torch import nn
 
 import frozenopt
-from reference import Reference, assert_same, snapshot
 
 OPTIMIZERS = {
     "SGD": dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),

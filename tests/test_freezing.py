@@ -125,7 +125,7 @@ def test_seed001_bert_all_but_last_two_layers_and_pooler():
     opt.freeze("embeddings", re.compile(r"encoder\.layer\.\d"))
     assert sorted(opt.frozen) == sorted(
         name for name, _ in model.named_parameters() if not name.startswith(("encoder.layer.1", "pooler"))
-        or name.startswith("encoder.layer.1.")) 
+        or name.startswith("encoder.layer.1."))
 
 
 def test_frozen_params_and_state_are_bitwise_unchanged():

@@ -8,11 +8,10 @@ round trip keeps the state of params that were trained and later frozen.
 
 import pytest
 import torch
-import torch.distributed as dist
+from dist_helpers import needs_gloo, run_distributed
 from torch import nn
 
 import frozenopt
-from dist_helpers import needs_gloo, run_distributed
 
 pytestmark = pytest.mark.skipif(not needs_gloo[0], reason=needs_gloo[1])
 

@@ -31,16 +31,16 @@ import io
 import os
 import random
 import re
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
+from reference import Reference, assert_same, snapshot
 from torch import nn
 
 import frozenopt
-from reference import Reference, assert_same, snapshot
 
 settings.register_profile(
     "fuzz-ci", max_examples=int(os.environ.get("FROZENOPT_FUZZ_EXAMPLES", "60")), deadline=None,

@@ -14,10 +14,10 @@ import random
 
 import pytest
 import torch
+from reference import Reference
 from torch import nn
 
 import frozenopt
-from reference import Reference
 
 LARGE = os.environ.get("FROZENOPT_LARGE_TESTS", "")
 N_HUGE = 2**31 + 4099  # past the int32 range, and not a multiple of any vector width

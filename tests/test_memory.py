@@ -16,10 +16,10 @@ import weakref
 
 import pytest
 import torch
+from reference import Reference, state_bytes
 from torch import nn
 
 import frozenopt
-from reference import Reference, state_bytes
 
 # Adam/AdamW: exp_avg + exp_avg_sq (+ max_exp_avg_sq) per element, and a 4-byte step per param.
 KINDS = {

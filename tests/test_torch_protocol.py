@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
+from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 import frozenopt
-from torch.testing._internal.common_optimizers import OptimizerErrorEnum, optim_db
 
 INFOS = {info.optim_cls.__name__: info for info in optim_db if info.optim_cls.__name__ in ("SGD", "Adam", "AdamW")}
 

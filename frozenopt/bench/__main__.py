@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
 
 from .recipes import ALL_RECIPES, RECIPE_HELP, RECIPES
 
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

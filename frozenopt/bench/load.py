@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional, Tuple
 
 # A run is suspect when others used more than this many cores beyond the ones the
 # recipe leaves free (CPUs - torch threads) on average over its timed iterations: then
@@ -21,10 +20,10 @@ BUSY_CORES = 0.25
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-Sample = Tuple[float, float]
+Sample = tuple[float, float]
 
 
-def cpu_sample() -> Optional[Sample]:
+def cpu_sample() -> Sample | None:
     """(busy CPU seconds of the whole machine, CPU seconds of this process), or None."""
     try:
         with open("/proc/stat") as fh:
@@ -36,7 +35,7 @@ def cpu_sample() -> Optional[Sample]:
     return (user + nice + system + irq + softirq + steal) / _TICK, time.process_time()
 
 
-def others_cpu_s(before: Optional[Sample], after: Optional[Sample]) -> Optional[float]:
+def others_cpu_s(before: Sample | None, after: Sample | None) -> float | None:
     """CPU seconds used by everything but this process between two samples."""
     if before is None or after is None:
         return None

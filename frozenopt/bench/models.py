@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,7 @@ class EncoderConfig:
 # tiny: the test suite. small: the default, sized so six recipes (one fresh
 # process each) finish in about two minutes on two CPU cores. base/large: BERT
 # dimensions (base = 110M params, large = 335M) for a bigger machine or a GPU.
-SIZES: Dict[str, EncoderConfig] = {
+SIZES: dict[str, EncoderConfig] = {
     "tiny": EncoderConfig(vocab_size=1000, hidden=64, layers=4, heads=4, intermediate=256,
                           max_positions=64, seq_len=16, batch_size=4),
     "small": EncoderConfig(vocab_size=8192, hidden=384, layers=8, heads=6, intermediate=1536,
@@ -262,7 +261,7 @@ class MiniLMClassifier(nn.Module):
         return self.classifier(self.dropout(out.pooler_output))
 
 
-def _load_minilm() -> Tuple[nn.Module, object]:
+def _load_minilm() -> tuple[nn.Module, object]:
     path = check_minilm_available()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -284,7 +283,7 @@ MINILM_BATCH = 16
 MINILM_SEQ = 64
 
 
-def build_model(model: str, size: str, seed: int) -> Tuple[nn.Module, dict, object]:
+def build_model(model: str, size: str, seed: int) -> tuple[nn.Module, dict, object]:
     """Return (model, description, tokenizer-or-None), deterministic for a seed."""
     torch.manual_seed(seed)
     if model == "builtin":
@@ -313,13 +312,13 @@ def num_layers(model: nn.Module) -> int:
     return len(model.encoder.layer)
 
 
-def default_freeze_targets(model: nn.Module) -> List[str]:
+def default_freeze_targets(model: nn.Module) -> list[str]:
     """Everything but the top two blocks, the pooler and the classifier."""
     n = num_layers(model)
     return ["embeddings"] + [f"encoder.layer.{i}" for i in range(max(n - 2, 0))]
 
 
-def gradual_stages(model: nn.Module, top: int = 2) -> List[Tuple[str, List[str]]]:
+def gradual_stages(model: nn.Module, top: int = 2) -> list[tuple[str, list[str]]]:
     """fastai-style gradual unfreezing as (stage name, frozen targets) triples.
 
     Stage 1 trains the head only (pooler + classifier), stage 2 adds the top
@@ -345,7 +344,7 @@ _FILLER = ["honestly", "at times", "overall", "in the end", "for me", "by far", 
 
 
 def make_batches(model_name: str, info: dict, tokenizer, n: int, seed: int,
-                 device: torch.device) -> List[Dict[str, torch.Tensor]]:
+                 device: torch.device) -> list[dict[str, torch.Tensor]]:
     """``n`` fixed batches, identical for every recipe with the same seed.
 
     Built-in model: random token ids; the label is whether the sequence holds

@@ -26,7 +26,8 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 RECIPES = ["full", "requires_grad", "filtered", "lr0", "frozenopt", "frozenopt-mask"]
 # Not run by default: what a user gets from torch.optim.AdamW without asking for fused=True.
@@ -49,7 +50,7 @@ RECIPE_HELP = {
 
 # -- memory --------------------------------------------------------------------------------
 
-def _status_bytes(field: str) -> Optional[int]:
+def _status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -87,7 +88,7 @@ def tensor_bytes_unique(tensors) -> int:
     return sum(seen.values())
 
 
-def state_tensors(opt) -> List[Any]:
+def state_tensors(opt) -> list[Any]:
     import torch
 
     out = []
@@ -103,12 +104,12 @@ def grad_bytes(model) -> int:
 
 # -- optimizers ------------------------------------------------------------------------------
 
-def torch_impl(recipe: str, cfg: Dict[str, Any]) -> str:
+def torch_impl(recipe: str, cfg: dict[str, Any]) -> str:
     """The torch.optim.AdamW implementation a torch recipe uses."""
     return "default" if recipe == "filtered-default" else cfg["torch_impl"]
 
 
-def arithmetic(recipe: str, cfg: Dict[str, Any]) -> str:
+def arithmetic(recipe: str, cfg: dict[str, Any]) -> str:
     """Which AdamW arithmetic a recipe runs: results are bitwise comparable only within one.
 
     frozenopt follows torch's fused kernels; torch's default is its for-loop code
@@ -151,14 +152,14 @@ class Recipe:
     build a new optimizer (which loses the optimizer state).
     """
 
-    def __init__(self, name: str, model, cfg: Dict[str, Any]):
+    def __init__(self, name: str, model, cfg: dict[str, Any]):
         self.name = name
         self.model = model
         self.cfg = cfg
         self.params = dict(model.named_parameters())
         self.opt = None
-        self.frozen: List[str] = []
-        self.targets: List[Any] = []
+        self.frozen: list[str] = []
+        self.targets: list[Any] = []
 
     def _set_requires_grad(self, frozen: set) -> None:
         for n, p in self.params.items():
@@ -259,7 +260,7 @@ def _progress(done: int, total: int) -> None:
     print(f"{PROGRESS_TAG} {done} {total}", flush=True)
 
 
-def _head_state(opt, model) -> Dict[str, Any]:
+def _head_state(opt, model) -> dict[str, Any]:
     """Whether the classifier's AdamW state exists, is nonzero, and its step count."""
     import torch
 
@@ -278,7 +279,7 @@ def _head_state(opt, model) -> Dict[str, Any]:
     }
 
 
-def _prewarm(recipe_name: str, cfg: Dict[str, Any], device) -> None:
+def _prewarm(recipe_name: str, cfg: dict[str, Any], device) -> None:
     """Pay one-time costs (lazy imports, extension load, first dispatch) before measuring.
 
     The first torch.optim optimizer built in a process takes about a second of
@@ -302,7 +303,7 @@ def _prewarm(recipe_name: str, cfg: Dict[str, Any], device) -> None:
     del opt, lin
 
 
-def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -347,7 +348,7 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     torch.manual_seed(cfg["seed"] + 2)  # dropout masks: identical sequence in every recipe
 
     stage_results = []
-    losses: List[float] = []
+    losses: list[float] = []
     snapshot_dir = cfg["tmp_dir"]
     done = 0
     grad_b = None
@@ -471,7 +472,7 @@ def run_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def _check_weights(cfg: Dict[str, Any], model, stages, stage_frozen) -> Dict[str, Any]:
+def _check_weights(cfg: dict[str, Any], model, stages, stage_frozen) -> dict[str, Any]:
     """Saves the final weights (for the comparison between recipes) and measures frozen drift.
 
     Run once per recipe: every round trains the same weights from the same seed.

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import statistics
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 MiB = 1024.0 * 1024.0
 
@@ -22,15 +23,15 @@ COLORS = {
 STAGE_ALPHA = [0.45, 0.7, 1.0]
 
 
-def _ms(x: Optional[float]) -> str:
+def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.2f}"
 
 
-def _mib(x: Optional[float]) -> str:
+def _mib(x: float | None) -> str:
     return "-" if x is None else f"{x / MiB:.1f}"
 
 
-def _drift(x: Optional[float]) -> str:
+def _drift(x: float | None) -> str:
     if x is None:
         return "-"
     if x == 0.0:
@@ -38,7 +39,7 @@ def _drift(x: Optional[float]) -> str:
     return f"{x:.3g}"
 
 
-def _agree(res: Dict[str, Any]) -> str:
+def _agree(res: dict[str, Any]) -> str:
     vs = res.get("vs_reference")
     if vs is None:
         return "n/a"
@@ -50,13 +51,13 @@ def _agree(res: Dict[str, Any]) -> str:
     return ("yes" if vs["allclose"] else "NO") + f" ({vs['max_abs_diff']:.2g}{mark})"
 
 
-def _pct(x: Optional[float], ref: Optional[float]) -> str:
+def _pct(x: float | None, ref: float | None) -> str:
     if x is None or not ref:
         return "-"
     return f"{(x - ref) / ref * 100:+.1f}%"
 
 
-def _timed(median: Optional[float], spread: Optional[Sequence[float]]) -> str:
+def _timed(median: float | None, spread: Sequence[float] | None) -> str:
     """'median (min-max of the rounds' medians)' in ms."""
     if median is None:
         return "-"
@@ -65,27 +66,27 @@ def _timed(median: Optional[float], spread: Optional[Sequence[float]]) -> str:
     return f"{_ms(median)} ({_ms(spread[0])}-{_ms(spread[2])})"
 
 
-def _cores(x: Optional[float]) -> str:
+def _cores(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def _timing(res: Dict[str, Any]) -> str:
+def _timing(res: dict[str, Any]) -> str:
     if res.get("timing_suspect"):
         return "SUSPECT"
     out = res.get("busy_rounds_left_out")
     return f"ok, busy round {', '.join(map(str, out))} left out" if out else "ok"
 
 
-def gradual(report: Dict[str, Any]) -> bool:
+def gradual(report: dict[str, Any]) -> bool:
     return report["args"]["schedule"] != "fixed"
 
 
-def stage_names(report: Dict[str, Any]) -> List[str]:
+def stage_names(report: dict[str, Any]) -> list[str]:
     ok = [r for r in report["recipes"].values() if r.get("ok")]
     return [st["stage"] for st in ok[0]["stages"]] if ok else []
 
 
-def summary_rows(report: Dict[str, Any]) -> List[List[str]]:
+def summary_rows(report: dict[str, Any]) -> list[list[str]]:
     ref_name = report["reference_recipe"]
     recipes = report["recipes"]
     ref = recipes.get(ref_name) if recipes.get(ref_name, {}).get("ok") else None
@@ -120,7 +121,7 @@ def summary_rows(report: Dict[str, Any]) -> List[List[str]]:
     return rows
 
 
-def summary_header(report: Dict[str, Any]) -> List[str]:
+def summary_header(report: dict[str, Any]) -> list[str]:
     ref = report["reference_recipe"]
     mem = "peak RSS MiB"
     if any(r.get("peak_memory_kind") == "cuda_max_memory_allocated" for r in report["recipes"].values()):
@@ -134,7 +135,7 @@ def summary_header(report: Dict[str, Any]) -> List[str]:
             "frozen drift", f"= {ref}"]
 
 
-def stage_rows(report: Dict[str, Any]) -> List[List[str]]:
+def stage_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, res in report["recipes"].items():
         if not res.get("ok"):
@@ -180,7 +181,7 @@ def format_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(out)
 
 
-def _load_line(report: Dict[str, Any]) -> str:
+def _load_line(report: dict[str, Any]) -> str:
     """What else the machine did while the recipes were timed, in one line."""
     loads = [r["others_cores"] for res in report["recipes"].values() if res.get("ok")
              for r in res["rounds"] if r["others_cores"] is not None]
@@ -192,7 +193,7 @@ def _load_line(report: Dict[str, Any]) -> str:
             f"{statistics.median(loads):.2f}) while recipes were timed{start}")
 
 
-def describe_run(report: Dict[str, Any]) -> str:
+def describe_run(report: dict[str, Any]) -> str:
     m = report.get("model") or {}
     mach = report["machine"]
     args = report["args"]
@@ -269,7 +270,7 @@ NOTE_OTHER_ARITHMETIC = (
 )
 
 
-def notes(report: Dict[str, Any]) -> str:
+def notes(report: dict[str, Any]) -> str:
     ok = {n: r for n, r in report["recipes"].items() if r.get("ok")}
     base = min((r["baseline_rss_bytes"] for r in ok.values()), default=0) / MiB
     ref = report["reference_recipe"]
@@ -291,7 +292,7 @@ def notes(report: Dict[str, Any]) -> str:
     return out
 
 
-def render_text(report: Dict[str, Any]) -> str:
+def render_text(report: dict[str, Any]) -> str:
     out = [describe_run(report), "", format_table(summary_header(report), summary_rows(report))]
     if gradual(report):
         out += ["", format_table(STAGE_HEADER, stage_rows(report))]
@@ -299,7 +300,7 @@ def render_text(report: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_markdown(report: Dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any]) -> str:
     out = ["```", describe_run(report), "```", "",
            format_markdown(summary_header(report), summary_rows(report))]
     if gradual(report):
@@ -310,7 +311,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
 
 # -- chart ------------------------------------------------------------------------------------
 
-def write_chart(report: Dict[str, Any], path: str) -> Optional[str]:
+def write_chart(report: dict[str, Any], path: str) -> str | None:
     """Write the PNG; return None on success or a reason why no chart was written."""
     try:
         import matplotlib

@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from .load import BUSY_CORES, spare_cores
 from .progress import progress_bar
@@ -49,14 +49,14 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(here))
 
 
-def load_average() -> Optional[List[float]]:
+def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
 
 
-def machine_info() -> Dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -108,7 +108,7 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
-def _run_one(cfg: Dict[str, Any], bar) -> Dict[str, Any]:
+def _run_one(cfg: dict[str, Any], bar) -> dict[str, Any]:
     cfg_path = os.path.join(cfg["tmp_dir"], "config.json")
     with open(cfg_path, "w") as fh:
         json.dump(cfg, fh)
@@ -125,7 +125,7 @@ def _run_one(cfg: Dict[str, Any], bar) -> Dict[str, Any]:
             stdout=subprocess.PIPE, stderr=err, text=True, env=env, bufsize=1,
         )
         seen = 0
-        other: List[str] = []
+        other: list[str] = []
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith(PROGRESS_TAG):
@@ -135,7 +135,7 @@ def _run_one(cfg: Dict[str, Any], bar) -> Dict[str, Any]:
             else:
                 other.append(line)
         rc = proc.wait()
-    result: Optional[Dict[str, Any]] = None
+    result: dict[str, Any] | None = None
     if os.path.exists(cfg["result_path"]):
         with open(cfg["result_path"]) as fh:
             result = json.load(fh)
@@ -149,7 +149,7 @@ def _run_one(cfg: Dict[str, Any], bar) -> Dict[str, Any]:
 
 
 def compare_weights(path_a: str, path_b: str, atol: float, rtol: float = RTOL,
-                    names: Optional[List[str]] = None) -> Dict[str, Any]:
+                    names: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     a = torch.load(path_a)
@@ -194,18 +194,18 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def round_order(recipes: List[str], round_index: int, rounds: int) -> List[str]:
+def round_order(recipes: list[str], round_index: int, rounds: int) -> list[str]:
     """The recipes of one round, rotated so that each round starts at a different one."""
     k = (round_index * len(recipes)) // max(rounds, 1)
     return recipes[k:] + recipes[:k]
 
 
-def _spread(values: List[float]) -> List[float]:
+def _spread(values: list[float]) -> list[float]:
     """[min, median, max]."""
     return [min(values), statistics.median(values), max(values)]
 
 
-def _others_cores(stages: List[Dict[str, Any]]) -> Optional[float]:
+def _others_cores(stages: list[dict[str, Any]]) -> float | None:
     """Cores other processes used, on average, while one run's iterations were timed."""
     if any(st["others_cpu_s"] is None for st in stages):
         return None
@@ -213,7 +213,7 @@ def _others_cores(stages: List[Dict[str, Any]]) -> Optional[float]:
     return sum(st["others_cpu_s"] for st in stages) / wall if wall else None
 
 
-def merge_rounds(runs: List[Dict[str, Any]], busy_limit: float) -> Dict[str, Any]:
+def merge_rounds(runs: list[dict[str, Any]], busy_limit: float) -> dict[str, Any]:
     """One recipe's runs (one per round, the first with the weight checks) as one result.
 
     A round in which other processes used more than ``busy_limit`` cores while
@@ -289,11 +289,11 @@ def merge_rounds(runs: List[Dict[str, Any]], busy_limit: float) -> Dict[str, Any
     return merged
 
 
-def run_bench(args) -> Dict[str, Any]:
+def run_bench(args) -> dict[str, Any]:
     """Run every requested recipe; return the full report dict (also written to disk)."""
     import torch
 
-    recipes: List[str] = list(args.recipes)
+    recipes: list[str] = list(args.recipes)
     for r in recipes:
         if r not in ALL_RECIPES:
             raise BenchError(f"unknown recipe {r!r}; choose from {', '.join(ALL_RECIPES)}")
@@ -325,9 +325,9 @@ def run_bench(args) -> Dict[str, Any]:
 
     tmp_root = tempfile.mkdtemp(prefix="frozenopt-bench-")
     atol, rule = None, "not computed"
-    runs: Dict[str, List[Dict[str, Any]]] = {r: [] for r in recipes}
-    failed: Dict[str, Dict[str, Any]] = {}
-    weights: Dict[str, str] = {}
+    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in recipes}
+    failed: dict[str, dict[str, Any]] = {}
+    weights: dict[str, str] = {}
     bar = progress_bar(per_run * len(recipes) * args.rounds, desc="frozenopt-bench", disable=args.quiet)
     try:
         done = 0

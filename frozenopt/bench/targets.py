@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterable, List, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Union
 
 Target = Union[str, "re.Pattern[str]"]
 
@@ -32,8 +33,8 @@ def parse_target(text: str) -> Target:
     return text
 
 
-def _glob_regex(glob: str) -> "re.Pattern[str]":
-    parts: List[str] = []
+def _glob_regex(glob: str) -> re.Pattern[str]:
+    parts: list[str] = []
     i = 0
     while i < len(glob):
         ch = glob[i]
@@ -70,7 +71,7 @@ def _prefixes(name: str) -> Iterable[str]:
         yield ".".join(pieces[:k])
 
 
-def resolve(names: Sequence[str], targets: Iterable[Target]) -> List[str]:
+def resolve(names: Sequence[str], targets: Iterable[Target]) -> list[str]:
     """Names (in model order) covered by any target; a target matching nothing is an error."""
     chosen = set()
     for target in targets:
