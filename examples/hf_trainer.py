@@ -1,6 +1,6 @@
 """frozenopt with the Hugging Face Trainer: ``Trainer(optimizers=(opt, scheduler))``.
 
-seeds/001's BERT recipe (train only the last encoder layers, the pooler and the
+The usual BERT fine-tuning recipe (train only the last encoder layers, the pooler and the
 classifier) on a tiny randomly initialised BERT (no download), then a callback thaws one
 more layer mid-run on the same optimizer. Run: python examples/hf_trainer.py [--steps N]
 """
@@ -46,7 +46,7 @@ def main() -> None:
     model = BertForSequenceClassification(config)
 
     opt = frozenopt.AdamW(model, lr=5e-3)
-    # seeds/001: everything but the last two encoder layers, the pooler and the classifier
+    # Frozen: everything but the last two encoder layers, the pooler and the classifier
     opt.freeze("bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(1, args.steps))
     embeddings = model.bert.embeddings.word_embeddings.weight.detach().clone()

@@ -16,11 +16,14 @@ built=$(ls frozenopt/_C*.so 2>/dev/null | head -n 1 || true)
 installed_here() {
   (cd / && "$py" -c "import importlib.util, os, sys; s = importlib.util.find_spec('frozenopt'); sys.exit(s is None or os.path.dirname(s.origin) != sys.argv[1])" "$here/frozenopt") 2>/dev/null
 }
-# A changed pyproject.toml (entry points, packages) needs a new editable install.
-if [ -z "$built" ] || [ pyproject.toml -nt "$built" ] || ! installed_here; then
+# A changed pyproject.toml (entry points, packages) or this script needs a new editable install.
+if [ -z "$built" ] || [ pyproject.toml -nt "$built" ] || [ scripts/build.sh -nt "$built" ] || ! installed_here; then
   echo "installing frozenopt (editable) and building frozenopt._C ..." >&2
   rm -f frozenopt/_C*.so frozenopt/_build_info.py  # unlinked, not overwritten: running processes keep theirs
-  "$py" -m pip install -q --no-build-isolation --no-deps -e . >&2
+  # compat: the checkout itself goes on sys.path, so frozenopt is found as a
+  # package even from a folder holding a directory named frozenopt (a clone),
+  # which a path-based import would otherwise take for a namespace package.
+  "$py" -m pip install -q --no-build-isolation --no-deps -e . --config-settings editable_mode=compat >&2
   exit 0
 fi
 # torch.__version__ read from torch/version.py, again without importing torch.

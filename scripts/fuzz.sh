@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The long differential fuzz run of tests/test_fuzz.py (issue 6):
+# The long differential fuzz run of tests/test_fuzz.py:
 #   scripts/fuzz.sh [EXAMPLES] [PROCESSES]     default 10000 examples over 2 processes
 # Each process runs hypothesis's "fuzz-long" profile with its own seed and
 # EXAMPLES/PROCESSES examples; every example is a random model, optimizer and
