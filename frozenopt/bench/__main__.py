@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from .recipes import ALL_RECIPES, RECIPE_HELP, RECIPES
+from .recipes import ALL_RECIPES, RECIPE_SPECS, RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare ways of freezing parameters (memory, speed, exactness) on one "
                     "fine-tuning run; every recipe runs in its own fresh process, the recipes "
                     "taking turns over --rounds rounds.",
-        epilog="recipes:\n" + "\n".join(f"  {k:15s} {v}" for k, v in RECIPE_HELP.items()),
+        epilog="recipes:\n" + "\n".join(f"  {k:15s} {spec.help}" for k, spec in RECIPE_SPECS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", choices=["builtin", "minilm"], default="builtin",
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
-        from .recipes import worker_main
+        from .worker import worker_main
 
         return worker_main(args.worker)
 

@@ -6,17 +6,9 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-MiB = 1024.0 * 1024.0
+from .recipes import RECIPE_SPECS
 
-COLORS = {
-    "full": "#9e9e9e",
-    "requires_grad": "#5b8def",
-    "filtered": "#2e5fb8",
-    "filtered-default": "#1b3a70",
-    "lr0": "#e39b3b",
-    "frozenopt": "#1f9e6e",
-    "frozenopt-mask": "#7cc9a5",
-}
+MiB = 1024.0 * 1024.0
 
 
 # the stages of the gradual schedule, lightest first
@@ -264,8 +256,8 @@ NOTES_AGREE = (
 )
 
 NOTE_OTHER_ARITHMETIC = (
-    "\nother arithmetic: the recipe runs another AdamW implementation than '{ref}' ({pairs}): rounding differs at every "
-    "step and training amplifies it, so the difference is not a freezing error and may exceed the "
+    "\nother arithmetic: the recipe runs another AdamW implementation than '{ref}' ({pairs}): rounding differs "
+    "at every step and training amplifies it, so the difference is not a freezing error and may exceed the "
     "tolerance; compare like with like with --torch-impl fused."
 )
 
@@ -325,7 +317,7 @@ def write_chart(report: dict[str, Any], path: str) -> str | None:
     if not recipes:
         return "no recipe succeeded - no chart written"
     names = [n + ("  (SUSPECT)" if r.get("timing_suspect") else "") for n, r in recipes]
-    colors = [COLORS.get(n, "#777777") for n, _ in recipes]
+    colors = [RECIPE_SPECS[n].color if n in RECIPE_SPECS else "#777777" for n, _ in recipes]
     hatches = ["////" if r.get("timing_suspect") else None for _, r in recipes]
     stages = stage_names(report) if gradual(report) else ["fixed"]
     ncols = 4 if gradual(report) else 3
