@@ -4,14 +4,6 @@
   cached step plans, state handling and the step paths (eager, traced, sharded);
 - ``state_dict``: what a checkpoint must satisfy before ``load_state_dict`` changes anything;
 - ``sgd``, ``adam``, ``adamw``: one algorithm each, filling in the base class's hooks.
-
-Two step paths share the same ops (``frozenopt.ops``):
-- eager (the usual case): one compiled ``StepPlan`` per param group holds the
-  unfrozen params that have state and reads their grads in C++; it is rebuilt
-  only when the frozen set, the state or the groups change;
-- traced (``torch.compile``, CUDA graph capture): every param with a grad goes
-  to the op with the group's mask tensor, so flipping the mask in
-  ``mask_only`` mode changes no graph.
 """
 
 from frozenopt.optim.adam import Adam

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from frozenopt import ops
-from frozenopt.optim.base import FreezableOptimizer, check_number, on_device_of, plan_scalars
+from frozenopt.optim.base import COMPAT_DOC, MASK_ONLY_DOC, PARAMS_DOC, FreezableOptimizer, check_number, on_device_of
 
 __all__ = ["Adam"]
 
@@ -29,37 +29,8 @@ def check_betas(betas: Any) -> None:
 
 
 class Adam(FreezableOptimizer):
-    """``torch.optim.Adam`` that freezes and unfreezes params by name.
-
-    Same arguments, defaults, update rule (that of torch's fused Adam) and
-    ``state_dict`` layout as ``torch.optim.Adam``; a frozen param is stepped as if
-    its grad were None: its value, moments and step count stay as they are.
-
-    Args:
-        params: an ``nn.Module`` (its named parameters: freezing by name then works),
-            ``named_parameters()``, an iterable of params (freezing by object only) or
-            of param group dicts. Params with ``requires_grad=False`` start frozen.
-        lr: learning rate, a float or a one-element tensor.
-        betas: coefficients of the running averages of the grad and of its square.
-        eps: term added to the denominator for numerical stability.
-        weight_decay: L2 penalty added to the grad (decoupled with
-            ``decoupled_weight_decay=True``, as in AdamW).
-        amsgrad: use the maximum of the past squared-grad averages.
-        foreach: accepted for compatibility with torch.optim; the fused kernels always run.
-        maximize: maximize the objective instead of minimizing it.
-        capturable: accepted for compatibility with torch.optim: the step counters always
-            live on the params' device, so a step can be captured in a CUDA graph.
-        differentiable: must be False: the kernels update params in place, outside autograd.
-        fused: accepted for compatibility with torch.optim; the fused kernels always run.
-        decoupled_weight_decay: decay the weights directly (AdamW) instead of adding the
-            penalty to the grad.
-        mask_only: how ``freeze``/``unfreeze`` act. False: they also turn ``requires_grad``
-            off/on (and drop the grads of frozen params), so autograd skips their weight
-            grads, and the frozen set follows ``requires_grad``. True: only the optimizer's
-            mask changes, as DDP (buckets fixed at wrap time), ``torch.compile`` and CUDA
-            graphs need. None (the default): True for a ``DistributedDataParallel`` module,
-            said once per process, else False.
-    """
+    # The docstring is set below the class: it shares the common arguments' text with the others.
+    _op = "adam"
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
@@ -128,14 +99,32 @@ class Adam(FreezableOptimizer):
                     eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
                     decoupled_weight_decay=group["decoupled_weight_decay"])
 
-    def _build_plan(self, params, group):
-        return self._extension.StepPlan("adam", params, self._state_lists(params, group))
-
-    def _run_plan(self, plan, group, grad_scale, found_inf):
-        plan.adam(**plan_scalars(group, grad_scale, found_inf), **self._kwargs(group))
-
     def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
         lr, grad_scale, found_inf = on_device_of(group, group["lr"], grad_scale, found_inf)
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._state_lists(params, group)
         ops.adam_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask,
                   lr=lr, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
+
+
+Adam.__doc__ = f"""``torch.optim.Adam`` that freezes and unfreezes params by name.
+
+    Same arguments, defaults, update rule (that of torch's fused Adam) and
+    ``state_dict`` layout as ``torch.optim.Adam``; a frozen param is stepped as if
+    its grad were None: its value, moments and step count stay as they are.
+
+    Args:
+        {PARAMS_DOC}
+        lr: learning rate, a float or a one-element tensor.
+        betas: coefficients of the running averages of the grad and of its square.
+        eps: term added to the denominator for numerical stability.
+        weight_decay: L2 penalty added to the grad (decoupled with
+            ``decoupled_weight_decay=True``, as in AdamW).
+        amsgrad: use the maximum of the past squared-grad averages.
+        maximize: maximize the objective instead of minimizing it.
+        capturable: accepted for compatibility with torch.optim: the step counters always
+            live on the params' device, so a step can be captured in a CUDA graph.
+        decoupled_weight_decay: decay the weights directly (AdamW) instead of adding the
+            penalty to the grad.
+        {COMPAT_DOC}
+        {MASK_ONLY_DOC}
+    """

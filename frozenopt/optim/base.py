@@ -143,11 +143,19 @@ def on_device_of(group: dict[str, Any], *tensors: Any) -> list[Any]:
             for t in tensors]
 
 
-def plan_scalars(group: dict[str, Any], grad_scale: Tensor | None, found_inf: Tensor | None) -> dict[str, Any]:
-    """The lr and AMP arguments of a StepPlan's update, on the group's device."""
-    lr, grad_scale, found_inf = on_device_of(group, group["lr"], grad_scale, found_inf)
-    lr, lr_tensor = ops.split_lr(lr)
-    return dict(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+# The arguments every optimizer shares, for the ``Args:`` sections of their docstrings.
+PARAMS_DOC = """params: an ``nn.Module`` (its named parameters: freezing by name then works),
+            ``named_parameters()``, an iterable of params (freezing by object only) or
+            of param group dicts. Params with ``requires_grad=False`` start frozen."""
+COMPAT_DOC = """foreach: accepted for compatibility with torch.optim; the fused kernels always run.
+        differentiable: must be False: the kernels update params in place, outside autograd.
+        fused: accepted for compatibility with torch.optim; the fused kernels always run."""
+MASK_ONLY_DOC = """mask_only: how ``freeze``/``unfreeze`` act. False: they also turn ``requires_grad``
+            off/on (and drop the grads of frozen params), so autograd skips their weight
+            grads, and the frozen set follows ``requires_grad``. True: only the optimizer's
+            mask changes, as DDP (buckets fixed at wrap time), ``torch.compile`` and CUDA
+            graphs need. None (the default): True for a ``DistributedDataParallel`` module,
+            said once per process, else False."""
 
 
 def _synced(method):
@@ -837,14 +845,24 @@ class FreezableOptimizer(torch.optim.Optimizer):
         """What a group's plan depends on besides its params (a change rebuilds the plan)."""
         return None
 
+    # The fused update this optimizer runs: the StepPlan kind and the plan's method ("sgd", "adam").
+    _op: str
+
+    def _kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyper-parameters as the fused update takes them (lr apart)."""
+        raise NotImplementedError
+
     def _build_plan(self, params: list[Tensor], group: dict[str, Any]) -> Any:
         """A StepPlan over these params (unfrozen, with state) for this group."""
-        raise NotImplementedError
+        return self._extension.StepPlan(self._op, params, self._state_lists(params, group))
 
     def _run_plan(self, plan: Any, group: dict[str, Any], grad_scale: Tensor | None,
                   found_inf: Tensor | None) -> None:
         """One step of the group's plan: the params it holds that have a grad."""
-        raise NotImplementedError
+        lr, grad_scale, found_inf = on_device_of(group, group["lr"], grad_scale, found_inf)
+        lr, lr_tensor = ops.split_lr(lr)
+        update = getattr(plan, self._op)
+        update(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
 
     def _run_op(self, group: dict[str, Any], params: list[Tensor], mask: Tensor | None, fresh: list[Tensor],
                 grad_scale: Tensor | None, found_inf: Tensor | None) -> None:

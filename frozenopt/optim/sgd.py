@@ -8,37 +8,14 @@ import torch
 from torch import Tensor
 
 from frozenopt import ops
-from frozenopt.optim.base import FreezableOptimizer, check_number, on_device_of, plan_scalars
+from frozenopt.optim.base import COMPAT_DOC, MASK_ONLY_DOC, PARAMS_DOC, FreezableOptimizer, check_number, on_device_of
 
 __all__ = ["SGD"]
 
 
 class SGD(FreezableOptimizer):
-    """``torch.optim.SGD`` that freezes and unfreezes params by name.
-
-    Same arguments, defaults, update rule and ``state_dict`` layout as
-    ``torch.optim.SGD``; a frozen param is stepped as if its grad were None.
-
-    Args:
-        params: an ``nn.Module`` (its named parameters: freezing by name then works),
-            ``named_parameters()``, an iterable of params (freezing by object only) or
-            of param group dicts. Params with ``requires_grad=False`` start frozen.
-        lr: learning rate, a float or a one-element tensor.
-        momentum: momentum factor (0 keeps no state).
-        dampening: dampening for momentum.
-        weight_decay: L2 penalty added to the grad.
-        nesterov: Nesterov momentum (needs a momentum and zero dampening).
-        maximize: maximize the objective instead of minimizing it.
-        foreach: accepted for compatibility with torch.optim; the fused kernels always run.
-        differentiable: must be False: the kernels update params in place, outside autograd.
-        fused: accepted for compatibility with torch.optim; the fused kernels always run.
-        mask_only: how ``freeze``/``unfreeze`` act. False: they also turn ``requires_grad``
-            off/on (and drop the grads of frozen params), so autograd skips their weight
-            grads, and the frozen set follows ``requires_grad``. True: only the optimizer's
-            mask changes, as DDP (buckets fixed at wrap time), ``torch.compile`` and CUDA
-            graphs need. None (the default): True for a ``DistributedDataParallel`` module,
-            said once per process, else False.
-    """
+    # The docstring is set below the class: it shares the common arguments' text with the others.
+    _op = "sgd"
 
     def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
@@ -99,12 +76,6 @@ class SGD(FreezableOptimizer):
                     weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
                     maximize=group["maximize"])
 
-    def _build_plan(self, params, group):
-        return self._extension.StepPlan("sgd", params, self._state_lists(params, group))
-
-    def _run_plan(self, plan, group, grad_scale, found_inf):
-        plan.sgd(**plan_scalars(group, grad_scale, found_inf), **self._kwargs(group))
-
     def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
         # A new momentum buffer takes the first grad as it is (torch.optim's rule): the
         # params with a fresh buffer go to the op apart from the others.
@@ -123,3 +94,21 @@ class SGD(FreezableOptimizer):
             ops.sgd_(sub_params, [p.grad for p in sub_params], buffers, sub_mask, lr=lr,
                      is_first_step=first and group["momentum"] != 0, grad_scale=grad_scale,
                      found_inf=found_inf, **self._kwargs(group))
+
+
+SGD.__doc__ = f"""``torch.optim.SGD`` that freezes and unfreezes params by name.
+
+    Same arguments, defaults, update rule and ``state_dict`` layout as
+    ``torch.optim.SGD``; a frozen param is stepped as if its grad were None.
+
+    Args:
+        {PARAMS_DOC}
+        lr: learning rate, a float or a one-element tensor.
+        momentum: momentum factor (0 keeps no state).
+        dampening: dampening for momentum.
+        weight_decay: L2 penalty added to the grad.
+        nesterov: Nesterov momentum (needs a momentum and zero dampening).
+        maximize: maximize the objective instead of minimizing it.
+        {COMPAT_DOC}
+        {MASK_ONLY_DOC}
+    """
