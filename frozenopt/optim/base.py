@@ -661,8 +661,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
                     self.state[p].update(self._new_state(p, group))
                 self._run_op(group, fresh, None, fresh, grad_scale, found_inf)
                 if self._first_step_skip_needs_host(group, found_inf) and bool(found_inf):
-                    # A skipped first step must leave no momentum buffer: a zero one would make
-                    # the next step blend (dampening) instead of taking the grad as torch does.
+                    # GradScaler skipped this first step: the state it made goes, as in torch.optim
+                    # (where the optimizer says a kept zero state would change the next step).
                     for p in fresh:
                         self.state.pop(p, None)
             self._run_plan(plans[gi], group, grad_scale, found_inf)
@@ -871,5 +871,6 @@ class FreezableOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _first_step_skip_needs_host(self, group: dict[str, Any], found_inf: Tensor | None) -> bool:
-        """Whether a first step that GradScaler skipped must be undone on the host."""
+        """Whether the state made for a first step that GradScaler skipped must be dropped
+        (which reads found_inf on the host)."""
         return False
