@@ -154,46 +154,14 @@ def merge_rounds(runs: list[dict[str, Any]], busy_limit: float) -> dict[str, Any
     SPREAD_LIMIT times.
     """
     merged = dict(runs[0])
-    merged["rounds"] = []
-    for run in runs:
-        others = _others_cores(run["stages"])
-        merged["rounds"].append({
-            "round": run["round"] + 1,
-            "position": run["position"],
-            "load_average_start": run["load_average_start"],
-            "started_utc": run["started_utc"],
-            "finished_utc": run["finished_utc"],
-            "others_cores": others,
-            "busy": others is not None and others > busy_limit,
-            "median_step_s": [st["median_step_s"] for st in run["stages"]],
-            "median_iter_s": [st["median_iter_s"] for st in run["stages"]],
-            "peak_memory_bytes": run["peak_memory_bytes"],
-            "worker_wall_s": run["worker_wall_s"],
-        })
+    merged["rounds"] = [_round_record(run, busy_limit) for run in runs]
     for key in ("round", "position", "load_average_start", "started_utc", "finished_utc", "worker_wall_s"):
         del merged[key]
     quiet = [run for run, r in zip(runs, merged["rounds"]) if not r["busy"]]
     used = quiet or runs
     merged["rounds_used"] = [run["round"] + 1 for run in used]
     merged["peak_memory_bytes"] = max(run["peak_memory_bytes"] for run in runs)
-    stages = []
-    for si, first in enumerate(runs[0]["stages"]):
-        per_round = [run["stages"][si] for run in used]
-        steps = [t for st in per_round for t in st["step_times_s"]]
-        iters = [t for st in per_round for t in st["iter_times_s"]]
-        stages.append({
-            **first,
-            "step_times_s": steps,
-            "iter_times_s": iters,
-            "median_step_s": statistics.median(steps),
-            "median_iter_s": statistics.median(iters),
-            "step_spread_s": _spread([st["median_step_s"] for st in per_round]),
-            "iter_spread_s": _spread([st["median_iter_s"] for st in per_round]),
-            "transition_s": statistics.median(st["transition_s"] for st in per_round),
-            "wall_s": statistics.median(st["wall_s"] for st in per_round),
-        })
-    for st in stages:  # per round: in merged["rounds"]
-        del st["others_cpu_s"], st["timed_wall_s"]
+    stages = [_pooled_stage(first, [run["stages"][si] for run in used]) for si, first in enumerate(runs[0]["stages"])]
     merged["stages"] = stages
     if merged["schedule"] == "fixed":
         for key in ("median_step_s", "median_iter_s", "step_spread_s", "iter_spread_s"):
@@ -204,19 +172,63 @@ def merge_rounds(runs: list[dict[str, Any]], busy_limit: float) -> dict[str, Any
     merged["others_cores_max"] = max(loads) if loads else None
     busy = [r for r in merged["rounds"] if r["busy"]]
     merged["busy_rounds_left_out"] = [r["round"] for r in busy] if quiet else []
+    reasons = _suspect_reasons(busy if not quiet else [], stages, merged["schedule"])
+    merged["timing_suspect"] = bool(reasons)
+    merged["timing_suspect_reasons"] = reasons
+    return merged
+
+
+def _round_record(run: dict[str, Any], busy_limit: float) -> dict[str, Any]:
+    """What one round of a recipe keeps in the merged result."""
+    others = _others_cores(run["stages"])
+    return {
+        "round": run["round"] + 1,
+        "position": run["position"],
+        "load_average_start": run["load_average_start"],
+        "started_utc": run["started_utc"],
+        "finished_utc": run["finished_utc"],
+        "others_cores": others,
+        "busy": others is not None and others > busy_limit,
+        "median_step_s": [st["median_step_s"] for st in run["stages"]],
+        "median_iter_s": [st["median_iter_s"] for st in run["stages"]],
+        "peak_memory_bytes": run["peak_memory_bytes"],
+        "worker_wall_s": run["worker_wall_s"],
+    }
+
+
+def _pooled_stage(first: dict[str, Any], per_round: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stage over the rounds used: every timed step pooled, the rounds' medians as the spread;
+    the rest as the first round (the one with the checks) measured it."""
+    steps = [t for st in per_round for t in st["step_times_s"]]
+    iters = [t for st in per_round for t in st["iter_times_s"]]
+    stage = {
+        **first,
+        "step_times_s": steps,
+        "iter_times_s": iters,
+        "median_step_s": statistics.median(steps),
+        "median_iter_s": statistics.median(iters),
+        "step_spread_s": _spread([st["median_step_s"] for st in per_round]),
+        "iter_spread_s": _spread([st["median_iter_s"] for st in per_round]),
+        "transition_s": statistics.median(st["transition_s"] for st in per_round),
+        "wall_s": statistics.median(st["wall_s"] for st in per_round),
+    }
+    del stage["others_cpu_s"], stage["timed_wall_s"]  # per round: in the merged result's "rounds"
+    return stage
+
+
+def _suspect_reasons(all_busy: list[dict[str, Any]], stages: list[dict[str, Any]], schedule: str) -> list[str]:
+    """Why a recipe's timing is suspect: every round busy, or rounds used that disagree."""
     reasons = []
-    if busy and not quiet:
+    if all_busy:
         reasons.append("every round was busy: other processes used "
-                       + ", ".join(f"{r['others_cores']:.2f}" for r in busy) + " cores while it was timed")
+                       + ", ".join(f"{r['others_cores']:.2f}" for r in all_busy) + " cores while it was timed")
     for st in stages:
         for what, key in (("step", "step_spread_s"), ("iteration", "iter_spread_s")):
             lo, _, hi = st[key]
             if lo > 0 and hi / lo > SPREAD_LIMIT:
-                where = "" if merged["schedule"] == "fixed" else f" in stage {st['stage']}"
+                where = "" if schedule == "fixed" else f" in stage {st['stage']}"
                 reasons.append(f"{what} medians of the rounds used{where} range {lo * 1e3:.3g}-{hi * 1e3:.3g} ms")
-    merged["timing_suspect"] = bool(reasons)
-    merged["timing_suspect_reasons"] = reasons
-    return merged
+    return reasons
 
 
 def _check_args(args) -> None:

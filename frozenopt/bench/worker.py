@@ -253,19 +253,36 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                        os.path.join(cfg["tmp_dir"], f"stage{si}.pt"))
 
     # ---- measurements end here: everything below may allocate freely ----
+    result = _result(cfg, recipe, stages, stage_results, model_info, losses, baseline_rss, t_start)
+    if cfg["check"]:
+        result.update(_check_weights(cfg, model, stages))
+    if RECIPE_SPECS[name].frozenopt:
+        import frozenopt
+
+        result["frozenopt_version"] = getattr(frozenopt, "__version__", None)
+    return result
+
+
+def _result(cfg: dict[str, Any], recipe: Recipe, stages: list, stage_results: list, model_info: dict,
+            losses: list[float], baseline_rss: int, t_start: float) -> dict[str, Any]:
+    """What a worker reports: the recipe's run, its peak memory and the state it ends with."""
+    import torch
+
+    device = torch.device(cfg["device"])
     peak, peak_kind = _peak_memory(device)
     st_tensors = state_tensors(recipe.opt)
+    params = recipe.params
     fixed = cfg["schedule"] == "fixed"
-    result = {
-        "recipe": name,
+    return {
+        "recipe": recipe.name,
         "round": cfg["round"],
-        "arithmetic": arithmetic(name, cfg),
+        "arithmetic": arithmetic(recipe.name, cfg),
         "schedule": cfg["schedule"],
         "ok": True,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "model_info": model_info,
-        "param_elements": sum(p.numel() for p in model.parameters()),
+        "param_elements": sum(p.numel() for p in recipe.model.parameters()),
         "param_tensors": len(params),
         "frozen_names": stages[0][2] if fixed else None,
         "frozen_elements": sum(params[n].numel() for n in stages[0][2]),
@@ -280,20 +297,13 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "state_tensors": len(st_tensors),
         "state_params": sum(1 for s in recipe.opt.state.values() if s),
         "grad_bytes": max(st["grad_bytes"] or 0 for st in stage_results),
-        "final_head_state": _head_state(recipe.opt, model),
+        "final_head_state": _head_state(recipe.opt, recipe.model),
         "losses": losses,
         "stages": stage_results,
         "worker_wall_s": time.perf_counter() - t_start,
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    if cfg["check"]:
-        result.update(_check_weights(cfg, model, stages))
-    if RECIPE_SPECS[name].frozenopt:
-        import frozenopt
-
-        result["frozenopt_version"] = getattr(frozenopt, "__version__", None)
-    return result
 
 
 def _check_weights(cfg: dict[str, Any], model, stages) -> dict[str, Any]:
