@@ -44,8 +44,6 @@ import argparse
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -56,6 +54,7 @@ from pathlib import Path
 import torch
 
 import frozenopt
+from frozenopt.bench.machine import load_average, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_step.json"
@@ -296,28 +295,6 @@ def run_case(case: str, kind: str, args) -> dict:
 
 # ---------------------------------------------------------------- report
 
-def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
-        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
 def format_table(results: list[dict]) -> str:
     lines = []
     header = f"{'case':<5}{'optimizer':<19}{'contender':<44}{'ms/step':>10}{'vs first':>11}"
@@ -379,7 +356,7 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    report_start = machine_info()
+    machine = machine_info()
     results = []
     for case in args.cases:
         for kind in args.optimizers:
@@ -389,8 +366,7 @@ def main(argv=None) -> int:
             results.append(run_case(case, kind, args))
             results[-1]["wall_s"] = time.perf_counter() - t0
             print(f"{results[-1]['wall_s']:.0f} s", file=sys.stderr, flush=True)
-    machine = dict(report_start, loadavg_at_end=machine_info()["loadavg"])
-    machine["loadavg_at_start"] = machine.pop("loadavg")
+    machine["load_average_end"] = load_average()
     report = {
         "tool": "benchmarks/bench_step.py",
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
@@ -404,15 +380,15 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     m = report["machine"]
-    load = "/".join(f"{x:.1f}" for x in m["loadavg_at_start"]) if m["loadavg_at_start"] else "?"
-    print(f"{m['cpu']} ({m['logical_cpus']} logical CPUs, load average {load} at start), "
+    load = "/".join(f"{x:.1f}" for x in m["load_average"]) if m["load_average"] else "?"
+    print(f"{m['cpu']} ({m['cpu_count']} logical CPUs, load average {load} at start), "
           f"{m['torch_threads']} torch threads, torch {m['torch']}, "
           f"CPU capability {m['cpu_capability']}; {args.repeats} repeats"
           f"{' (QUICK: sizes too small for the targets to mean anything)' if args.quick else ''}")
     print(format_table(results))
-    busy = m["loadavg_at_start"] and m["loadavg_at_start"][0] > (m["logical_cpus"] or 1)
+    busy = m["load_average"] and m["load_average"][0] > (m["cpu_count"] or 1)
     if busy and m["torch_threads"] > 1:
-        print(f"note: the load average ({m['loadavg_at_start'][0]:.1f}) exceeds the {m['logical_cpus']} CPUs. "
+        print(f"note: the load average ({m['load_average'][0]:.1f}) exceeds the {m['cpu_count']} CPUs. "
               "Contenders that open many short parallel regions (torch fused: one per tensor) wait for "
               "descheduled worker threads and slow down far more than the others; --threads 1 gives a "
               "comparison free of that effect.")

@@ -14,8 +14,8 @@ written by the step launch) and return. Per-block and per-tensor extras are
 counted separately and amortised over the unfrozen elements: SGD blocks read
 found_inf (4 B); Adam blocks read their tensor's 40-byte record; Adam's step
 launch reads and writes each step counter (8 B) and writes each record (40 B).
-lr and grad_scale reads (4 B per block when they are tensors) are left out. The floor is the element traffic of the update rule
-itself: SGD 3 x, SGD+momentum 5 x, Adam/AdamW 7 x (9 x with amsgrad) the
+lr and grad_scale reads (4 B per block when they are tensors) are left out. The
+floor is the element traffic of the update rule itself: SGD 3 x, SGD+momentum 5 x, Adam/AdamW 7 x (9 x with amsgrad) the
 element size, i.e. 12 / 20 / 28 (36) bytes in float32.
 """
 
@@ -46,7 +46,7 @@ def plan_module():
     try:
         from frozenopt import ops
     except ImportError as error:
-        raise SystemExit(f"frozenopt is not importable ({error}): run ./run.sh test once to build it")
+        raise SystemExit(f"frozenopt is not importable ({error}): run ./run.sh test once to build it") from None
     return ops.require_extension().cuda_plan
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,25 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cuda_bytes import ELEMENT_SIZES, OPTIMIZERS  # noqa: E402
+from cuda_timing import captured, step_seconds  # noqa: E402
 
 CASES = {
     "large-tensors": [625_000] * 80,
     "many-small": [256] * 20_000,
 }
-
-
-def time_step(step, steps, warmup=5):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def make_params(sizes, dtype):
@@ -71,7 +57,7 @@ def run(args):
         for case, sizes in CASES.items():
             ours = build(kind, "frozenopt", make_params(sizes, dtype))
             theirs = build(kind, "torch", make_params(sizes, dtype))
-            t_ours, t_theirs = time_step(ours.step, args.steps), time_step(theirs.step, args.steps)
+            t_ours, t_theirs = step_seconds(ours.step, args.steps), step_seconds(theirs.step, args.steps)
             moved = (reads + writes) * esize * sum(sizes)
             rows.append(dict(optimizer=kind, case=case, frozenopt_s=t_ours, torch_fused_s=t_theirs,
                              speedup=t_theirs / t_ours, frozenopt_GBps=moved / t_ours / 1e9))
@@ -84,27 +70,17 @@ def run(args):
             if p.grad is None and p.requires_grad:
                 p.grad = torch.randn_like(p)
         only = build(kind, "torch", make_params(sizes[: len(sizes) // 10], dtype))
-        t_ours, t_only = time_step(ours.step, args.steps), time_step(only.step, args.steps)
+        t_ours, t_only = step_seconds(ours.step, args.steps), step_seconds(only.step, args.steps)
         rows.append(dict(optimizer=kind, case="many-small, 90% frozen", frozenopt_s=t_ours, torch_fused_s=t_only,
                          speedup=t_only / t_ours, frozenopt_GBps=None))
         # The step captured in a CUDA graph, with a mask_only optimizer.
-        params = make_params(CASES["large-tensors"], dtype)
-        import frozenopt  # noqa: F401
-
-        opt = build(kind, "frozenopt", params)
+        opt = build(kind, "frozenopt", make_params(CASES["large-tensors"], dtype))
         opt.prepare_capture()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                opt.step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            opt.step()
-        t_graph = time_step(graph.replay, args.steps)
+        graph = captured(opt.step)
+        t_graph = step_seconds(graph.replay, args.steps)
+        moved = (reads + writes) * esize * sum(CASES["large-tensors"])
         rows.append(dict(optimizer=kind, case="large-tensors, CUDA graph", frozenopt_s=t_graph, torch_fused_s=None,
-                         speedup=None, frozenopt_GBps=(reads + writes) * esize * sum(CASES["large-tensors"]) / t_graph / 1e9))
+                         speedup=None, frozenopt_GBps=moved / t_graph / 1e9))
     return rows
 
 

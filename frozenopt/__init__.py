@@ -11,17 +11,17 @@ import sys
 
 import torch.optim as _torch_optim
 
-from frozenopt.finetune import FineTuner, GradualUnfreeze, frozen_bn_eval, layer_groups, spread_lr, stop_gradient  # noqa: E402,I001
+from frozenopt.finetune import FineTuner, GradualUnfreeze, frozen_bn_eval, layer_groups, spread_lr, stop_gradient
 from frozenopt.optim import SGD, Adam, AdamW
 
-_OWN = ["SGD", "Adam", "AdamW", "FineTuner", "GradualUnfreeze", "frozen_bn_eval", "layer_groups", "spread_lr",
-        "stop_gradient"]
-# torch.optim's names that frozenopt does not replace, taken from the torch that is loaded.
-_FROM_TORCH = [name for name in _torch_optim.__all__ if name not in _OWN]
+# frozenopt's own names, then torch.optim's names that frozenopt does not replace (Optimizer,
+# lr_scheduler, swa_utils, RMSprop, ...), taken from the torch that is loaded.
+__all__ = ["SGD", "Adam", "AdamW", "FineTuner", "GradualUnfreeze", "frozen_bn_eval", "layer_groups", "spread_lr",
+           "stop_gradient"]
+_FROM_TORCH = [name for name in _torch_optim.__all__ if name not in __all__]
 globals().update({name: getattr(_torch_optim, name) for name in _FROM_TORCH})
+__all__ += _FROM_TORCH
 # `from frozenopt.lr_scheduler import StepLR` works as it does for torch.optim.
 for _sub in ("lr_scheduler", "swa_utils"):
     sys.modules[f"{__name__}.{_sub}"] = getattr(_torch_optim, _sub)
-
-__all__ = _OWN + _FROM_TORCH
 __version__ = "0.1.0"

@@ -26,20 +26,17 @@ __all__ = ["save_checkpoint", "load_checkpoint"]
 _KEY = "frozenopt"
 
 
-def _names(optimizer: Any) -> list[tuple[str, Any, dict]]:
-    out = []
-    for group in optimizer.param_groups:
-        names = group.get("param_names")
-        if not names:
-            raise ValueError("save_checkpoint/load_checkpoint need an optimizer built with names "
-                             "(a Module, named_parameters() or named param groups)")
-        out += [(n, p, group) for n, p in zip(names, group["params"])]
-    return out
+def _names(optimizer: Any) -> list[tuple[str, Any]]:
+    named = optimizer.named_params()
+    if any(name is None for name, _ in named):
+        raise ValueError("save_checkpoint/load_checkpoint need an optimizer built with names "
+                         "(a Module, named_parameters() or named param groups)")
+    return named
 
 
 def _frozen_names(optimizer: Any) -> list[str]:
     """The frozen params' own names (a tied param once, by its first name)."""
-    return [n for n, p, _ in _names(optimizer) if optimizer.is_frozen(p)]
+    return [n for n, p in _names(optimizer) if optimizer.is_param_frozen(p)]
 
 
 def save_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, extra: dict | None = None,
@@ -53,7 +50,7 @@ def save_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, ext
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     meta = {"frozen": _frozen_names(optimizer),
-            "stateful": [n for n, p, _ in _names(optimizer) if optimizer.state.get(p)]}
+            "stateful": [n for n, p in _names(optimizer) if optimizer.state.get(p)]}
     state = {"model": model_sd, "optim": optim_sd, _KEY: json.dumps(meta), **(extra or {})}
     dcp.save(state, checkpoint_id=checkpoint_id, **save_kwargs)
 
@@ -78,14 +75,15 @@ def load_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, ext
     meta = json.loads(head[_KEY])
     stateful = set(meta["stateful"])
     named = _names(optimizer)
-    unknown = (stateful | set(meta["frozen"])) - {n for n, _, _ in named}
+    unknown = (stateful | set(meta["frozen"])) - {n for n, _ in named}
     if unknown:
         raise ValueError(f"the checkpoint names params this optimizer does not have: {sorted(unknown)[:5]}")
-    for name, p, group in named:
-        if name in stateful and not optimizer.state.get(p):
-            optimizer.state[p].update(optimizer._new_state(p, group))  # placeholders DCP loads into
-        elif name not in stateful:
+    for name, p in named:
+        if name not in stateful:
             optimizer.state.pop(p, None)
+    placeholders = [p for name, p in named if name in stateful and not optimizer.state.get(p)]
+    if placeholders:
+        optimizer.init_state(placeholders)  # zero state shaped like each param: DCP loads into it
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, **(extra or {})}
     if stateful:
@@ -97,7 +95,7 @@ def load_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, ext
         # have off (frozenopt's default mode): turn it on for the load, then put it back.
         # strict=False: params with no saved state (never trained, or SGD without momentum)
         # are not an error; the placeholders above made sure nothing saved is left out.
-        requires_grad = [(p, p.requires_grad) for _, p, _ in named]
+        requires_grad = [(p, p.requires_grad) for _, p in named]
         try:
             for p, _ in requires_grad:
                 p.requires_grad_(True)

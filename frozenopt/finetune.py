@@ -19,14 +19,13 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from frozenopt.names import NameIndex, _glob_to_regex, resolve_targets
+from frozenopt.names import NameIndex, names_exactly, resolve_targets
 
 __all__ = [
     "NORM_TYPES",
@@ -48,17 +47,8 @@ NORM_TYPES: tuple[type, ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
-def _optimizer_names(opt: torch.optim.Optimizer) -> tuple[list[str | None], list[Tensor]]:
-    names: list[str | None] = []
-    params: list[Tensor] = []
-    for group in opt.param_groups:
-        names += group.get("param_names") or [None] * len(group["params"])
-        params += group["params"]
-    return names, params
-
-
 def _check_freezable(opt: Any) -> None:
-    for attr in ("freeze", "unfreeze", "is_frozen"):
+    for attr in ("freeze", "unfreeze", "is_frozen", "params_of", "is_param_frozen"):
         if not callable(getattr(opt, attr, None)):
             raise TypeError(
                 f"expected a frozenopt optimizer (SGD, Adam, AdamW), got {type(opt).__name__}; "
@@ -89,60 +79,42 @@ class FineTuner:
         self.model = model
         self.optimizer = optimizer
         self.keep_norm = keep_norm
-        names, params = _optimizer_names(optimizer)
-        self._index = NameIndex(names, params)
-        self._params = params
-        by_id = {id(p): i for i, p in enumerate(params)}
-        self._norm = {by_id[id(p)] for m in model.modules() if isinstance(m, NORM_TYPES)
-                      for p in m.parameters(recurse=False) if id(p) in by_id}
+        self._norm = {p for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
         self._bn_handle = frozen_bn_eval(model, optimizer) if bn_eval else None
 
-    def _names(self, indices: Iterable[int]) -> list[str]:
-        return [self._index.name_of(i) for i in indices]
-
-    def _params_of(self, indices: Iterable[int]) -> list[Tensor]:
-        return [self._params[i] for i in indices]
-
-    def _without_norm(self, targets: Sequence[Any], indices: list[int]) -> list[int]:
+    def _without_norm(self, targets: Sequence[Any], params: list[Tensor]) -> list[Tensor]:
         """Drop norm params a target reached only through an enclosing block."""
         if not self.keep_norm:
-            return indices
-        named_directly: set[int] = set()
-        for target in targets:
-            for i in resolve_targets(self._index, (target,)):
-                if i in self._norm and self._names_norm_layer(target, i):
-                    named_directly.add(i)
-        return [i for i in indices if i not in self._norm or i in named_directly]
+            return params
+        names = {p: name for name, p in self.optimizer.named_params()}
+        named_directly = {p for target in targets for p in self.optimizer.params_of(target)
+                          if p in self._norm and self._names_norm_layer(target, names[p])}
+        return [p for p in params if p not in self._norm or p in named_directly]
 
-    def _names_norm_layer(self, target: Any, i: int) -> bool:
+    @staticmethod
+    def _names_norm_layer(target: Any, name: str | None) -> bool:
         """True when the target is the norm layer itself or its param (not a block around it)."""
         if isinstance(target, Tensor):
             return True
         if isinstance(target, nn.Module):
             return isinstance(target, NORM_TYPES)
-        name = self._index.name_of(i)
         layer = name.rsplit(".", 1)[0] if "." in name else ""
-        if isinstance(target, str) and not (set(target) & set("*?[")):
-            return target in (name, layer)
-        pattern = target if isinstance(target, re.Pattern) else _glob_to_regex(target)
-        return bool(pattern.fullmatch(name) or (layer and pattern.fullmatch(layer)))
+        return names_exactly(target, name) or bool(layer) and names_exactly(target, layer)
 
     def freeze(self, *targets: Any, release_state: bool = False) -> list[str]:
         """Freeze what the targets match, except norm layers inside them when ``keep_norm``.
 
         With no target: every param group but the last (fastai's ``freeze()``).
         """
+        groups = self.optimizer.param_groups
         if targets:
-            indices = resolve_targets(self._index, targets)
+            params = self.optimizer.params_of(*targets)
+        elif len(groups) < 2:
+            return self.optimizer.freeze()  # its own error message says what to write
         else:
-            if len(self.optimizer.param_groups) < 2:
-                return self.optimizer.freeze()  # its own error message says what to write
-            last = len(self.optimizer.param_groups[-1]["params"])
-            indices = list(range(len(self._params) - last))
-        indices = self._without_norm(targets, indices)
-        if not indices:
-            return []
-        return self.optimizer.freeze(self._params_of(indices), release_state=release_state)
+            params = [p for g in groups[:-1] for p in g["params"]]
+        params = self._without_norm(targets, params)
+        return self.optimizer.freeze(params, release_state=release_state) if params else []
 
     def unfreeze(self, *targets: Any, reset_state: bool = False) -> list[str]:
         """Unfreeze what the targets match (everything with none)."""
@@ -152,15 +124,12 @@ class FineTuner:
         """fastai's ``freeze_to``: groups ``[:n]`` frozen (norm layers kept), ``[n:]`` trainable."""
         if not isinstance(n, int) or isinstance(n, bool):
             raise TypeError(f"freeze_to takes an int number of param groups, got {type(n).__name__}")
-        ranges, start = [], 0
-        for group in self.optimizer.param_groups:
-            ranges.append(range(start, start + len(group["params"])))
-            start += len(group["params"])
-        freeze = self._without_norm((), [i for r in ranges[:n] for i in r])
+        groups = self.optimizer.param_groups
+        freeze = self._without_norm((), [p for g in groups[:n] for p in g["params"]])
         kept = set(freeze)
-        thaw = [i for i in range(len(self._params)) if i not in kept]
-        changed = self.optimizer.freeze(self._params_of(freeze)) if freeze else []
-        return changed + (self.optimizer.unfreeze(self._params_of(thaw)) if thaw else [])
+        thaw = [p for g in groups for p in g["params"] if p not in kept]
+        changed = self.optimizer.freeze(freeze) if freeze else []
+        return changed + (self.optimizer.unfreeze(thaw) if thaw else [])
 
     def remove(self) -> None:
         """Remove the BatchNorm hooks ``bn_eval=True`` installed."""
@@ -187,11 +156,6 @@ class _Handles:
         self.remove()
 
 
-def _is_frozen(optimizer: Any, p: Tensor) -> bool:
-    frozen = getattr(optimizer, "_frozen", None)  # the optimizer's own set: O(1) per forward
-    return p in frozen if isinstance(frozen, set) else optimizer.is_frozen(p)
-
-
 def frozen_bn_eval(model: nn.Module, optimizer: Any) -> _Handles:
     """Run BatchNorm layers whose params are all frozen in eval mode, without swapping them.
 
@@ -212,7 +176,7 @@ def frozen_bn_eval(model: nn.Module, optimizer: Any) -> _Handles:
             continue
 
         def pre(mod: nn.Module, args: Any, params: list[Tensor] = params) -> None:
-            if mod.training and all(_is_frozen(optimizer, p) for p in params):
+            if mod.training and all(optimizer.is_param_frozen(p) for p in params):
                 mod.training = False
                 mod._frozenopt_was_training = True
 
@@ -224,9 +188,6 @@ def frozen_bn_eval(model: nn.Module, optimizer: Any) -> _Handles:
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post, always_call=True))
     return _Handles(handles)
-
-
-Targets = Union[str, re.Pattern, nn.Module, Tensor, Sequence[Any]]
 
 
 class GradualUnfreeze:
@@ -291,10 +252,7 @@ def _match_modules(model: nn.Module, names: Any) -> list[tuple[str, nn.Module]]:
         if isinstance(target, nn.Module):
             hits = [(n, m) for n, m in modules.items() if m is target]
         elif isinstance(target, (str, re.Pattern)):
-            pattern = target if isinstance(target, re.Pattern) else (
-                _glob_to_regex(target) if set(target) & set("*?[") else None)
-            hits = [(n, m) for n, m in modules.items() if n and (
-                pattern.fullmatch(n) if pattern is not None else n == target)]
+            hits = [(n, m) for n, m in modules.items() if n and names_exactly(target, n)]
         else:
             raise TypeError(f"stop_gradient takes module names, globs, regexes or modules, got {type(target).__name__}")
         if not hits:

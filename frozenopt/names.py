@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["NameIndex", "resolve_targets", "describe"]
+__all__ = ["NameIndex", "resolve_targets", "describe", "names_exactly"]
 
 _GLOB_CHARS = frozenset("*?[")
 _ACCEPTED = (
@@ -29,6 +30,8 @@ class NameIndex:
     """Precomputed lookup tables over the optimizer's parameters.
 
     ``names[i]`` is the dotted name of ``params[i]`` (or None if unnamed).
+    Without ``params`` the index holds names only (what the benchmark's torch
+    recipes resolve), and a Module or tensor target matches nothing.
     ``aliases`` maps a param's name to the other names the model reaches the
     same tensor by (tied weights: ``{"wte.weight": ["lm_head.weight"]}``);
     every alias resolves like the name itself.
@@ -37,10 +40,11 @@ class NameIndex:
     parameters.
     """
 
-    def __init__(self, names: Sequence[str | None], params: Sequence[torch.Tensor],
+    def __init__(self, names: Sequence[str | None], params: Sequence[torch.Tensor] | None = None,
                  aliases: dict[str, Sequence[str]] | None = None):
         names = list(names)
-        params = list(params)
+        names_only = params is None
+        params = [None] * len(names) if names_only else list(params)
         if len(names) != len(params):
             raise ValueError(
                 f"names and params must have the same length "
@@ -51,7 +55,7 @@ class NameIndex:
         self.params: list[torch.Tensor] = params
 
         self._id_to_index: dict[int, int] = {}
-        for i, p in enumerate(params):
+        for i, p in enumerate(() if names_only else params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params[{i}] is {type(p).__name__}, expected a torch.Tensor")
             if id(p) in self._id_to_index:
@@ -154,6 +158,7 @@ def describe(target: Any) -> str:
     return f"{type(target).__name__} {text}"
 
 
+@functools.lru_cache(maxsize=256)
 def _glob_to_regex(glob: str) -> re.Pattern[str]:
     """Compile a dotted-name glob: '*' and '?' stay inside one component,
     '**' crosses dots. fnmatch is not used because its '*' crosses dots."""
@@ -192,6 +197,19 @@ def _glob_to_regex(glob: str) -> re.Pattern[str]:
             out.append(re.escape(c))
         i += 1
     return re.compile("".join(out))
+
+
+def names_exactly(target: str | re.Pattern[str], name: str) -> bool:
+    """Whether a name, glob or regex target names this dotted name itself, not a module above it.
+
+    The rules of ``resolve_targets`` applied to one full name: an exact name, else a glob
+    (a string with ``*``, ``?`` or ``[``) or a regex that matches the whole name.
+    """
+    if isinstance(target, re.Pattern):
+        return target.fullmatch(name) is not None
+    if target == name:
+        return True
+    return bool(_GLOB_CHARS.intersection(target)) and _glob_to_regex(target).fullmatch(name) is not None
 
 
 def _flatten(targets: Any) -> Iterable[Any]:

@@ -64,8 +64,9 @@ def ptxas(log: str) -> None:
             registers.append(int(used.group(1)))
         if spill and spill.groups() != ("0", "0"):
             spilling.append(f"{name[:60]} ({spill.group(1)}/{spill.group(2)} B)")
-    print(f"ptxas: {len(registers)} kernels compiled; registers per thread: {sorted(set(registers)) or 'none reported'}; "
-          f"{len(spilling)} spill{': ' + '; '.join(spilling) if spilling else ''}")
+    spills = f"{len(spilling)} spill" + (": " + "; ".join(spilling) if spilling else "")
+    print(f"ptxas: {len(registers)} kernels compiled; "
+          f"registers per thread: {sorted(set(registers)) or 'none reported'}; {spills}")
 
 
 def summary(path: str, commit: str, seconds: str, *phases: str) -> None:

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -27,7 +26,8 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+from cuda_timing import captured, step_seconds  # noqa: E402  (benchmarks/)
 
 
 class Skip(Exception):
@@ -92,39 +92,17 @@ def params_of(sizes, dtype=None, grads=True):
     return out
 
 
-def step_seconds(step, steps=20, warmup=5):
-    """Median over `steps` single steps, each between two CUDA events (host
-    enqueue time included whenever the GPU waits for it)."""
-    import torch
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def captured(step, warmup=3):
-    """step() captured in a CUDA graph after warm-up steps on a side stream; returns the graph."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
+def capture_or_refusal(step, topic):
+    """Capture ``step`` in a CUDA graph: (graph, the warnings that mention ``topic``), or
+    (None, what the refusal said) when the capture raised an error that names ``topic``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            graph = captured(step)
+        except Exception as error:
+            assert topic in str(error), f"the capture failed for another reason: {error}"
+            return None, f"capture refused: {type(error).__name__}: {str(error)[:300]}"
+    return graph, [str(w.message)[:300] for w in caught if topic in str(w.message)]
 
 
 def launches_of(fn):
@@ -179,14 +157,9 @@ def check_captured_float_lr():
     p.grad = torch.ones_like(p)
     opt = frozenopt.SGD([p], lr=0.1)
     opt.prepare_capture()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            graph = captured(opt.step)
-        except Exception as error:
-            assert "lr" in str(error), f"the capture failed for another reason: {error}"
-            return f"capture refused: {type(error).__name__}: {str(error)[:300]}"
-    said = [str(w.message)[:300] for w in caught if "lr" in str(w.message)]
+    graph, said = capture_or_refusal(opt.step, "lr")
+    if graph is None:
+        return said
     opt.param_groups[0]["lr"] = 0.0
     before = p.detach().clone()
     graph.replay()
@@ -209,14 +182,9 @@ def check_capture_without_mask_only():
     opt.freeze("p1")
     named[1][1].grad = None  # as after zero_grad(): autograd gives a frozen param no grad
     opt.prepare_capture()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            graph = captured(opt.step)
-        except Exception as error:
-            assert "mask_only" in str(error), f"the capture failed for another reason: {error}"
-            return f"capture refused: {type(error).__name__}: {str(error)[:300]}"
-    said = [str(w.message)[:300] for w in caught if "mask_only" in str(w.message)]
+    graph, said = capture_or_refusal(opt.step, "mask_only")
+    if graph is None:
+        return said
     opt.unfreeze("p1")
     p1 = named[1][1]
     if p1.grad is None:
@@ -288,7 +256,7 @@ def check_sgd_first_step_does_not_synchronise():
     try:
         opt.step()
     except RuntimeError as error:
-        raise AssertionError(f"the first SGD step under AMP synchronised: {str(error)[:300]}")
+        raise AssertionError(f"the first SGD step under AMP synchronised: {str(error)[:300]}") from None
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return "no synchronisation"
@@ -393,6 +361,15 @@ def adamw(lib, params, **kw):
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True, **kw)
 
 
+def copy_seconds(n):
+    """A device copy_ of n float32 elements: the bandwidth a step is held to."""
+    import torch
+
+    src = torch.randn(n, device=cuda())
+    dst = torch.empty_like(src)
+    return step_seconds(lambda: dst.copy_(src), steps=10, warmup=3)
+
+
 def measure_adamw_1b():
     """AdamW, float32, ~1B params in 15 tensors of 2^26: frozenopt, torch fused
     and a device copy_ of the params (the bandwidth 28 B/element is held to)."""
@@ -410,10 +387,7 @@ def measure_adamw_1b():
             found["planned_launches"] = expected_launches(5, sizes)
         del opt, params
         torch.cuda.empty_cache()
-    src = torch.randn(n, device=cuda())
-    dst = torch.empty_like(src)
-    found["copy_s"] = step_seconds(lambda: dst.copy_(src), steps=10, warmup=3)
-    del src, dst
+    found["copy_s"] = copy_seconds(n)
     copy_gbps = 8 * n / found["copy_s"] / 1e9
     ours_gbps = 28 * n / found["frozenopt_s"] / 1e9
     found.update(copy_GBps=round(copy_gbps, 1), frozenopt_GBps=round(ours_gbps, 1),
@@ -459,8 +433,8 @@ def measure_many_small(frozen_fraction):
         del ref, ref_params
         torch.cuda.empty_cache()
     for mode in ("eager", "captured"):
-        found[f"{mode}_frozenopt_over_torch_fused"] = round(found[f"frozenopt_{mode}_s"] / found[f"torch_fused_{mode}_s"],
-                                                          3)
+        ratio = found[f"frozenopt_{mode}_s"] / found[f"torch_fused_{mode}_s"]
+        found[f"{mode}_frozenopt_over_torch_fused"] = round(ratio, 3)
     return found
 
 

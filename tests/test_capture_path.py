@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import frozenopt
-from frozenopt import optim as optim_mod
+from frozenopt.optim import base as optim_mod
 
 
 @pytest.fixture

@@ -464,12 +464,12 @@ def test_freeze_to_refuses_a_single_group():
 def test_name_index_is_built_once_and_rebuilt_when_groups_change(monkeypatch):
     built = []
 
-    class Counting(frozenopt.optim.NameIndex):
+    class Counting(frozenopt.optim.base.NameIndex):
         def __init__(self, *args, **kwargs):
             built.append(1)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(frozenopt.optim, "NameIndex", Counting)
+    monkeypatch.setattr(frozenopt.optim.base, "NameIndex", Counting)
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])
     opt = frozenopt.SGD(model, lr=0.1)
     built.clear()

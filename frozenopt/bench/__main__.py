@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from .recipes import ALL_RECIPES, RECIPE_HELP, RECIPES
+from .recipes import ALL_RECIPES, RECIPE_SPECS, RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare ways of freezing parameters (memory, speed, exactness) on one "
                     "fine-tuning run; every recipe runs in its own fresh process, the recipes "
                     "taking turns over --rounds rounds.",
-        epilog="recipes:\n" + "\n".join(f"  {k:15s} {v}" for k, v in RECIPE_HELP.items()),
+        epilog="recipes:\n" + "\n".join(f"  {k:15s} {spec.help}" for k, spec in RECIPE_SPECS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", choices=["builtin", "minilm"], default="builtin",
@@ -82,15 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.worker:
-        from .recipes import worker_main
-
-        return worker_main(args.worker)
-
+def _settle_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on other arguments; refuse combinations that make no sense."""
     tiny = args.size == "tiny" and args.model == "builtin"
     if args.steps is None:
         args.steps = 3 if tiny else 6
@@ -107,25 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--recipes lists a recipe twice")
     if args.schedule == "gradual" and args.freeze:
         parser.error("--freeze does not apply to --schedule gradual (its stages are fixed)")
-    args.argv = argv
 
+
+def _write_outputs(result: dict, args: argparse.Namespace) -> list[str]:
+    """The JSON, the Markdown and (unless --no-chart) the PNG; returns the paths written."""
     from . import report as rep
-    from .models import MiniLMUnavailable
-    from .runner import BenchError, run_bench
-
-    try:
-        result = run_bench(args)
-    except (BenchError, MiniLMUnavailable) as exc:
-        print(f"frozenopt-bench: error: {exc}", file=sys.stderr)
-        return 2
 
     os.makedirs(args.out, exist_ok=True)
     stem = args.name or f"frozenopt-bench-{args.model}-{args.size}-{args.schedule}"
-    json_path = os.path.join(args.out, stem + ".json")
-    md_path = os.path.join(args.out, stem + ".md")
-    png_path = os.path.join(args.out, stem + ".png")
-    result["outputs"] = {"json": json_path, "markdown": md_path,
-                         "chart": None if args.no_chart else png_path}
+    json_path, md_path, png_path = (os.path.join(args.out, stem + ext) for ext in (".json", ".md", ".png"))
+    result["outputs"] = {"json": json_path, "markdown": md_path, "chart": None if args.no_chart else png_path}
     if not args.no_chart:
         why = rep.write_chart(result, png_path)
         if why:
@@ -135,13 +119,34 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, fh, indent=1)
     with open(md_path, "w") as fh:
         fh.write(rep.render_markdown(result))
+    return [json_path, md_path] + ([png_path] if result["outputs"]["chart"] else [])
 
-    print(rep.render_text(result))
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker:
+        from .worker import worker_main
+
+        return worker_main(args.worker)
+    _settle_args(parser, args)
+    args.argv = argv
+
+    from .models import MiniLMUnavailable
+    from .report import render_text
+    from .runner import BenchError, run_bench
+
+    try:
+        result = run_bench(args)
+    except (BenchError, MiniLMUnavailable) as exc:
+        print(f"frozenopt-bench: error: {exc}", file=sys.stderr)
+        return 2
+    written = _write_outputs(result, args)
+    print(render_text(result))
     print()
-    print(f"wrote {json_path}")
-    print(f"wrote {md_path}")
-    if result["outputs"]["chart"]:
-        print(f"wrote {png_path}")
+    for path in written:
+        print(f"wrote {path}")
     failed = [n for n, r in result["recipes"].items() if not r.get("ok")]
     for n in failed:
         r = result["recipes"][n]

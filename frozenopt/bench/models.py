@@ -1,8 +1,8 @@
 """Models and synthetic data for ``frozenopt-bench``.
 
 The built-in model is a small BERT-like encoder written in plain torch. Its
-module names follow the layout people freeze by in practice (seeds/001):
-``embeddings``, ``encoder.layer.N``, ``pooler``, ``classifier``. It needs no
+module names follow the layout of Hugging Face's BERT, which fine-tuning recipes
+freeze by: ``embeddings``, ``encoder.layer.N``, ``pooler``, ``classifier``. It needs no
 download, and ``--size base`` gives BERT-base dimensions.
 
 ``--model minilm`` loads the real pretrained all-MiniLM-L6-v2 from the
@@ -389,7 +389,3 @@ def make_batches(model_name: str, info: dict, tokenizer, n: int, seed: int,
             }
         batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -6,17 +6,9 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-MiB = 1024.0 * 1024.0
+from .recipes import RECIPE_SPECS
 
-COLORS = {
-    "full": "#9e9e9e",
-    "requires_grad": "#5b8def",
-    "filtered": "#2e5fb8",
-    "filtered-default": "#1b3a70",
-    "lr0": "#e39b3b",
-    "frozenopt": "#1f9e6e",
-    "frozenopt-mask": "#7cc9a5",
-}
+MiB = 1024.0 * 1024.0
 
 
 # the stages of the gradual schedule, lightest first
@@ -264,8 +256,8 @@ NOTES_AGREE = (
 )
 
 NOTE_OTHER_ARITHMETIC = (
-    "\nother arithmetic: the recipe runs another AdamW implementation than '{ref}' ({pairs}): rounding differs at every "
-    "step and training amplifies it, so the difference is not a freezing error and may exceed the "
+    "\nother arithmetic: the recipe runs another AdamW implementation than '{ref}' ({pairs}): rounding differs "
+    "at every step and training amplifies it, so the difference is not a freezing error and may exceed the "
     "tolerance; compare like with like with --torch-impl fused."
 )
 
@@ -325,51 +317,76 @@ def write_chart(report: dict[str, Any], path: str) -> str | None:
     if not recipes:
         return "no recipe succeeded - no chart written"
     names = [n + ("  (SUSPECT)" if r.get("timing_suspect") else "") for n, r in recipes]
-    colors = [COLORS.get(n, "#777777") for n, _ in recipes]
-    hatches = ["////" if r.get("timing_suspect") else None for _, r in recipes]
     stages = stage_names(report) if gradual(report) else ["fixed"]
     ncols = 4 if gradual(report) else 3
     fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, (0.55 + 0.25 * (len(stages) - 1)) * len(names) + 3.2),
                              sharey=True)
-    y = list(range(len(names)))
-
-    def timed(ax, key, title):
-        """Medians as bars, the lowest and highest round median as a whisker; a bar per stage."""
-        height = 0.8 / len(stages)
-        top = max(st[key + "_spread_s"][2] for _, r in recipes for st in r["stages"]) * 1e3
-        for si, sname in enumerate(stages):
-            ys = [yi - 0.4 + height * (si + 0.5) for yi in y]
-            med = [r["stages"][si]["median_" + key + "_s"] * 1e3 for _, r in recipes]
-            lo = [r["stages"][si][key + "_spread_s"][0] * 1e3 for _, r in recipes]
-            hi = [r["stages"][si][key + "_spread_s"][2] * 1e3 for _, r in recipes]
-            shade = STAGE_ALPHA[si % len(STAGE_ALPHA)] if len(stages) > 1 else 1.0
-            ax.barh(ys, med, height=height * 0.92, color=colors, alpha=shade, edgecolor="black", linewidth=0.4)
-            for yi, m, hatch in zip(ys, med, hatches):
-                if hatch:
-                    ax.barh([yi], [m], height=height * 0.92, fill=False, hatch=hatch, edgecolor="#c62828",
-                            linewidth=0)
-            ax.errorbar(med, ys, xerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
-                        fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
-            fmt = "{:.2f}" if top < 10 else "{:.1f}"
-            for yi, m, b in zip(ys, med, hi):
-                label = fmt.format(m) + (f"  {sname}" if len(stages) > 1 else "")
-                ax.text(b + top * 0.02, yi, label, va="center", fontsize=7 if len(stages) > 1 else 8)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("ms: median of the rounds used; whisker: lowest to highest round median", fontsize=8)
-        ax.set_xlim(0, top * (1.45 if len(stages) > 1 else 1.25) if top > 0 else 1)
-        ax.grid(axis="x", alpha=0.3)
-        ax.tick_params(labelsize=9)
-
     per_stage = " per stage" if gradual(report) else ""
-    timed(axes[0], "step", f"optimizer step{per_stage}")
-    timed(axes[1], "iter", f"whole iteration{per_stage}")
+    _timed_panel(axes[0], recipes, stages, "step", f"optimizer step{per_stage}")
+    _timed_panel(axes[1], recipes, stages, "iter", f"whole iteration{per_stage}")
+    _memory_panel(axes[2], recipes)
+    if gradual(report):
+        _stage_time_panel(axes[3], recipes, stages)
 
-    ax = axes[2]
-    cuda = any(r.get("peak_memory_kind") == "cuda_max_memory_allocated" for _, r in recipes)
+    y = list(range(len(names)))
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(names)
+    for label, (_, r) in zip(axes[0].get_yticklabels(), recipes):
+        if r.get("timing_suspect"):
+            label.set_color("#c62828")
+    axes[0].invert_yaxis()
+    fig.suptitle(_chart_title(report, recipes), fontsize=10)
+    foot = _chart_footer(report, recipes)
+    suspect = any(r.get("timing_suspect") for _, r in recipes)
+    fig.text(0.01, 0.01, foot, fontsize=8, va="bottom", ha="left", color="#c62828" if suspect else "black")
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * foot.count("\n"), 1, 1))
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return None
+
+
+def _colors(recipes: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [RECIPE_SPECS[n].color if n in RECIPE_SPECS else "#777777" for n, _ in recipes]
+
+
+def _timed_panel(ax, recipes: list[tuple[str, dict[str, Any]]], stages: list[str], key: str, title: str) -> None:
+    """Medians as bars, the lowest and highest round median as a whisker; a bar per stage."""
+    y = list(range(len(recipes)))
+    colors = _colors(recipes)
+    hatches = ["////" if r.get("timing_suspect") else None for _, r in recipes]
+    height = 0.8 / len(stages)
+    top = max(st[key + "_spread_s"][2] for _, r in recipes for st in r["stages"]) * 1e3
+    for si, sname in enumerate(stages):
+        ys = [yi - 0.4 + height * (si + 0.5) for yi in y]
+        med = [r["stages"][si]["median_" + key + "_s"] * 1e3 for _, r in recipes]
+        lo = [r["stages"][si][key + "_spread_s"][0] * 1e3 for _, r in recipes]
+        hi = [r["stages"][si][key + "_spread_s"][2] * 1e3 for _, r in recipes]
+        shade = STAGE_ALPHA[si % len(STAGE_ALPHA)] if len(stages) > 1 else 1.0
+        ax.barh(ys, med, height=height * 0.92, color=colors, alpha=shade, edgecolor="black", linewidth=0.4)
+        for yi, m, hatch in zip(ys, med, hatches):
+            if hatch:
+                ax.barh([yi], [m], height=height * 0.92, fill=False, hatch=hatch, edgecolor="#c62828", linewidth=0)
+        ax.errorbar(med, ys, xerr=[[m - a for m, a in zip(med, lo)], [b - m for m, b in zip(med, hi)]],
+                    fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+        fmt = "{:.2f}" if top < 10 else "{:.1f}"
+        for yi, m, b in zip(ys, med, hi):
+            label = fmt.format(m) + (f"  {sname}" if len(stages) > 1 else "")
+            ax.text(b + top * 0.02, yi, label, va="center", fontsize=7 if len(stages) > 1 else 8)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("ms: median of the rounds used; whisker: lowest to highest round median", fontsize=8)
+    ax.set_xlim(0, top * (1.45 if len(stages) > 1 else 1.25) if top > 0 else 1)
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(labelsize=9)
+
+
+def _memory_panel(ax, recipes: list[tuple[str, dict[str, Any]]]) -> None:
+    """Peak CUDA allocations, or the peak RSS split into the runtime before the model and the rest."""
+    y = list(range(len(recipes)))
+    colors = _colors(recipes)
     peak = [r["peak_memory_bytes"] / MiB for _, r in recipes]
-    if cuda:
+    top = max(peak)
+    if any(r.get("peak_memory_kind") == "cuda_max_memory_allocated" for _, r in recipes):
         ax.barh(y, peak, color=colors, edgecolor="black", linewidth=0.4)
-        top = max(peak)
         for yi, p in zip(y, peak):
             ax.text(p + top * 0.01, yi, f"{p:.0f}", va="center", fontsize=8)
         ax.set_xlim(0, top * 1.22)
@@ -379,9 +396,7 @@ def write_chart(report: dict[str, Any], path: str) -> str | None:
         base = [r["baseline_rss_bytes"] / MiB for _, r in recipes]
         extra = [p - b for p, b in zip(peak, base)]
         ax.barh(y, base, color="#dddddd", edgecolor="black", linewidth=0.4, label="runtime before model")
-        ax.barh(y, extra, left=base, color=colors, edgecolor="black", linewidth=0.4,
-                label="model + training")
-        top = max(peak)
+        ax.barh(y, extra, left=base, color=colors, edgecolor="black", linewidth=0.4, label="model + training")
         for yi, p, e in zip(y, peak, extra):
             ax.text(p + top * 0.01, yi, f"{p:.0f} (+{e:.0f})", va="center", fontsize=8)
         ax.set_xlim(0, top * 1.3)
@@ -390,43 +405,41 @@ def write_chart(report: dict[str, Any], path: str) -> str | None:
     ax.grid(axis="x", alpha=0.3)
     ax.tick_params(labelsize=9)
 
-    if gradual(report):
-        ax = axes[3]
-        shades = ["#cfd8dc", "#90a4ae", "#546e7a"]
-        left = [0.0] * len(names)
-        for si, sname in enumerate(stages):
-            vals = [r["stages"][si]["wall_s"] for _, r in recipes]
-            ax.barh(y, vals, left=left, color=shades[si % len(shades)], edgecolor="black",
-                    linewidth=0.4, label=sname)
-            left = [a + b for a, b in zip(left, vals)]
-        top = max(left)
-        for yi, (_, r) in zip(y, recipes):
-            kept = [st["state_survived"] for st in r["stages"][1:]]
-            tag = "state kept" if all(kept) else "state LOST"
-            ax.text(left[yi] + top * 0.01, yi, f"{left[yi]:.1f}s, {tag}", va="center", fontsize=8)
-        ax.set_xlim(0, top * 1.6)
-        ax.set_title("gradual unfreezing: time per stage (median round)", fontsize=10)
-        ax.set_xlabel("s", fontsize=9)
-        ax.legend(fontsize=8, loc="lower right")
-        ax.grid(axis="x", alpha=0.3)
 
-    axes[0].set_yticks(y)
-    axes[0].set_yticklabels(names)
-    for label, (_, r) in zip(axes[0].get_yticklabels(), recipes):
-        if r.get("timing_suspect"):
-            label.set_color("#c62828")
-    axes[0].invert_yaxis()
+def _stage_time_panel(ax, recipes: list[tuple[str, dict[str, Any]]], stages: list[str]) -> None:
+    """Gradual unfreezing: each recipe's time per stage, stacked, and whether its state survived."""
+    y = list(range(len(recipes)))
+    shades = ["#cfd8dc", "#90a4ae", "#546e7a"]
+    left = [0.0] * len(recipes)
+    for si, sname in enumerate(stages):
+        vals = [r["stages"][si]["wall_s"] for _, r in recipes]
+        ax.barh(y, vals, left=left, color=shades[si % len(shades)], edgecolor="black", linewidth=0.4, label=sname)
+        left = [a + b for a, b in zip(left, vals)]
+    top = max(left)
+    for yi, (_, r) in zip(y, recipes):
+        tag = "state kept" if all(st["state_survived"] for st in r["stages"][1:]) else "state LOST"
+        ax.text(left[yi] + top * 0.01, yi, f"{left[yi]:.1f}s, {tag}", va="center", fontsize=8)
+    ax.set_xlim(0, top * 1.6)
+    ax.set_title("gradual unfreezing: time per stage (median round)", fontsize=10)
+    ax.set_xlabel("s", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _chart_title(report: dict[str, Any], recipes: list[tuple[str, dict[str, Any]]]) -> str:
     m = report.get("model") or {}
     n = report.get("param_elements") or 0
     fz = report.get("frozen_elements") or 0
     threads = next((r.get("threads") for _, r in recipes), None)
     args = report["args"]
-    fig.suptitle(
-        f"frozenopt-bench: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params, "
-        f"{fz / max(n, 1) * 100:.0f}% frozen{' at start' if gradual(report) else ''}; "
-        f"{args['rounds']} rounds x {args['steps']} steps{per_stage}, {args['device']} x{threads} threads, "
-        f"torch {report['machine'].get('torch')} (torch AdamW {TORCH_IMPL[args['torch_impl']]})",
-        fontsize=10)
+    per_stage = " per stage" if gradual(report) else ""
+    return (f"frozenopt-bench: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params, "
+            f"{fz / max(n, 1) * 100:.0f}% frozen{' at start' if gradual(report) else ''}; "
+            f"{args['rounds']} rounds x {args['steps']} steps{per_stage}, {args['device']} x{threads} threads, "
+            f"torch {report['machine'].get('torch')} (torch AdamW {TORCH_IMPL[args['torch_impl']]})")
+
+
+def _chart_footer(report: dict[str, Any], recipes: list[tuple[str, dict[str, Any]]]) -> str:
     foot = _load_line(report)
     suspect = [n for n, r in recipes if r.get("timing_suspect")]
     if suspect:
@@ -438,9 +451,4 @@ def write_chart(report: dict[str, Any], path: str) -> str | None:
         foot += f"\nbusy rounds left out of the times: {', '.join(left_out)}"
     if gradual(report):
         foot += "\nstages: head = pooler + classifier trained; top2 = + top 2 blocks; all = everything"
-    fig.text(0.01, 0.01, foot, fontsize=8, va="bottom", ha="left",
-             color="#c62828" if suspect else "black")
-    fig.tight_layout(rect=(0, 0.03 + 0.025 * foot.count("\n"), 1, 1))
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return None
+    return foot

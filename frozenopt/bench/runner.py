@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -13,8 +13,10 @@ import tempfile
 from typing import Any
 
 from .load import BUSY_CORES, spare_cores
+from .machine import load_average, machine_info, package_root
 from .progress import progress_bar
-from .recipes import ALL_RECIPES, FROZENOPT_RECIPES, PROGRESS_TAG
+from .recipes import ALL_RECIPES, RECIPE_SPECS
+from .worker import PROGRESS_TAG
 
 # "Trained params agree with the reference recipe": torch.allclose with RTOL and an
 # absolute tolerance of ATOL_FRACTION of the largest change any weight made in the
@@ -35,85 +37,13 @@ class BenchError(RuntimeError):
     pass
 
 
-def _package_root() -> str:
-    """The directory holding the ``frozenopt`` package this process imported.
-
-    It goes first on the workers' PYTHONPATH so that they run the very same
-    package as the parent (an uninstalled checkout works too).
-    """
-    pkg = sys.modules.get("frozenopt")
-    where = getattr(pkg, "__file__", None)
-    if where:
-        return os.path.dirname(os.path.dirname(os.path.abspath(where)))
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.dirname(os.path.dirname(here))
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    mem = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_bytes": mem,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-        info["cuda_version"] = torch.version.cuda
-    try:
-        import frozenopt
-
-        info["frozenopt"] = getattr(frozenopt, "__version__", None)
-    except Exception as exc:  # pragma: no cover
-        info["frozenopt"] = f"import failed: {exc}"
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=_package_root(), timeout=5)
-        if rev.returncode == 0:
-            info["git_commit"] = rev.stdout.strip()
-    except Exception:
-        pass
-    return info
-
-
 def _run_one(cfg: dict[str, Any], bar) -> dict[str, Any]:
     cfg_path = os.path.join(cfg["tmp_dir"], "config.json")
     with open(cfg_path, "w") as fh:
         json.dump(cfg, fh)
     env = dict(os.environ)
-    root = _package_root()
+    # The package this process runs goes first, so the workers run the very same one.
+    root = package_root()
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -185,7 +115,7 @@ def _check_targets(args) -> None:
     try:
         frozen = resolve(names, [parse_target(t) for t in args.freeze])
     except (ValueError, TypeError) as exc:
-        raise BenchError(str(exc)) from None
+        raise BenchError(f"--freeze: {exc}") from None
     if len(frozen) == len(names):
         raise BenchError("--freeze covers every parameter: nothing would be trained")
 
@@ -224,46 +154,14 @@ def merge_rounds(runs: list[dict[str, Any]], busy_limit: float) -> dict[str, Any
     SPREAD_LIMIT times.
     """
     merged = dict(runs[0])
-    merged["rounds"] = []
-    for run in runs:
-        others = _others_cores(run["stages"])
-        merged["rounds"].append({
-            "round": run["round"] + 1,
-            "position": run["position"],
-            "load_average_start": run["load_average_start"],
-            "started_utc": run["started_utc"],
-            "finished_utc": run["finished_utc"],
-            "others_cores": others,
-            "busy": others is not None and others > busy_limit,
-            "median_step_s": [st["median_step_s"] for st in run["stages"]],
-            "median_iter_s": [st["median_iter_s"] for st in run["stages"]],
-            "peak_memory_bytes": run["peak_memory_bytes"],
-            "worker_wall_s": run["worker_wall_s"],
-        })
+    merged["rounds"] = [_round_record(run, busy_limit) for run in runs]
     for key in ("round", "position", "load_average_start", "started_utc", "finished_utc", "worker_wall_s"):
         del merged[key]
     quiet = [run for run, r in zip(runs, merged["rounds"]) if not r["busy"]]
     used = quiet or runs
     merged["rounds_used"] = [run["round"] + 1 for run in used]
     merged["peak_memory_bytes"] = max(run["peak_memory_bytes"] for run in runs)
-    stages = []
-    for si, first in enumerate(runs[0]["stages"]):
-        per_round = [run["stages"][si] for run in used]
-        steps = [t for st in per_round for t in st["step_times_s"]]
-        iters = [t for st in per_round for t in st["iter_times_s"]]
-        stages.append({
-            **first,
-            "step_times_s": steps,
-            "iter_times_s": iters,
-            "median_step_s": statistics.median(steps),
-            "median_iter_s": statistics.median(iters),
-            "step_spread_s": _spread([st["median_step_s"] for st in per_round]),
-            "iter_spread_s": _spread([st["median_iter_s"] for st in per_round]),
-            "transition_s": statistics.median(st["transition_s"] for st in per_round),
-            "wall_s": statistics.median(st["wall_s"] for st in per_round),
-        })
-    for st in stages:  # per round: in merged["rounds"]
-        del st["others_cpu_s"], st["timed_wall_s"]
+    stages = [_pooled_stage(first, [run["stages"][si] for run in used]) for si, first in enumerate(runs[0]["stages"])]
     merged["stages"] = stages
     if merged["schedule"] == "fixed":
         for key in ("median_step_s", "median_iter_s", "step_spread_s", "iter_spread_s"):
@@ -274,27 +172,70 @@ def merge_rounds(runs: list[dict[str, Any]], busy_limit: float) -> dict[str, Any
     merged["others_cores_max"] = max(loads) if loads else None
     busy = [r for r in merged["rounds"] if r["busy"]]
     merged["busy_rounds_left_out"] = [r["round"] for r in busy] if quiet else []
-    reasons = []
-    if busy and not quiet:
-        reasons.append("every round was busy: other processes used "
-                       + ", ".join(f"{r['others_cores']:.2f}" for r in busy) + " cores while it was timed")
-    for st in stages:
-        for what, key in (("step", "step_spread_s"), ("iteration", "iter_spread_s")):
-            lo, _, hi = st[key]
-            if lo > 0 and hi / lo > SPREAD_LIMIT:
-                where = "" if merged["schedule"] == "fixed" else f" in stage {st['stage']}"
-                reasons.append(f"{what} medians of the rounds used{where} range {lo * 1e3:.3g}-{hi * 1e3:.3g} ms")
+    reasons = _suspect_reasons(busy if not quiet else [], stages, merged["schedule"])
     merged["timing_suspect"] = bool(reasons)
     merged["timing_suspect_reasons"] = reasons
     return merged
 
 
-def run_bench(args) -> dict[str, Any]:
-    """Run every requested recipe; return the full report dict (also written to disk)."""
+def _round_record(run: dict[str, Any], busy_limit: float) -> dict[str, Any]:
+    """What one round of a recipe keeps in the merged result."""
+    others = _others_cores(run["stages"])
+    return {
+        "round": run["round"] + 1,
+        "position": run["position"],
+        "load_average_start": run["load_average_start"],
+        "started_utc": run["started_utc"],
+        "finished_utc": run["finished_utc"],
+        "others_cores": others,
+        "busy": others is not None and others > busy_limit,
+        "median_step_s": [st["median_step_s"] for st in run["stages"]],
+        "median_iter_s": [st["median_iter_s"] for st in run["stages"]],
+        "peak_memory_bytes": run["peak_memory_bytes"],
+        "worker_wall_s": run["worker_wall_s"],
+    }
+
+
+def _pooled_stage(first: dict[str, Any], per_round: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stage over the rounds used: every timed step pooled, the rounds' medians as the spread;
+    the rest as the first round (the one with the checks) measured it."""
+    steps = [t for st in per_round for t in st["step_times_s"]]
+    iters = [t for st in per_round for t in st["iter_times_s"]]
+    stage = {
+        **first,
+        "step_times_s": steps,
+        "iter_times_s": iters,
+        "median_step_s": statistics.median(steps),
+        "median_iter_s": statistics.median(iters),
+        "step_spread_s": _spread([st["median_step_s"] for st in per_round]),
+        "iter_spread_s": _spread([st["median_iter_s"] for st in per_round]),
+        "transition_s": statistics.median(st["transition_s"] for st in per_round),
+        "wall_s": statistics.median(st["wall_s"] for st in per_round),
+    }
+    del stage["others_cpu_s"], stage["timed_wall_s"]  # per round: in the merged result's "rounds"
+    return stage
+
+
+def _suspect_reasons(all_busy: list[dict[str, Any]], stages: list[dict[str, Any]], schedule: str) -> list[str]:
+    """Why a recipe's timing is suspect: every round busy, or rounds used that disagree."""
+    reasons = []
+    if all_busy:
+        reasons.append("every round was busy: other processes used "
+                       + ", ".join(f"{r['others_cores']:.2f}" for r in all_busy) + " cores while it was timed")
+    for st in stages:
+        for what, key in (("step", "step_spread_s"), ("iteration", "iter_spread_s")):
+            lo, _, hi = st[key]
+            if lo > 0 and hi / lo > SPREAD_LIMIT:
+                where = "" if schedule == "fixed" else f" in stage {st['stage']}"
+                reasons.append(f"{what} medians of the rounds used{where} range {lo * 1e3:.3g}-{hi * 1e3:.3g} ms")
+    return reasons
+
+
+def _check_args(args) -> None:
+    """What must hold before any worker starts."""
     import torch
 
-    recipes: list[str] = list(args.recipes)
-    for r in recipes:
+    for r in args.recipes:
         if r not in ALL_RECIPES:
             raise BenchError(f"unknown recipe {r!r}; choose from {', '.join(ALL_RECIPES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -303,7 +244,7 @@ def run_bench(args) -> dict[str, Any]:
         from .models import check_minilm_available
 
         check_minilm_available()
-    if any(r in FROZENOPT_RECIPES for r in recipes):
+    if any(RECIPE_SPECS[r].frozenopt for r in args.recipes):
         try:
             import frozenopt
 
@@ -311,108 +252,118 @@ def run_bench(args) -> dict[str, Any]:
         except Exception as exc:
             raise BenchError(f"the frozenopt recipes need frozenopt.AdamW, which failed to load: "
                              f"{type(exc).__name__}: {exc}") from None
-
     if args.model == "builtin" and args.freeze:
         _check_targets(args)
 
-    reference = args.reference or ("filtered" if args.schedule == "fixed" else "requires_grad")
-    n_stages = 1 if args.schedule == "fixed" else 3
-    per_run = (args.warmup + args.steps) * n_stages
-    threads = args.threads or torch.get_num_threads()
-    busy_limit = spare_cores(threads) + BUSY_CORES
-    started = _dt.datetime.now(_dt.timezone.utc)
-    load_start = load_average()
 
-    tmp_root = tempfile.mkdtemp(prefix="frozenopt-bench-")
-    atol, rule = None, "not computed"
-    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in recipes}
+def _worker_config(args, recipe: str, rd: int, work: str) -> dict[str, Any]:
+    return {
+        "recipe": recipe,
+        "round": rd,
+        "check": rd == 0,  # weights and drift: the same in every round
+        "model": args.model,
+        "size": args.size,
+        "device": args.device,
+        "seed": args.seed,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "schedule": args.schedule,
+        "freeze": args.freeze,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "torch_impl": args.torch_impl,
+        "threads": args.threads,
+        "top": 2,
+        "tmp_dir": work,
+        "result_path": os.path.join(work, "result.json"),
+        "weights_path": os.path.join(work, "weights.pt"),
+    }
+
+
+def _run_rounds(args, tmp_root: str, per_run: int) -> tuple[dict[str, list], dict[str, dict], dict[str, str]]:
+    """Every recipe, round after round, each run in a fresh worker: (runs, failures, weights files)."""
+    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in args.recipes}
     failed: dict[str, dict[str, Any]] = {}
     weights: dict[str, str] = {}
-    bar = progress_bar(per_run * len(recipes) * args.rounds, desc="frozenopt-bench", disable=args.quiet)
-    try:
-        done = 0
-        for rd in range(args.rounds):
-            for position, recipe in enumerate(round_order(recipes, rd, args.rounds)):
-                if recipe in failed:
-                    continue
-                work = os.path.join(tmp_root, recipe, f"round{rd + 1}")
-                os.makedirs(work, exist_ok=True)
-                cfg = {
-                    "recipe": recipe,
-                    "round": rd,
-                    "check": rd == 0,  # weights and drift: the same in every round
-                    "model": args.model,
-                    "size": args.size,
-                    "device": args.device,
-                    "seed": args.seed,
-                    "steps": args.steps,
-                    "warmup": args.warmup,
-                    "schedule": args.schedule,
-                    "freeze": args.freeze,
-                    "lr": args.lr,
-                    "weight_decay": args.weight_decay,
-                    "torch_impl": args.torch_impl,
-                    "threads": args.threads,
-                    "top": 2,
-                    "tmp_dir": work,
-                    "result_path": os.path.join(work, "result.json"),
-                    "weights_path": os.path.join(work, "weights.pt"),
-                }
-                if hasattr(bar, "set_postfix_str"):
-                    bar.set_postfix_str(f"round {rd + 1}/{args.rounds}: {recipe}")
-                load_before = load_average()
-                began = _now()
-                res = _run_one(cfg, bar)
-                done += per_run
-                # keep the bar's total consistent even when a worker died early
-                bar.n = done
-                if hasattr(bar, "refresh"):
-                    bar.refresh()
-                if not res.get("ok"):
-                    failed[recipe] = res
-                    continue
-                res["position"] = position + 1
-                res["load_average_start"] = load_before
-                res["started_utc"], res["finished_utc"] = began, _now()
-                runs[recipe].append(res)
-                if rd == 0:
-                    weights[recipe] = cfg["weights_path"]
-        bar.close()
-        results = {r: failed.get(r) or merge_rounds(runs[r], busy_limit) for r in recipes}
-
-        # Cross-recipe comparison of the trained weights.
-        ref_res = results.get(reference, {})
-        if args.atol is not None:
-            atol, rule = args.atol, "given by --atol"
-        elif ref_res.get("ok"):
-            atol = ATOL_FRACTION * ref_res["max_update_abs"]
-            rule = (f"{ATOL_FRACTION:.0%} of the largest weight change in the {reference} run, "
-                    f"{ref_res['max_update_abs']:.3g}")
-        else:
-            atol, rule = None, "no reference run"
-        for recipe, res in results.items():
-            if not res.get("ok"):
+    bar = progress_bar(per_run * len(args.recipes) * args.rounds, desc="frozenopt-bench", disable=args.quiet)
+    done = 0
+    for rd in range(args.rounds):
+        for position, recipe in enumerate(round_order(args.recipes, rd, args.rounds)):
+            if recipe in failed:
                 continue
-            if reference in weights and recipe != reference and atol is not None:
-                res["vs_reference"] = compare_weights(weights[recipe], weights[reference], atol=atol)
-                res["vs_reference"]["same_arithmetic"] = res["arithmetic"] == ref_res["arithmetic"]
-            elif recipe == reference:
-                res["vs_reference"] = {"max_abs_diff": 0.0, "allclose": True, "bitwise_equal": True,
-                                       "worst_param": None, "is_reference": True}
-            else:
-                res["vs_reference"] = None
+            work = os.path.join(tmp_root, recipe, f"round{rd + 1}")
+            os.makedirs(work, exist_ok=True)
+            cfg = _worker_config(args, recipe, rd, work)
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(f"round {rd + 1}/{args.rounds}: {recipe}")
+            load_before, began = load_average(), _now()
+            res = _run_one(cfg, bar)
+            done += per_run
+            bar.n = done  # keep the bar's total consistent even when a worker died early
+            if hasattr(bar, "refresh"):
+                bar.refresh()
+            if not res.get("ok"):
+                failed[recipe] = res
+                continue
+            res.update(position=position + 1, load_average_start=load_before, started_utc=began,
+                       finished_utc=_now())
+            runs[recipe].append(res)
+            if rd == 0:
+                weights[recipe] = cfg["weights_path"]
+    bar.close()
+    return runs, failed, weights
+
+
+def _compare_to_reference(args, results: dict[str, dict], weights: dict[str, str], reference: str):
+    """Adds ``vs_reference`` to every recipe that ran; returns (atol, the rule that set it)."""
+    ref_res = results.get(reference, {})
+    if args.atol is not None:
+        atol, rule = args.atol, "given by --atol"
+    elif ref_res.get("ok"):
+        atol = ATOL_FRACTION * ref_res["max_update_abs"]
+        rule = (f"{ATOL_FRACTION:.0%} of the largest weight change in the {reference} run, "
+                f"{ref_res['max_update_abs']:.3g}")
+    else:
+        atol, rule = None, "no reference run"
+    for recipe, res in results.items():
+        if not res.get("ok"):
+            continue
+        if reference in weights and recipe != reference and atol is not None:
+            res["vs_reference"] = compare_weights(weights[recipe], weights[reference], atol=atol)
+            res["vs_reference"]["same_arithmetic"] = res["arithmetic"] == ref_res["arithmetic"]
+        elif recipe == reference:
+            res["vs_reference"] = {"max_abs_diff": 0.0, "allclose": True, "bitwise_equal": True,
+                                   "worst_param": None, "is_reference": True}
+        else:
+            res["vs_reference"] = None
+    return atol, rule
+
+
+def run_bench(args) -> dict[str, Any]:
+    """Run every requested recipe; return the full report dict (also written to disk)."""
+    import torch
+
+    _check_args(args)
+    reference = args.reference or ("filtered" if args.schedule == "fixed" else "requires_grad")
+    per_run = (args.warmup + args.steps) * (1 if args.schedule == "fixed" else 3)
+    threads = args.threads or torch.get_num_threads()
+    busy_limit = spare_cores(threads) + BUSY_CORES
+    started = _now()
+    load_start = load_average()
+    tmp_root = tempfile.mkdtemp(prefix="frozenopt-bench-")
+    try:
+        runs, failed, weights = _run_rounds(args, tmp_root, per_run)
+        results = {r: failed.get(r) or merge_rounds(runs[r], busy_limit) for r in args.recipes}
+        atol, rule = _compare_to_reference(args, results, weights, reference)
     finally:
         if not args.keep_tmp:
-            import shutil
-
             shutil.rmtree(tmp_root, ignore_errors=True)
 
-    ok = [r for r in results.values() if r.get("ok")]
-    first = ok[0] if ok else {}
+    first = next((r for r in results.values() if r.get("ok")), {})
     report = {
         "tool": "frozenopt-bench",
-        "started_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "started_utc": started,
+        "finished_utc": _now(),
         "command": " ".join(["frozenopt-bench"] + list(args.argv)),
         "args": {k: v for k, v in vars(args).items() if k not in ("argv",)},
         "machine": machine_info(),

@@ -1,7 +1,8 @@
-"""SGD, Adam and AdamW with a per-parameter freeze mask.
+"""The base class of frozenopt's optimizers: freezing, plans, state and the step paths.
 
-Drop-in ``torch.optim`` subclasses: same class names, arguments, defaults and
-``state_dict`` layout. A frozen param is treated exactly as if its grad were
+``FreezableOptimizer`` holds everything SGD, Adam and AdamW share; each of them
+fills in the hooks at the end of the class (its hyper-parameter checks, its state
+and the fused op it runs). A frozen param is treated exactly as if its grad were
 None: its value and its state are not touched, its step does not advance.
 
 Two step paths share the same ops (``frozenopt.ops``):
@@ -15,12 +16,10 @@ Two step paths share the same ops (``frozenopt.ops``):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import sys
 import warnings
-from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,14 +28,15 @@ from torch import Tensor, nn
 
 from frozenopt import ops
 from frozenopt.names import NameIndex, describe, resolve_targets
+from frozenopt.optim.state_dict import PARAM_KEYS, check_loadable, hooks_held, loaded_frozen
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["FreezableOptimizer"]
 
 # Complex params are stepped as their real and imaginary parts, as torch.optim does.
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128)
 
 
-def _check_number(value: Any, name: str, message: str, *, at_least_zero: bool = True) -> float | None:
+def check_number(value: Any, name: str, message: str, *, at_least_zero: bool = True) -> float | None:
     """Raise ValueError(message) unless value is a finite number (>= 0 by default).
 
     A tensor must have one element; one not on the CPU is not read (that would
@@ -51,21 +51,6 @@ def _check_number(value: Any, name: str, message: str, *, at_least_zero: bool = 
     if not math.isfinite(number) or (at_least_zero and number < 0.0):
         raise ValueError(f"{message}: {value}")
     return number
-
-
-def _check_betas(betas: Any) -> None:
-    """torch.optim's rules: a pair (or a 2-element tensor) of numbers in [0, 1), both floats
-    or both tensors. A tensor off the CPU is not read (that would synchronise)."""
-    if isinstance(betas, Tensor) and betas.numel() == 2:
-        betas = tuple(betas.flatten())
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
-        raise ValueError("betas must be either both floats or both Tensors")
-    for i, beta in enumerate(betas):
-        value = _check_number(beta, f"betas[{i}]", f"Invalid beta parameter at index {i}")
-        if value is not None and not value < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -133,24 +118,6 @@ def _as_param_groups(params: Any) -> Any:
     return params
 
 
-# Group keys that describe the params rather than how to step them: a loaded
-# checkpoint does not replace them.
-_PARAM_KEYS = ("param_names", "param_aliases")
-
-
-@contextlib.contextmanager
-def _hooks_held(optimizer: torch.optim.Optimizer, *tables: str):
-    """Empty these hook tables while torch.optim's method runs; the caller runs the hooks in torch's order."""
-    held = {name: getattr(optimizer, name) for name in tables}
-    try:
-        for name in tables:
-            setattr(optimizer, name, OrderedDict())
-        yield
-    finally:
-        for name, hooks in held.items():
-            setattr(optimizer, name, hooks)
-
-
 def _is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -167,13 +134,28 @@ def _write_mask(mask: Tensor, flags: Tensor) -> None:
     torch.cuda.current_stream(mask.device).synchronize()
 
 
-def _on_device_of(group: dict[str, Any], *tensors: Any) -> list[Any]:
+def on_device_of(group: dict[str, Any], *tensors: Any) -> list[Any]:
     """The tensors, copied to the group's GPU when they are on another one (GradScaler's
     found_inf/grad_scale, a tensor lr), as torch.optim's fused optimizers do; CPU
     tensors and numbers stay as they are."""
     device = group["params"][0].device
     return [t.to(device) if isinstance(t, Tensor) and t.device.type != "cpu" and t.device != device else t
             for t in tensors]
+
+
+# The arguments every optimizer shares, for the ``Args:`` sections of their docstrings.
+PARAMS_DOC = """params: an ``nn.Module`` (its named parameters: freezing by name then works),
+            ``named_parameters()``, an iterable of params (freezing by object only) or
+            of param group dicts. Params with ``requires_grad=False`` start frozen."""
+COMPAT_DOC = """foreach: accepted for compatibility with torch.optim; the fused kernels always run.
+        differentiable: must be False: the kernels update params in place, outside autograd.
+        fused: accepted for compatibility with torch.optim; the fused kernels always run."""
+MASK_ONLY_DOC = """mask_only: how ``freeze``/``unfreeze`` act. False: they also turn ``requires_grad``
+            off/on (and drop the grads of frozen params), so autograd skips their weight
+            grads, and the frozen set follows ``requires_grad``. True: only the optimizer's
+            mask changes, as DDP (buckets fixed at wrap time), ``torch.compile`` and CUDA
+            graphs need. None (the default): True for a ``DistributedDataParallel`` module,
+            said once per process, else False."""
 
 
 def _synced(method):
@@ -185,7 +167,7 @@ def _synced(method):
     return wrapper
 
 
-class _FreezableOptimizer(torch.optim.Optimizer):
+class FreezableOptimizer(torch.optim.Optimizer):
     """What SGD, Adam and AdamW share: freezing, plans, state and the two step paths.
 
     The frozen set, the group masks and the step plans are derived from what
@@ -197,9 +179,10 @@ class _FreezableOptimizer(torch.optim.Optimizer):
     the watch (``_invalidate``).
     """
 
-    _kind: str  # the StepPlan kind: "sgd" or "adam"
+    _step_supports_amp_scaling = True  # GradScaler hands over grad_scale/found_inf; the step applies them
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, mask_only: bool | None) -> None:
+        self._check_hyper(defaults)
         ops.require_extension()
         if defaults.get("differentiable"):
             raise ValueError(
@@ -390,6 +373,37 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         index = self._name_index()
         return [index.name_of(i) for i, p in enumerate(index.params) if p in self._frozen]
 
+    @_synced
+    def named_params(self) -> list[tuple[str | None, Tensor]]:
+        """``(name, param)`` for every param, in optimizer order (groups in turn).
+
+        The names are those ``freeze`` matches; a tied param appears once, under its
+        first name, and a param given without a name has None.
+        """
+        index = self._name_index()
+        return list(zip(index.names, index.params))
+
+    @_synced
+    def params_of(self, *targets: Any) -> list[Tensor]:
+        """The params the targets match, in optimizer order, by the rules of ``freeze``.
+
+        Nothing changes; a target that matches nothing raises as ``freeze`` does.
+        """
+        if not targets:
+            raise TypeError("params_of() needs a target: a name, glob, regex, Module or Parameter")
+        index = self._name_index()
+        return [index.params[i] for i in resolve_targets(index, targets)]
+
+    def is_param_frozen(self, p: Tensor) -> bool:
+        """Whether ``p``, a param of this optimizer, is frozen, in O(1): for hooks that run at every forward.
+
+        ``is_frozen`` first takes in what user code changed since the optimizer
+        last looked, which costs time in proportion to the number of params; this
+        reads what decides it directly: ``requires_grad`` in the default mode, the
+        optimizer's mask in ``mask_only`` mode.
+        """
+        return p in self._frozen if self._mask_only else not p.requires_grad
+
     @property
     def mask_only(self) -> bool:
         """True when freezing leaves ``requires_grad`` alone (DDP, compiled graphs)."""
@@ -545,7 +559,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         "weight") and decide what a load freezes; the names are for reading.
         ``state_dict`` post-hooks see the entry.
         """
-        with _hooks_held(self, "_optimizer_state_dict_post_hooks"):
+        with hooks_held(self, "_optimizer_state_dict_post_hooks"):
             state = super().state_dict()
         index = self._name_index()
         ids = [k for group in state["param_groups"] for k in group["params"]]
@@ -575,13 +589,13 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self._check_loadable(state_dict)
-        frozen = self._loaded_frozen(state_dict)
-        own = [{k: g[k] for k in _PARAM_KEYS if k in g} for g in self.param_groups]
-        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+        check_loadable(self, state_dict)
+        frozen = loaded_frozen(self, state_dict)
+        own = [{k: g[k] for k in PARAM_KEYS if k in g} for g in self.param_groups]
+        with hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
             super().load_state_dict({k: v for k, v in state_dict.items() if k != "frozen"})
         for group, keys in zip(self.param_groups, own):
-            for k in _PARAM_KEYS:
+            for k in PARAM_KEYS:
                 group.pop(k, None)
             group.update(keys)
         self._invalidate_names()
@@ -592,69 +606,6 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         self._invalidate()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    def _loaded_frozen(self, state_dict: dict[str, Any]) -> set[int] | None:
-        """Positions (optimizer order) of the params ``state_dict["frozen"]`` freezes; None without one."""
-        frozen = state_dict.get("frozen")
-        if frozen is None:
-            return None
-        if isinstance(frozen, dict):
-            ids = frozen.get("params")
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(k, int) for k in ids):
-                raise ValueError(f"state_dict['frozen']['params'] must be a list of param ids, got {ids!r}")
-            position = {k: i for i, k in enumerate(k for g in state_dict["param_groups"] for k in g["params"])}
-            unknown = [k for k in ids if k not in position]
-            if unknown:
-                raise ValueError(f"state_dict['frozen'] lists param ids {unknown[:5]} that no param group lists")
-            return {position[k] for k in ids}
-        if not isinstance(frozen, (list, tuple)) or not all(isinstance(n, str) for n in frozen):
-            raise ValueError("state_dict['frozen'] must be a list of parameter names (older checkpoints) or "
-                             f"{{'params': [param ids], 'names': [...]}}, got {frozen!r}")
-        index = self._name_index()
-        by_name: dict[str, list[int]] = defaultdict(list)
-        for i in range(len(index)):
-            by_name[index.param_name(i)].append(i)
-        unknown = [n for n in frozen if n not in by_name]
-        if unknown:
-            raise ValueError(f"state_dict['frozen'] names parameters this optimizer does not have: {unknown[:5]}")
-        counts = Counter(frozen)
-        ambiguous = [n for n, c in counts.items() if c != len(by_name[n])]
-        if ambiguous:
-            n = ambiguous[0]
-            raise ValueError(
-                f"state_dict['frozen'] lists {n!r} {counts[n]} time(s), but {len(by_name[n])} params of this "
-                "optimizer are named so (param groups built from submodules repeat bare names): it cannot "
-                "tell which are frozen. Rewrite the entry as {'params': [param ids]} (the ids of the "
-                "checkpoint's param groups) with a load_state_dict pre-hook.")
-        return {i for n in counts for i in by_name[n]}
-
-    def _check_loadable(self, state_dict: Any) -> None:
-        """Refuse, before anything changes, what torch.optim would load partly or wrongly."""
-        for key in ("state", "param_groups"):
-            if key not in state_dict:
-                raise ValueError(f"state_dict has no '{key}' entry: not an optimizer state_dict")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        owner: dict[Any, tuple[Tensor, dict[str, Any]]] = {}
-        for group, saved in zip(self.param_groups, saved_groups):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
-                                 "of optimizer's group")
-            owner.update((k, (p, group)) for k, p in zip(saved["params"], group["params"]))
-            self._check_hyper({**group, **{k: v for k, v in saved.items() if k != "params" and k not in _PARAM_KEYS}})
-        extra = [k for k in state_dict["state"] if k not in owner]
-        if extra:
-            raise ValueError(f"state_dict has state for parameter ids {extra[:5]} that no param group lists")
-        for k, entry in state_dict["state"].items():
-            p, group = owner[k]
-            if not isinstance(entry, dict):
-                raise ValueError(f"state_dict state[{k}] must be a dict, got {type(entry).__name__}")
-            for name, value in entry.items():
-                if isinstance(value, Tensor) and name != "step" and value.shape != p.shape:
-                    raise ValueError(f"state_dict state[{k}][{name!r}] has shape {list(value.shape)} but its param "
-                                     f"{self._name_of(p)} has shape {list(p.shape)}")
-            self._check_state_entry(k, entry)
 
     # -------------------------------------------------------------------- step
 
@@ -708,10 +659,10 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             if fresh:
                 for p in fresh:
                     self.state[p].update(self._new_state(p, group))
-                self._step_fresh(group, fresh, grad_scale, found_inf)
+                self._run_op(group, fresh, None, fresh, grad_scale, found_inf)
                 if self._first_step_skip_needs_host(group, found_inf) and bool(found_inf):
-                    # A skipped first step must leave no momentum buffer: a zero one would make
-                    # the next step blend (dampening) instead of taking the grad as torch does.
+                    # GradScaler skipped this first step: the state it made goes, as in torch.optim
+                    # (where the optimizer says a kept zero state would change the next step).
                     for p in fresh:
                         self.state.pop(p, None)
             self._run_plan(plans[gi], group, grad_scale, found_inf)
@@ -726,7 +677,7 @@ class _FreezableOptimizer(torch.optim.Optimizer):
             unfrozen = [p for p in group["params"] if p not in self._frozen]
             params = [p for p in unfrozen if self._has_state(p, group)]
             self._pending[gi] = [p for p in unfrozen if not self._has_state(p, group)]
-            self._plans[gi] = self._extension.StepPlan(self._kind, params, self._state_lists(params, group))
+            self._plans[gi] = self._build_plan(params, group)
             self._plan_keys[gi] = self._plan_key(group)
         return self._plans[gi]
 
@@ -822,18 +773,29 @@ class _FreezableOptimizer(torch.optim.Optimizer):
         dampening, so a group with momentum and dampening is refused.
         """
         for group in self.param_groups:  # checked first: a refusal changes nothing
-            if self._kind == "sgd" and group["momentum"] != 0 and group["dampening"] != 0:
-                missing = [p for p in group["params"] if not self._has_state(p, group)]
-                if missing:
-                    raise ValueError(
-                        "prepare_capture: SGD with momentum and dampening cannot pre-create momentum "
-                        f"buffers exactly ({len(missing)} param(s) have none, e.g. "
-                        f"{self._name_of(missing[0])}); run an eager step with them unfrozen first")
+            self._check_capturable(group)
+        self.init_state()
+
+    @torch.no_grad()
+    @_synced
+    def init_state(self, *targets: Any) -> None:
+        """Create the state a first step would start from for the params the targets match
+        (every param with no target) that have none, frozen ones included.
+
+        Targets are what ``freeze`` takes. State that exists is kept (a loaded
+        checkpoint's Adam step is only moved to the param's device as a float32
+        tensor). For code that fills optimizer state in place, such as a
+        distributed checkpoint loader; ``prepare_capture`` uses it before a CUDA
+        graph capture.
+        """
+        index = self._name_index()
+        chosen = {index.params[i] for i in resolve_targets(index, targets)} if targets else None
         for group in self.param_groups:
-            for p in group["params"]:
+            params = [p for p in group["params"] if chosen is None or p in chosen]
+            for p in params:
                 if not self._has_state(p, group):
                     self.state[p].update(self._new_state(p, group))
-            self._state_lists(group["params"], group)  # normalises loaded Adam steps onto the device
+            self._state_lists(params, group)
         self._invalidate()
 
     def _step_sharded(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
@@ -851,238 +813,64 @@ class _FreezableOptimizer(torch.optim.Optimizer):
                 self.state[p].update(self._new_state(p, group))
             self._run_op(group, params, None, fresh, grad_scale, found_inf)
 
-    # Hooks each optimizer fills in.
-    def _first_step_skip_needs_host(self, group: dict[str, Any], found_inf: Tensor | None) -> bool:
-        """Whether a first step that GradScaler skipped must be undone on the host."""
-        return False
+    # ------------------------------------------------------------------ hooks
+    # What each optimizer fills in: its hyper-parameters, its state and the fused op it runs.
 
     def _check_hyper(self, group: dict[str, Any]) -> None:
+        """Raise ValueError unless the group's hyper-parameters are valid (torch.optim's messages).
+
+        Run on the constructor's defaults, on every group before each step, and on a
+        checkpoint's groups before a load."""
         raise NotImplementedError
 
     def _check_state_entry(self, key: Any, entry: dict[str, Any]) -> None:
-        pass
+        """Raise ValueError when a checkpoint's state entry for one param cannot be loaded."""
+
+    def _check_capturable(self, group: dict[str, Any]) -> None:
+        """Raise ValueError when ``prepare_capture`` cannot create this group's state exactly."""
+
+    def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
+        """Whether the param has the state a step needs (a fresh one gets ``_new_state``)."""
+        raise NotImplementedError
+
+    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+        """The state a param starts from at its first step."""
+        raise NotImplementedError
+
+    def _state_lists(self, params: list[Tensor], group: dict[str, Any]) -> list[list[Tensor]]:
+        """The params' state, one list per state tensor kind, as the op and the StepPlan take it."""
+        raise NotImplementedError
 
     def _plan_key(self, group: dict[str, Any]) -> Any:
         """What a group's plan depends on besides its params (a change rebuilds the plan)."""
         return None
 
-    def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
+    # The fused update this optimizer runs: the StepPlan kind and the plan's method ("sgd", "adam").
+    _op: str
+
+    def _kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyper-parameters as the fused update takes them (lr apart)."""
         raise NotImplementedError
 
-    def _new_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
-        raise NotImplementedError
+    def _build_plan(self, params: list[Tensor], group: dict[str, Any]) -> Any:
+        """A StepPlan over these params (unfrozen, with state) for this group."""
+        return self._extension.StepPlan(self._op, params, self._state_lists(params, group))
 
-    def _state_lists(self, params: list[Tensor], group: dict[str, Any]) -> list[list[Tensor]]:
-        raise NotImplementedError
-
-    def _run_plan(self, plan, group, grad_scale, found_inf) -> None:
-        raise NotImplementedError
-
-    def _step_fresh(self, group, fresh, grad_scale, found_inf) -> None:
-        raise NotImplementedError
-
-    def _run_op(self, group, params, mask, fresh, grad_scale, found_inf) -> None:
-        raise NotImplementedError
-
-
-class SGD(_FreezableOptimizer):
-    """torch.optim.SGD with freezing. Extra keyword: ``mask_only`` (see README)."""
-
-    _kind = "sgd"
-
-    def __init__(self, params: Any, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
-                 weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 mask_only: bool | None = None) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
-                        fused=fused)
-        super().__init__(params, defaults, mask_only=mask_only)
-
-    def _check_hyper(self, group):
-        _check_number(group["lr"], "lr", "Invalid learning rate")
-        momentum = _check_number(group["momentum"], "momentum", "Invalid momentum value")
-        dampening = _check_number(group["dampening"], "dampening", "Invalid dampening value", at_least_zero=False)
-        _check_number(group["weight_decay"], "weight_decay", "Invalid weight_decay value")
-        if group["nesterov"] and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-    def _plan_key(self, group):
-        return group["momentum"] != 0
-
-    def _first_step_skip_needs_host(self, group, found_inf):
-        # The buffers made for a first step stay zero when GradScaler skips it. Without
-        # dampening the next step's blend, momentum * 0 + 1 * grad, is exactly torch's
-        # first-step rule, so on a GPU the buffers stay and nothing waits for found_inf;
-        # on the CPU (reading found_inf costs nothing) they go, as in torch.optim.
-        if found_inf is None or group["momentum"] == 0:
-            return False
-        return found_inf.device.type == "cpu" or group["dampening"] != 0
-
-    def _has_state(self, p, group):
-        return group["momentum"] == 0 or self.state.get(p, {}).get("momentum_buffer") is not None
-
-    def _new_state(self, p, group):
-        if group["momentum"] == 0:
-            return {}
-        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
-
-    def _state_lists(self, params, group):
-        if group["momentum"] == 0:
-            return [[]]
-        return [[self.state[p]["momentum_buffer"] for p in params]]
-
-    def _kwargs(self, group):
-        return dict(momentum=group["momentum"], dampening=group["dampening"],
-                    weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
-                    maximize=group["maximize"])
-
-    def _run_plan(self, plan, group, grad_scale, found_inf):
-        lr, grad_scale, found_inf = _on_device_of(group, group["lr"], grad_scale, found_inf)
+    def _run_plan(self, plan: Any, group: dict[str, Any], grad_scale: Tensor | None,
+                  found_inf: Tensor | None) -> None:
+        """One step of the group's plan: the params it holds that have a grad."""
+        lr, grad_scale, found_inf = on_device_of(group, group["lr"], grad_scale, found_inf)
         lr, lr_tensor = ops.split_lr(lr)
-        plan.sgd(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
+        update = getattr(plan, self._op)
+        update(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
 
-    def _step_fresh(self, group, fresh, grad_scale, found_inf):
-        # A new momentum buffer takes the first grad as it is (torch.optim's rule).
-        self._run_op(group, fresh, None, fresh, grad_scale, found_inf)
+    def _run_op(self, group: dict[str, Any], params: list[Tensor], mask: Tensor | None, fresh: list[Tensor],
+                grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """One step of these params (with grads and state) through the op; ``fresh``: those whose
+        state was just made; ``mask``: their freeze flags, read on the device, or None."""
+        raise NotImplementedError
 
-    def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
-        lr, grad_scale, found_inf = _on_device_of(group, group["lr"], grad_scale, found_inf)
-        fresh_set = set(fresh)
-        for first in (True, False):
-            subset = [i for i, p in enumerate(params) if (p in fresh_set) == first]
-            if not subset:
-                continue
-            if len(subset) == len(params):
-                sub_params, sub_mask = params, mask
-            else:
-                sub_params = [params[i] for i in subset]
-                sub_mask = None if mask is None else mask[subset]
-            buffers = self._state_lists(sub_params, group)[0]
-            ops.sgd_(sub_params, [p.grad for p in sub_params], buffers, sub_mask, lr=lr,
-                     is_first_step=first and group["momentum"] != 0, grad_scale=grad_scale,
-                     found_inf=found_inf, **self._kwargs(group))
-
-
-class Adam(_FreezableOptimizer):
-    """torch.optim.Adam with freezing. Extra keyword: ``mask_only`` (see README)."""
-
-    _kind = "adam"
-
-    def __init__(self, params: Any, lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
-                 amsgrad: bool = False, *, foreach: bool | None = None, maximize: bool = False,
-                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 decoupled_weight_decay: bool = False, mask_only: bool | None = None) -> None:
-        if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        _check_betas(betas)
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, mask_only=mask_only)
-
-    def _check_hyper(self, group):
-        _check_number(group["lr"], "lr", "Invalid learning rate")
-        _check_number(group["eps"], "eps", "Invalid epsilon value")
-        _check_betas(group["betas"])
-        _check_number(group["weight_decay"], "weight_decay", "Invalid weight_decay value")
-
-    def _check_state_entry(self, key, entry):
-        keys = ("exp_avg", "exp_avg_sq", "step")
-        present, missing = [k for k in keys if k in entry], [k for k in keys if k not in entry]
-        if present and missing:
-            raise ValueError(f"state_dict state[{key}] has {present[0]} but no {missing[0]}")
-        step = entry.get("step", 0)
-        if not (isinstance(step, (int, float)) or isinstance(step, Tensor) and step.numel() == 1):
-            raise ValueError(f"state_dict state[{key}]['step'] must be a number or a one-element tensor, "
-                             f"got {step!r}")
-
-    def _plan_key(self, group):
-        return bool(group["amsgrad"])
-
-    def _has_state(self, p, group):
-        state = self.state.get(p)
-        return bool(state) and "exp_avg" in state
-
-    def _new_state(self, p, group):
-        # Steps live with the param, float32, as torch.optim's fused Adam keeps them.
-        state = {
-            "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-        }
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
-    def _normalised(self, p, group):
-        """This param's state, with a loaded checkpoint's step made a float32 tensor on the param's device."""
-        state = self.state[p]
-        step = state["step"]
-        if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.device == p.device):
-            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
-
-    def _state_lists(self, params, group):
-        states = [self._normalised(p, group) for p in params]
-        return [[s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-                [s["step"] for s in states]]
-
-    def _kwargs(self, group):
-        beta1, beta2 = group["betas"]
-        return dict(beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
-                    eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"])
-
-    def _run_plan(self, plan, group, grad_scale, found_inf):
-        lr, grad_scale, found_inf = _on_device_of(group, group["lr"], grad_scale, found_inf)
-        lr, lr_tensor = ops.split_lr(lr)
-        plan.adam(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
-
-    def _step_fresh(self, group, fresh, grad_scale, found_inf):
-        self._run_op(group, fresh, None, fresh, grad_scale, found_inf)
-
-    def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
-        lr, grad_scale, found_inf = _on_device_of(group, group["lr"], grad_scale, found_inf)
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._state_lists(params, group)
-        ops.adam_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask,
-                  lr=lr, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
-
-
-class AdamW(Adam):
-    """torch.optim.AdamW (decoupled weight decay) with freezing."""
-
-    def __init__(self, params: Any, lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
-                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 mask_only: bool | None = None) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
-                         capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, mask_only=mask_only)
-
-
-for _cls in (SGD, Adam, AdamW):
-    _cls._step_supports_amp_scaling = True
-del _cls
+    def _first_step_skip_needs_host(self, group: dict[str, Any], found_inf: Tensor | None) -> bool:
+        """Whether the state made for a first step that GradScaler skipped must be dropped
+        (which reads found_inf on the host)."""
+        return False
