@@ -1,0 +1,16 @@
+"""pytest wiring for the test matrix (tests/matrix.py): the ``cuda`` marker, and a
+``device`` argument that runs a test once per device, the CUDA column skipping
+itself (with the reason) where there is no GPU."""
+
+from __future__ import annotations
+
+from matrix import DEVICES
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device (skipped, saying why, where there is none)")
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", DEVICES)
