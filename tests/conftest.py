@@ -4,7 +4,13 @@ itself (with the reason) where there is no GPU."""
 
 from __future__ import annotations
 
-from matrix import DEVICES
+import sys
+from pathlib import Path
+
+# The in-tree package, also when the tests are run without installing it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from matrix import DEVICES  # noqa: E402
 
 
 def pytest_configure(config):

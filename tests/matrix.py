@@ -9,7 +9,8 @@ the snapshot that "nothing changed" is checked with, defined once for every test
 - ``CONFIGS``: every optimizer configuration the tests use, by id
   (``OptimConfig``: the class name and its hyper-parameters); ``SWEEP`` is the
   list parity tests run over, ``KERNEL_SWEEP`` the ids the kernel-level tests
-  run over; ``config(id)`` / ``config_params(...)`` pick rows.
+  run over, ``BY_CLASS`` one feature-rich row per class; ``config(id)`` /
+  ``config_params(...)`` pick rows.
 - ``tolerance(dtype, against)``: one table of rtol/atol, by what is compared.
 - ``snapshot(opt)`` / ``model_snapshot(model)`` and ``assert_same``: everything
   a refused call must leave bitwise alone.
@@ -115,6 +116,9 @@ SWEEP = [c for c in CONFIGS.values() if c.id not in ("sgd_all", "sgd_nesterov_de
 KERNEL_SWEEP = ["sgd", "sgd_momentum", "sgd_dampening", "sgd_nesterov", "sgd_weight_decay", "sgd_maximize",
                 "adam", "adam_l2", "adam_amsgrad_maximize", "adamw_weight_decay", "adamw_amsgrad"]
 CLASSES = ["SGD", "Adam", "AdamW"]
+# One configuration per class with most of its features on: for the tests of
+# what surrounds a step (bad input, faults, checkpoints, drop-in edits).
+BY_CLASS = {"SGD": CONFIGS["sgd_all"], "Adam": CONFIGS["adam_all"], "AdamW": CONFIGS["adamw_amsgrad"]}
 
 
 def config(id_: str) -> OptimConfig:
@@ -241,3 +245,40 @@ def random_tensors(sizes: Iterable[int], dtype: torch.dtype, seed: int, device: 
     dtype and device starts from the same values (rounded to the dtype)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype).to(device) for n in sizes]
+
+
+# ----------------------------------------------------------------- models
+
+
+class Reshape(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, 4)
+
+
+class TwoBranch(nn.Module):
+    """The BigDL-style two-input model: fc1(input2) + fc2(reshape(input1)), with a
+    ReLU and a Threshold(10) output. ``filled()`` sets fc1's weights and bias to 1
+    and fc2's to 2: from there ``KNOWN_INPUTS`` give ReLU outputs of 2.8, and one
+    SGD step with lr=1 and output grads (1, 2), (3, 4) takes fc2.weight to
+    ``FC2_AFTER_ONE_STEP``."""
+
+    KNOWN_INPUTS = ((0.1, 0.2, -0.3, -0.4), ((0.5, 0.4, -0.2, -0.1),))
+    FC2_AFTER_ONE_STEP = ((1.9, 1.8, 2.3, 2.4), (1.8, 1.6, 2.6, 2.8))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reshape = Reshape()
+        self.fc1 = nn.Linear(4, 2)
+        self.fc2 = nn.Linear(4, 2)
+        self.relu = nn.ReLU()
+        self.threshold = nn.Threshold(10.0, 0.0)
+
+    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.fc1(x2) + self.fc2(self.reshape(x1))
+        return self.relu(s), self.threshold(s)
+
+    def filled(self) -> TwoBranch:
+        with torch.no_grad():
+            self.fc1.weight.fill_(1.0), self.fc1.bias.fill_(1.0)
+            self.fc2.weight.fill_(2.0), self.fc2.bias.fill_(2.0)
+        return self

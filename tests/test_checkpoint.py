@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from reference import assert_same, snapshot
+from matrix import assert_same, snapshot
 from torch import nn
 
 import frozenopt

@@ -12,7 +12,8 @@ import collections
 
 import pytest
 import torch
-from reference import Reference, assert_same, snapshot
+from matrix import assert_same, snapshot
+from reference import Reference
 from torch import nn
 
 import frozenopt
