@@ -282,3 +282,17 @@ class TwoBranch(nn.Module):
             self.fc1.weight.fill_(1.0), self.fc1.bias.fill_(1.0)
             self.fc2.weight.fill_(2.0), self.fc2.bias.fill_(2.0)
         return self
+
+
+class BodyHead(nn.Module):
+    """Two linear layers, ``body`` then ``head``, from a fixed seed: the smallest
+    model with a part to freeze and a part to train."""
+
+    def __init__(self, inputs: int, hidden: int, outputs: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(inputs, hidden)
+        self.head = nn.Linear(hidden, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)))

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from matrix import assert_same, config, snapshot
+from matrix import BodyHead, assert_same, config, snapshot
 from torch import nn
 
 import frozenopt
@@ -169,30 +169,22 @@ def test_reset_state_and_release_state_touch_only_what_they_should():
 # ---------------------------------------------------------------- groups that repeat bare names
 
 
-class EncoderHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.encoder = nn.Linear(3, 3)
-        self.head = nn.Linear(3, 2)
-
-
 def bare_named(model, **kwargs):
     """Groups built from each submodule's own named_parameters(): "weight" and "bias" twice."""
-    return frozenopt.AdamW([{"params": model.encoder.named_parameters()},
+    return frozenopt.AdamW([{"params": model.body.named_parameters()},
                             {"params": model.head.named_parameters()}], **kwargs)
 
 
 def trained_bare_named():
-    model = EncoderHead()
+    model = BodyHead(3, 3, 2)
     opt = bare_named(model)
-    model.head(model.encoder(torch.randn(4, 3))).sum().backward()
+    model(torch.randn(4, 3)).sum().backward()
     opt.step()
     return model, opt
 
 
-@pytest.mark.parametrize("frozen", [["encoder.weight"], ["head.weight"], ["encoder.bias", "head.weight"],
-                                    ["encoder.weight", "head.weight"]])
+@pytest.mark.parametrize("frozen", [["body.weight"], ["head.weight"], ["body.bias", "head.weight"],
+                                    ["body.weight", "head.weight"]])
 def test_repeated_bare_names_restore_the_exact_frozen_set(frozen):
     model, opt = trained_bare_named()
     opt.freeze(*[model.get_parameter(n) for n in frozen])
@@ -201,7 +193,7 @@ def test_repeated_bare_names_restore_the_exact_frozen_set(frozen):
     buf.seek(0)
 
     model2, opt2 = trained_bare_named()
-    opt2.freeze(model2.encoder)  # a different frozen set: the checkpoint's replaces it
+    opt2.freeze(model2.body)  # a different frozen set: the checkpoint's replaces it
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     got = [n for n, p in model2.named_parameters() if opt2.is_frozen(p)]
     assert got == frozen
@@ -220,7 +212,7 @@ def test_names_only_checkpoints_still_load_and_ambiguous_ones_are_refused():
     assert_same(before, snapshot(opt2))
     # all or none of the params that share a name: unambiguous
     opt2.load_state_dict(copy.deepcopy({**saved, "frozen": ["weight", "weight"]}))
-    assert [n for n, p in model2.named_parameters() if opt2.is_frozen(p)] == ["encoder.weight", "head.weight"]
+    assert [n for n, p in model2.named_parameters() if opt2.is_frozen(p)] == ["body.weight", "head.weight"]
     # names that are unique load as before
     model3 = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     opt3 = frozenopt.SGD(model3, lr=0.1)
