@@ -48,7 +48,7 @@ def trained(kind: str, *, groups: int = 2, mask_only: bool = False, plain: bool 
     else:
         params = [{"params": named[:4]}, {"params": named[4:], "lr": 0.05}]
     opt = BY_CLASS[kind].make(params, mask_only=mask_only)
-    for step in range(3):
+    for _step in range(3):
         for p in net.parameters():
             p.grad = None if p in set(net.late.parameters()) else torch.randn_like(p)
         opt.step()
@@ -105,7 +105,7 @@ def test_bad_target(kind, method, row):
 def test_names_on_a_plain_param_optimizer(kind):
     net, opt = trained(kind, plain=True)
     for method in ("freeze", "unfreeze"):
-        refused(opt, net, lambda: getattr(opt, method)("fc1"), ValueError,
+        refused(opt, net, lambda method=method: getattr(opt, method)("fc1"), ValueError,
                 r"cannot resolve 'fc1' by name: the optimizer was built from plain parameters")
 
 

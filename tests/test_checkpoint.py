@@ -88,8 +88,8 @@ def test_checkpoint_loads_into_torch_optim_and_back():
     model, opt, sched, unfreezer = build("adamw")
     run(model, opt, sched, unfreezer, 0, 10)
     ckpt = torch.load(save(model, opt, sched, unfreezer), weights_only=True)
-    torch_opt = torch.optim.AdamW([{"params": [p for _, p in g["params"]]} for g in layer_groups(model, ["0", "2", "4"])],
-                                  amsgrad=True)
+    torch_groups = [{"params": [p for _, p in g["params"]]} for g in layer_groups(model, ["0", "2", "4"])]
+    torch_opt = torch.optim.AdamW(torch_groups, amsgrad=True)
     torch_opt.load_state_dict({k: v for k, v in ckpt["optim"].items() if k != "frozen"})
     assert set(torch_opt.state_dict()["state"]) == set(ckpt["optim"]["state"])
     back = frozenopt.AdamW(layer_groups(model, ["0", "2", "4"]), amsgrad=True)

@@ -76,7 +76,7 @@ def test_clipped_run_equals_torch_optim_clipping_only_the_trainable_params():
     opt = frozenopt.AdamW(model, lr=0.05, mask_only=True)
     opt.freeze("0")
     ref = torch.optim.AdamW(twin[2].parameters(), lr=0.05)
-    for step in range(5):
+    for _step in range(5):
         x = torch.randn(6, 4)
         for m, o in ((model, opt), (twin, ref)):
             o.zero_grad()

@@ -328,10 +328,10 @@ def test_channels_last_and_transposed_params_are_stepped_in_place(name):
     ref = BY_CLASS[name].reference([*ref_model.parameters(), *ref_lin.parameters()])
     x, y = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last), torch.randn(2, 6)
     for step in range(4):
-        for m, l in ((model, lin), (ref_model, ref_lin)):
+        for m, linear in ((model, lin), (ref_model, ref_lin)):
             m.zero_grad(set_to_none=True)
-            l.zero_grad(set_to_none=True)
-            (m(x).sum() + l(y).square().sum()).backward()
+            linear.zero_grad(set_to_none=True)
+            (m(x).sum() + linear(y).square().sum()).backward()
         assert conv.weight.grad.stride() == conv.weight.stride()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             opt.step()
@@ -358,7 +358,7 @@ def test_complex_params_follow_torch(name, dtype):
     ref = BY_CLASS[name].reference(theirs)
     opt.freeze(ours[1])
     frozen = ours[1].detach().clone()
-    for step in range(4):
+    for _step in range(4):
         for p, q in zip(ours, theirs):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()

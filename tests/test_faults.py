@@ -204,7 +204,7 @@ def test_exception_in_closure_changes_nothing(kind, exc):
             return loss
         return run
 
-    for step in range(3):
+    for _step in range(3):
         opt.step(closure(False))
         ref.step([p.grad for p in net.parameters()])
     opt.freeze("0")

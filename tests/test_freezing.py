@@ -104,7 +104,7 @@ def test_frozen_params_and_state_are_bitwise_unchanged():
         state_before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
         stale = torch.randn(16, 16)
         for step in range(50):
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 kind = step % 3
                 p.grad = torch.randn_like(p) if kind == 0 else torch.zeros_like(p) if kind == 1 else (
                     stale.clone() if p.shape == stale.shape else torch.ones_like(p))
@@ -313,12 +313,14 @@ def test_cpu_capabilities_agree():
         "for d in (torch.float32, torch.float64, torch.bfloat16)]\n"
         "qs=copy.deepcopy(ps)\n"
         "a=frozenopt.AdamW(ps, lr=0.1, amsgrad=True); b=torch.optim.AdamW(qs, lr=0.1, amsgrad=True, fused=True)\n"
-        "s=frozenopt.SGD(ps, lr=0.1, momentum=0.9, nesterov=True); t=torch.optim.SGD(qs, lr=0.1, momentum=0.9, nesterov=True)\n"
+        "s=frozenopt.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)\n"
+        "t=torch.optim.SGD(qs, lr=0.1, momentum=0.9, nesterov=True)\n"
         "for _ in range(3):\n"
         "  for p, q in zip(ps, qs):\n"
         "    p.grad = torch.randn_like(p); q.grad = p.grad.clone()\n"
         "  a.step(); b.step(); s.step(); t.step()\n"
-        "print(max(((p.double()-q.double()).abs().max() / (q.double().abs().max()+1)).item() for p, q in zip(ps, qs)))\n"
+        "print(max(((p.double() - q.double()).abs().max() / (q.double().abs().max() + 1)).item()\n"
+        "          for p, q in zip(ps, qs)))\n"
     )
     for cap in ("default", "avx2", "avx512"):
         env = dict(__import__("os").environ, ATEN_CPU_CAPABILITY=cap)
