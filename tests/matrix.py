@@ -1,5 +1,6 @@
-"""The test matrix: devices, dtypes, optimizer configurations, tolerances and
-the snapshot that "nothing changed" is checked with, defined once for every test file.
+"""The test matrix: devices, dtypes, optimizer configurations, tolerances, the
+snapshot that "nothing changed" is checked with, sample data and shared models,
+defined once for every test file.
 
 - ``DEVICES``: "cpu", and "cuda", which skips itself (saying why) where no GPU
   and CUDA build of frozenopt is present. A test that takes a ``device``
@@ -14,6 +15,8 @@ the snapshot that "nothing changed" is checked with, defined once for every test
 - ``tolerance(dtype, against)``: one table of rtol/atol, by what is compared.
 - ``snapshot(opt)`` / ``model_snapshot(model)`` and ``assert_same``: everything
   a refused call must leave bitwise alone.
+- ``random_tensors``: sample data, the same values on every dtype and device;
+  ``TwoBranch`` and ``BodyHead``: the small models more than one file uses.
 """
 
 from __future__ import annotations
@@ -42,8 +45,7 @@ def _cuda_missing() -> str | None:
 
 
 CUDA_MISSING = _cuda_missing()
-HAS_CUDA = CUDA_MISSING is None
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=f"CUDA column: {CUDA_MISSING}")
+requires_cuda = pytest.mark.skipif(CUDA_MISSING is not None, reason=f"CUDA column: {CUDA_MISSING}")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
 
 # ----------------------------------------------------------------- dtypes
@@ -63,13 +65,6 @@ class OptimConfig:
     id: str
     name: str
     kwargs: dict[str, Any] = field(hash=False)
-
-    @property
-    def kind(self) -> str:
-        """The op family and its variant: "sgd", "sgd_momentum", "adam", "adamw", plus "_amsgrad"."""
-        if self.name == "SGD":
-            return "sgd_momentum" if self.kwargs.get("momentum") else "sgd"
-        return self.name.lower() + ("_amsgrad" if self.kwargs.get("amsgrad") else "")
 
     def make(self, params, **extra) -> torch.optim.Optimizer:
         """The frozenopt optimizer over ``params`` (``extra`` overrides or adds keywords)."""

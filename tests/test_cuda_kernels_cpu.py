@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from matrix import DTYPES, HALF, KERNEL_SWEEP, config_params, random_tensors, tolerance
+from matrix import DTYPES, FLOATS, HALF, KERNEL_SWEEP, config_params, random_tensors, tolerance
 
 from frozenopt import ops
 
@@ -377,7 +377,7 @@ def test_found_inf_moves_nothing(shim):
     assert not torch.equal(params[3], before[3])
 
 
-@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("lr_dtype", FLOATS, ids=str)
 def test_lr_and_grad_scale_read_from_device_memory(shim, lr_dtype):
     params = make_params(torch.float64, [100, 7])
     expected = [p.clone() for p in params]

@@ -56,7 +56,7 @@ def all_grads(net, seed=0):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("how", ["requires_grad", "freeze_before_step"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # 4- and 2-byte elements
 def test_frozen_from_the_start_allocates_no_state(kind, how, dtype):
     """Frozen before its first step (requires_grad=False at construction, the Flux request,
     or freeze() before any step): no state entry at all, however many steps run and whatever
