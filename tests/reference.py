@@ -3,12 +3,12 @@
 ``Reference(opt)`` holds detached clones of ``opt``'s params, in the same param
 groups with the same hyper-parameters, inside the torch.optim optimizer of the
 same class. It keeps its own frozen set, resolved by its own (deliberately
-simple) reading of DESIGN.md's name rules rather than by frozenopt.names, and
-steps with ``grad=None`` for every frozen param: DESIGN.md's definition of
-frozen. ``check(opt)`` then asserts that frozenopt and the reference agree on
-every param, every state tensor, the step counters, the param groups, the
-frozen set and ``requires_grad``, and that a frozen param and its state are
-bitwise what they were when it was frozen. After a check passes the reference
+simple) reading of frozenopt's name rules rather than by frozenopt.names, and
+steps with ``grad=None`` for every frozen param: a frozen param is one that
+torch.optim would see without a grad. ``check(opt)`` then asserts that
+frozenopt and the reference agree on every param, every state tensor, the step
+counters, the param groups, the frozen set and ``requires_grad``, and that a
+frozen param and its state are bitwise what they were when it was frozen. After a check passes the reference
 takes frozenopt's values (``sync``), so each step is compared from the same
 starting point: two correct float implementations drift apart by rounding over
 hundreds of steps, and that drift is not what is being tested.
@@ -25,27 +25,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from matrix import HALF, tolerance
 from torch import Tensor, nn
 
-__all__ = ["Reference", "clone_param", "tolerances", "snapshot", "assert_same", "state_bytes"]
-
-# rtol, atol of ours against torch.optim, per param dtype. float32/float64 are
-# torch.testing's defaults; the half types allow a few units in the last place,
-# since torch's for-loop path rounds after every op while the fused paths
-# (frozenopt's and torch's) round once per step.
-_TOL = {
-    torch.float64: (1e-7, 1e-7),
-    torch.float32: (1.3e-6, 1e-5),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (4e-3, 4e-3),
-}
-
-
-_HALF = (torch.bfloat16, torch.float16)
-
-
-def tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    return _TOL[dtype]
+__all__ = ["Reference", "clone_param", "state_bytes"]
 
 
 def clone_param(p: Tensor, contiguous: bool = False) -> nn.Parameter:
@@ -85,73 +68,6 @@ def _glob_regex(glob: str) -> re.Pattern[str]:
 def _prefixes(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
-
-
-def snapshot(opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Everything a bad call must leave alone, cloned: params (values, strides,
-    requires_grad, identity), grads, state, param groups, the frozen set and
-    the mask_only flag."""
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state = {}
-    for i, p in enumerate(params):
-        if opt.state.get(p):
-            state[i] = {k: (v.detach().clone(), v.data_ptr()) if isinstance(v, Tensor) else copy.deepcopy(v)
-                        for k, v in opt.state[p].items()}
-    groups = []
-    for g in opt.param_groups:
-        groups.append({k: (v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v))
-                       for k, v in g.items() if k != "params"} | {"params": [id(p) for p in g["params"]]})
-    return {
-        "ids": [id(p) for p in params],
-        "values": [p.detach().clone() for p in params],
-        "strides": [p.stride() for p in params],
-        "requires_grad": [p.requires_grad for p in params],
-        "grads": [None if p.grad is None else (_plain(p.grad), str(p.grad.layout), id(p.grad)) for p in params],
-        "state": state,
-        "state_entries": sum(1 for p in opt.state if opt.state[p]),
-        "groups": groups,
-        "frozen": list(getattr(opt, "frozen", [])),
-    }
-
-
-def _plain(t: Tensor) -> Tensor:
-    """A dense CPU copy to compare bitwise (sparse grads densified)."""
-    t = t.detach()
-    return (t.to_dense() if t.layout != torch.strided else t).clone()
-
-
-def _diff(a: Any, b: Any, path: str = "") -> str | None:
-    """Where two snapshot values differ (None when bitwise equal)."""
-    if isinstance(a, Tensor) or isinstance(b, Tensor):
-        same = (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape and torch.equal(a, b))
-        return None if same else path or "tensor"
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and type(a) is type(b):
-        if len(a) != len(b):
-            return f"{path} (length {len(a)} -> {len(b)})"
-        for i, (x, y) in enumerate(zip(a, b)):
-            d = _diff(x, y, f"{path}[{i}]")
-            if d:
-                return d
-        return None
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return f"{path} (keys {sorted(map(str, a))} -> {sorted(map(str, b))})"
-        for k in a:
-            d = _diff(a[k], b[k], f"{path}[{k!r}]")
-            if d:
-                return d
-        return None
-    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
-        return None  # NaN hyper-parameter stored on both sides
-    return None if a == b else f"{path} ({a!r} -> {b!r})"
-
-
-def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
-    """Assert that two snapshots are bitwise equal, naming the first difference."""
-    for key in before:
-        d = _diff(before[key], after[key], key)
-        assert d is None, f"changed: {d}"
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -195,7 +111,7 @@ class Reference:
             self.group_sizes.append(len(g["params"]))
             ours += g["params"]
         self.params = [clone_param(p, contiguous=impl == "fused") for p in ours]
-        self.work = [nn.Parameter(p.detach().float()) if impl != "fused" and p.dtype in _HALF else p
+        self.work = [nn.Parameter(p.detach().float()) if impl != "fused" and p.dtype in HALF else p
                      for p in self.params]  # what the torch.optim optimizer steps
         self.initial_requires_grad = [p.requires_grad for p in ours]
         self.frozen: set[int] = {i for i, p in enumerate(ours) if not p.requires_grad}
@@ -233,7 +149,7 @@ class Reference:
 
     def resolve(self, targets: Iterable[Any], ours_params: Sequence[Tensor],
                 modules: dict[int, nn.Module] | None = None) -> set[int]:
-        """Indices matched by the targets, by DESIGN.md's rules: a plain name
+        """Indices matched by the targets, by the name rules: a plain name
         is a module prefix (cut at dots) or an exact param name; '*'/'?' globs
         stay within a component; a compiled regex must fullmatch a prefix;
         Modules and Parameters by identity."""
@@ -442,7 +358,8 @@ def _close(a: Tensor, b: Tensor, what: str, inputs: float = 0.0) -> None:
     assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
     if a.numel() == 0 or torch.equal(a, b):
         return
-    rtol, atol = _TOL[a.dtype]
+    tol = tolerance(a.dtype)
+    rtol, atol = tol["rtol"], tol["atol"]
     scale = max(_amax(b), inputs)
     if math.isfinite(float(b.abs().amax())):  # fast path: max(|a - b| - rtol*|b|) <= atol' (False when NaN)
         if float((a - b).abs_().sub_(b.abs().mul_(rtol)).amax()) <= atol + 4 * rtol * scale:

@@ -17,12 +17,10 @@ import warnings
 
 import pytest
 import torch
-from reference import assert_same, snapshot
+from matrix import BY_CLASS, CLASSES, assert_same, model_snapshot, snapshot
 from torch import nn
 
 import frozenopt
-
-OPTIMIZERS = ["SGD", "Adam", "AdamW"]
 
 
 class Net(nn.Module):
@@ -38,10 +36,6 @@ class Net(nn.Module):
         self.fc20 = nn.Linear(2, 2)
 
 
-def _kwargs(kind: str) -> dict:
-    return dict(lr=0.1, momentum=0.9, weight_decay=0.01) if kind == "SGD" else dict(lr=0.01, amsgrad=True)
-
-
 def trained(kind: str, *, groups: int = 2, mask_only: bool = False, plain: bool = False):
     """A model and an optimizer with state (but none yet for `late`), a frozen param and
     grads on every param. Groups: [fc1, late] and [fc2, fc20] (lr 0.05)."""
@@ -53,8 +47,8 @@ def trained(kind: str, *, groups: int = 2, mask_only: bool = False, plain: bool 
         params = net
     else:
         params = [{"params": named[:4]}, {"params": named[4:], "lr": 0.05}]
-    opt = getattr(frozenopt, kind)(params, mask_only=mask_only, **_kwargs(kind))
-    for step in range(3):
+    opt = BY_CLASS[kind].make(params, mask_only=mask_only)
+    for _step in range(3):
         for p in net.parameters():
             p.grad = None if p in set(net.late.parameters()) else torch.randn_like(p)
         opt.step()
@@ -64,26 +58,13 @@ def trained(kind: str, *, groups: int = 2, mask_only: bool = False, plain: bool 
     return net, opt
 
 
-def model_snapshot(net: nn.Module) -> list:
-    return [(n, p.detach().clone(), p.requires_grad,
-             None if p.grad is None else (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone())
-            for n, p in net.named_parameters()]
-
-
-def assert_model_same(before: list, after: list) -> None:
-    assert len(before) == len(after)
-    for (n, v, rg, g), (n2, v2, rg2, g2) in zip(before, after):
-        assert n == n2 and torch.equal(v, v2) and rg == rg2, f"{n} changed"
-        assert (g is None) == (g2 is None) and (g is None or torch.equal(g, g2)), f"{n}.grad changed"
-
-
 def refused(opt, net, call, exc, match) -> None:
     """call() raises exc with a message matching `match`; opt and net are unchanged."""
     before, model_before = snapshot(opt), model_snapshot(net)
     with pytest.raises(exc, match=match):
         call()
     assert_same(before, snapshot(opt))
-    assert_model_same(model_before, model_snapshot(net))
+    assert_same(model_before, model_snapshot(net))
 
 
 # ---------------------------------------------------------------------------- names and targets
@@ -111,7 +92,7 @@ TARGET_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 @pytest.mark.parametrize("method", ["freeze", "unfreeze", "is_frozen"])
 @pytest.mark.parametrize("row", TARGET_ROWS, ids=[r[0] for r in TARGET_ROWS])
 def test_bad_target(kind, method, row):
@@ -120,17 +101,17 @@ def test_bad_target(kind, method, row):
     refused(opt, net, lambda: getattr(opt, method)(*targets), exc, match)
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 def test_names_on_a_plain_param_optimizer(kind):
     net, opt = trained(kind, plain=True)
     for method in ("freeze", "unfreeze"):
-        refused(opt, net, lambda: getattr(opt, method)("fc1"), ValueError,
+        refused(opt, net, lambda method=method: getattr(opt, method)("fc1"), ValueError,
                 r"cannot resolve 'fc1' by name: the optimizer was built from plain parameters")
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 def test_bare_freeze_with_one_group(kind):
-    """The seeds disagree on bare freeze(); with one param group it is refused, saying what to write."""
+    """Bare freeze() is ambiguous (all or nothing?); with one param group it is refused, saying what to write."""
     net, opt = trained(kind, groups=1)
     refused(opt, net, opt.freeze, ValueError, r"single param group.*freeze\('\*'\)")
 
@@ -183,10 +164,10 @@ def test_bad_hyper_parameter(row):
     before = model_snapshot(net)
     with pytest.raises(exc, match=match):
         getattr(frozenopt, kind)(net, **kwargs)
-    assert_model_same(before, model_snapshot(net))
+    assert_same(before, model_snapshot(net))
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 @pytest.mark.parametrize("key,value,match", [
     ("lr", NAN, r"Invalid learning rate: nan"),
     ("lr", -1.0, r"Invalid learning rate: -1"),
@@ -198,8 +179,8 @@ def test_bad_hyper_parameter_in_a_param_group(kind, key, value, match):
     before = model_snapshot(net)
     groups = [{"params": net.fc1.parameters()}, {"params": net.fc2.parameters(), key: value}]
     with pytest.raises(ValueError, match=match):
-        getattr(frozenopt, kind)(groups, **_kwargs(kind))
-    assert_model_same(before, model_snapshot(net))
+        BY_CLASS[kind].make(groups)
+    assert_same(before, model_snapshot(net))
 
 
 def _params_rows():
@@ -221,7 +202,7 @@ def _params_rows():
     ]
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 @pytest.mark.parametrize("row", _params_rows(), ids=[r[0] for r in _params_rows()])
 def test_bad_params(kind, row):
     _, make, exc, match = row
@@ -239,7 +220,7 @@ def test_bad_params(kind, row):
         assert t.requires_grad == rg and (v is None or torch.equal(t.detach(), v))
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 def test_bad_add_param_group(kind):
     """add_param_group refuses the same things; the optimizer is as it was (no half-added group)."""
     net, opt = trained(kind)
@@ -282,18 +263,18 @@ def _group(key, value):
 
 STEP_ROWS = [
     # (id, mutation, optimizers, exception, message)
-    ("sparse grad", _set("weight", lambda p: p.detach().clone().to_sparse()), OPTIMIZERS, RuntimeError,
+    ("sparse grad", _set("weight", lambda p: p.detach().clone().to_sparse()), CLASSES, RuntimeError,
      r"grad \d+ is sparse; frozenopt does not support sparse gradients"),
     # torch's .grad setter refuses these; `.grad.data =` (or a hook) still gets them through
-    ("grad of the wrong shape", _set_data("weight", lambda p: torch.ones(p.numel())), OPTIMIZERS, RuntimeError,
+    ("grad of the wrong shape", _set_data("weight", lambda p: torch.ones(p.numel())), CLASSES, RuntimeError,
      r"grad \d+ has shape \[8\] but its param has shape \[2, 4\]"),
-    ("grad of the wrong dtype", _set_data("bias", lambda p: torch.ones(p.shape, dtype=torch.float64)), OPTIMIZERS,
+    ("grad of the wrong dtype", _set_data("bias", lambda p: torch.ones(p.shape, dtype=torch.float64)), CLASSES,
      RuntimeError, r"grad \d+ has dtype Double but its param has dtype Float"),
-    ("group lr nan", _group("lr", NAN), OPTIMIZERS, (ValueError, RuntimeError), r"Invalid learning rate: nan"),
-    ("group lr negative", _group("lr", -0.5), OPTIMIZERS, (ValueError, RuntimeError), r"Invalid learning rate: -0.5"),
-    ("group lr 2-element tensor", _group("lr", torch.tensor([0.1, 0.1])), OPTIMIZERS, (ValueError, RuntimeError),
+    ("group lr nan", _group("lr", NAN), CLASSES, (ValueError, RuntimeError), r"Invalid learning rate: nan"),
+    ("group lr negative", _group("lr", -0.5), CLASSES, (ValueError, RuntimeError), r"Invalid learning rate: -0.5"),
+    ("group lr 2-element tensor", _group("lr", torch.tensor([0.1, 0.1])), CLASSES, (ValueError, RuntimeError),
      r"lr must .*one element|1-element"),
-    ("group weight_decay nan", _group("weight_decay", NAN), OPTIMIZERS, (ValueError, RuntimeError),
+    ("group weight_decay nan", _group("weight_decay", NAN), CLASSES, (ValueError, RuntimeError),
      r"Invalid weight_decay value: nan"),
     ("group momentum negative", _group("momentum", -1.0), ["SGD"], (ValueError, RuntimeError),
      r"Invalid momentum value: -1"),
@@ -316,7 +297,7 @@ def test_bad_step(kind, row):
     refused(opt, net, opt.step, exc, match)
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 def test_bad_grad_on_a_frozen_param_is_ignored(kind):
     """Frozen means grad=None in torch.optim terms: whatever its grad holds is never looked at."""
     net, opt = trained(kind, mask_only=True)
@@ -370,7 +351,7 @@ def _sd_rows(kind):
     return rows
 
 
-SD_CASES = [(kind, row) for kind in OPTIMIZERS for row in _sd_rows(kind)]
+SD_CASES = [(kind, row) for kind in CLASSES for row in _sd_rows(kind)]
 
 
 @pytest.mark.parametrize("kind,row", SD_CASES, ids=[f"{k}-{r[0]}" for k, r in SD_CASES])
@@ -387,7 +368,7 @@ def test_bad_load_state_dict(kind, row):
     refused(opt, net, lambda: opt.load_state_dict(sd), exc, match)
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 def test_good_state_dict_still_loads(kind):
     """The checks above do not refuse what torch.optim writes (the negative control)."""
     src_net, src = trained(kind)
@@ -396,7 +377,7 @@ def test_good_state_dict_still_loads(kind):
     opt.load_state_dict(copy.deepcopy(src.state_dict()))
     assert opt.frozen == src.frozen == ["fc1.weight", "fc1.bias", "fc20.bias"]
     assert len(opt.state) == len(src.state) == 6  # every param but `late`
-    ref = getattr(torch.optim, kind)([{"params": g["params"]} for g in opt.param_groups], **_kwargs(kind))
+    ref = BY_CLASS[kind].reference([{"params": g["params"]} for g in opt.param_groups])
     for p in net.parameters():
         p.grad = torch.ones_like(p)
     ref.step()
@@ -414,7 +395,7 @@ FROZEN_ENTRY_ROWS = [
 ]
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 @pytest.mark.parametrize("row", FROZEN_ENTRY_ROWS, ids=[r[0] for r in FROZEN_ENTRY_ROWS])
 def test_bad_frozen_entry(kind, row):
     _, frozen, match = row
@@ -425,14 +406,14 @@ def test_bad_frozen_entry(kind, row):
     refused(opt, net, lambda: opt.load_state_dict(sd), ValueError, match)
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 @pytest.mark.parametrize("max_norm", [-1.0, NAN])
 def test_bad_clip_grad_norm(kind, max_norm):
     net, opt = trained(kind, mask_only=True)
     refused(opt, net, lambda: opt.clip_grad_norm_(max_norm), ValueError, r"max_norm must be a number >= 0")
 
 
-@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("kind", CLASSES)
 def test_bare_is_frozen_and_single_group_freeze_to(kind):
     net, opt = trained(kind, groups=1)
     refused(opt, net, lambda: opt.is_frozen(), TypeError, r"is_frozen\(\) needs a target")

@@ -37,7 +37,8 @@ STAGE_FIELDS = [
     "stage", "transition_s", "rebuilt_optimizer", "state_survived", "median_step_s",
     "median_iter_s", "step_spread_s", "iter_spread_s", "wall_s", "state_bytes", "grad_bytes",
 ]
-ROUND_FIELDS = ["round", "position", "load_average_start", "started_utc", "finished_utc", "others_cores", "busy", "median_step_s", "median_iter_s",
+ROUND_FIELDS = ["round", "position", "load_average_start", "started_utc", "finished_utc", "others_cores", "busy",
+                "median_step_s", "median_iter_s",
                 "peak_memory_bytes"]
 ROUNDS = 2  # the fixed schedule's; the gradual one runs one round
 STEPS = 3
@@ -102,7 +103,7 @@ def test_json_has_every_field(fixed):
 
 def test_rounds_pool_the_times_and_give_the_spread(fixed):
     _, _, report = fixed
-    for name, res in report["recipes"].items():
+    for _name, res in report["recipes"].items():
         # the load was measured (this is Linux) while the recipe was timed, in every round
         assert all(r["others_cores"] is not None and r["others_cores"] >= 0 for r in res["rounds"])
         busy = [r["round"] for r in res["rounds"] if r["busy"]]
@@ -266,7 +267,8 @@ def _fake_run(round_index, step_ms, others_cores, recipe="frozenopt"):
              "median_step_s": steps[0], "median_iter_s": 3 * steps[0], "transition_s": 0.001, "wall_s": 1.0,
              "others_cpu_s": others_cores * 2.0, "timed_wall_s": 2.0}
     return {"recipe": recipe, "ok": True, "schedule": "fixed", "round": round_index, "position": 1,
-            "load_average_start": [0.1, 0.1, 0.1], "started_utc": "t0", "finished_utc": "t1", "peak_memory_bytes": 100, "worker_wall_s": 3.0,
+            "load_average_start": [0.1, 0.1, 0.1], "started_utc": "t0", "finished_utc": "t1",
+            "peak_memory_bytes": 100, "worker_wall_s": 3.0,
             "stages": [stage]}
 
 

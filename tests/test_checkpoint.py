@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from reference import assert_same, snapshot
+from matrix import BodyHead, assert_same, config, snapshot
 from torch import nn
 
 import frozenopt
@@ -18,15 +18,12 @@ def make_model():
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
 
 
-OPTIMIZERS = {
-    "adamw": lambda groups: frozenopt.AdamW(groups, lr=1e-2, weight_decay=0.1, amsgrad=True),
-    "sgd": lambda groups: frozenopt.SGD(groups, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3),
-}
+OPTIMIZERS = ["adamw_amsgrad", "sgd_all"]  # configurations of tests/matrix.py
 
 
 def build(kind):
     model = make_model()
-    opt = OPTIMIZERS[kind](layer_groups(model, ["0", "2", "4"], lr=slice(1e-3, 1e-2)))
+    opt = config(kind).make(layer_groups(model, ["0", "2", "4"], lr=slice(1e-3, 1e-2)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-3, 3e-3, 1e-2], total_steps=30)
     opt.freeze("0", "2")  # frozen from the start: no state
     unfreezer = GradualUnfreeze(opt, {4: "2", 14: ["0"]})
@@ -54,7 +51,7 @@ def save(model, opt, sched, unfreezer):
     return buf
 
 
-@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("kind", OPTIMIZERS)
 def test_resume_mid_schedule_is_bitwise_identical(kind):
     straight = build(kind)
     run(*straight, 0, 24)
@@ -82,7 +79,7 @@ def test_resume_mid_schedule_is_bitwise_identical(kind):
         for key, value in straight[1].state[q].items():
             assert torch.equal(opt.state[p][key], value), key
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in straight[1].param_groups]
-    if kind == "adamw":
+    if config(kind).name == "AdamW":
         assert float(opt.state[model[2].weight]["step"]) == 4.0  # trained at steps 4-7 only
         assert float(opt.state[model[0].weight]["step"]) == 10.0  # steps 14-23
 
@@ -91,8 +88,8 @@ def test_checkpoint_loads_into_torch_optim_and_back():
     model, opt, sched, unfreezer = build("adamw")
     run(model, opt, sched, unfreezer, 0, 10)
     ckpt = torch.load(save(model, opt, sched, unfreezer), weights_only=True)
-    torch_opt = torch.optim.AdamW([{"params": [p for _, p in g["params"]]} for g in layer_groups(model, ["0", "2", "4"])],
-                                  amsgrad=True)
+    torch_groups = [{"params": [p for _, p in g["params"]]} for g in layer_groups(model, ["0", "2", "4"])]
+    torch_opt = torch.optim.AdamW(torch_groups, amsgrad=True)
     torch_opt.load_state_dict({k: v for k, v in ckpt["optim"].items() if k != "frozen"})
     assert set(torch_opt.state_dict()["state"]) == set(ckpt["optim"]["state"])
     back = frozenopt.AdamW(layer_groups(model, ["0", "2", "4"]), amsgrad=True)
@@ -172,30 +169,22 @@ def test_reset_state_and_release_state_touch_only_what_they_should():
 # ---------------------------------------------------------------- groups that repeat bare names
 
 
-class EncoderHead(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.encoder = nn.Linear(3, 3)
-        self.head = nn.Linear(3, 2)
-
-
 def bare_named(model, **kwargs):
     """Groups built from each submodule's own named_parameters(): "weight" and "bias" twice."""
-    return frozenopt.AdamW([{"params": model.encoder.named_parameters()},
+    return frozenopt.AdamW([{"params": model.body.named_parameters()},
                             {"params": model.head.named_parameters()}], **kwargs)
 
 
 def trained_bare_named():
-    model = EncoderHead()
+    model = BodyHead(3, 3, 2)
     opt = bare_named(model)
-    model.head(model.encoder(torch.randn(4, 3))).sum().backward()
+    model(torch.randn(4, 3)).sum().backward()
     opt.step()
     return model, opt
 
 
-@pytest.mark.parametrize("frozen", [["encoder.weight"], ["head.weight"], ["encoder.bias", "head.weight"],
-                                    ["encoder.weight", "head.weight"]])
+@pytest.mark.parametrize("frozen", [["body.weight"], ["head.weight"], ["body.bias", "head.weight"],
+                                    ["body.weight", "head.weight"]])
 def test_repeated_bare_names_restore_the_exact_frozen_set(frozen):
     model, opt = trained_bare_named()
     opt.freeze(*[model.get_parameter(n) for n in frozen])
@@ -204,7 +193,7 @@ def test_repeated_bare_names_restore_the_exact_frozen_set(frozen):
     buf.seek(0)
 
     model2, opt2 = trained_bare_named()
-    opt2.freeze(model2.encoder)  # a different frozen set: the checkpoint's replaces it
+    opt2.freeze(model2.body)  # a different frozen set: the checkpoint's replaces it
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     got = [n for n, p in model2.named_parameters() if opt2.is_frozen(p)]
     assert got == frozen
@@ -223,7 +212,7 @@ def test_names_only_checkpoints_still_load_and_ambiguous_ones_are_refused():
     assert_same(before, snapshot(opt2))
     # all or none of the params that share a name: unambiguous
     opt2.load_state_dict(copy.deepcopy({**saved, "frozen": ["weight", "weight"]}))
-    assert [n for n, p in model2.named_parameters() if opt2.is_frozen(p)] == ["encoder.weight", "head.weight"]
+    assert [n for n, p in model2.named_parameters() if opt2.is_frozen(p)] == ["body.weight", "head.weight"]
     # names that are unique load as before
     model3 = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     opt3 = frozenopt.SGD(model3, lr=0.1)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from matrix import BodyHead
 from torch import nn
 
 import frozenopt
@@ -75,7 +76,7 @@ def test_clipped_run_equals_torch_optim_clipping_only_the_trainable_params():
     opt = frozenopt.AdamW(model, lr=0.05, mask_only=True)
     opt.freeze("0")
     ref = torch.optim.AdamW(twin[2].parameters(), lr=0.05)
-    for step in range(5):
+    for _step in range(5):
         x = torch.randn(6, 4)
         for m, o in ((model, opt), (twin, ref)):
             o.zero_grad()
@@ -89,19 +90,16 @@ def test_clipped_run_equals_torch_optim_clipping_only_the_trainable_params():
         torch.testing.assert_close(p, q)
 
 
-class Scaled(nn.Module):
+class Scaled(BodyHead):
     """A small model whose first layer's grads are multiplied by BIG (and it is frozen)."""
 
     def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(4, 8)
-        self.head = nn.Linear(8, 1)
+        super().__init__(4, 8, 1)
         for p in self.body.parameters():
             p.register_hook(lambda g: g * BIG)
 
     def forward(self, x, y=None):
-        out = self.head(torch.tanh(self.body(x))).squeeze(-1)
+        out = super().forward(x).squeeze(-1)
         return out if y is None else {"loss": nn.functional.mse_loss(out, y) * 100, "logits": out}
 
 

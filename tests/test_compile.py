@@ -13,6 +13,7 @@ Measured (torch 2.13, CPU), compiling ``opt.step`` with ``fullgraph=True``:
 import pytest
 import torch
 import torch._dynamo
+from matrix import config
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -32,11 +33,7 @@ def clone_model(model):
     return twin
 
 
-OPTIMIZERS = {
-    "sgd_momentum": lambda m, **kw: frozenopt.SGD(m, lr=0.05, momentum=0.9, weight_decay=1e-3, **kw),
-    "adamw": lambda m, **kw: frozenopt.AdamW(m, lr=1e-2, weight_decay=0.1, **kw),
-    "adam_amsgrad": lambda m, **kw: frozenopt.Adam(m, lr=1e-2, amsgrad=True, **kw),
-}
+OPTIMIZERS = ["sgd_all", "adamw_weight_decay", "adam_amsgrad"]  # configurations of tests/matrix.py
 
 # step -> ("freeze" | "unfreeze", targets)
 TOGGLES = {2: ("freeze", ("0",)), 4: ("freeze", ("2.weight",)), 5: ("unfreeze", ("0",)),
@@ -68,12 +65,12 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("kind", OPTIMIZERS)
 def test_mask_only_toggles_never_recompile_and_match_eager(kind):
     model = make_model()
     twin = clone_model(model)
-    opt = OPTIMIZERS[kind](model, mask_only=True)
-    ref = OPTIMIZERS[kind](twin, mask_only=True)
+    opt = config(kind).make(model, mask_only=True)
+    ref = config(kind).make(twin, mask_only=True)
     counter = CompileCounterWithBackend(BACKEND)
 
     @torch.compile(backend=counter, fullgraph=True)

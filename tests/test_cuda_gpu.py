@@ -1,13 +1,15 @@
-"""frozenopt's CUDA kernels on a GPU. Skipped where CUDA is not available
-(this repository's own machines have no GPU: test_cuda_kernels_cpu.py runs the
-same kernel source on the CPU there); run as-is on a machine with one.
+"""frozenopt on a GPU only: what has no CPU counterpart. Skipped where CUDA is
+not available (this repository's own machines have no GPU:
+test_cuda_kernels_cpu.py runs the same kernel source on the CPU there); run
+as-is on a machine with one. The parity tests against torch.optim run on a GPU
+as the CUDA column of tests/test_parity.py (``pytest -m cuda`` runs both).
 
-Two kinds of tests: the optimizers against torch.optim (their eager path
-launches only the unfrozen params), and the ops called directly with a mask,
-as a captured or compiled step calls them, so that the kernels' own skip of
-frozen tensors is what is tested: every dtype, several launches per op, a
-side stream, a tensor of more than 2^31 elements. The check_* functions are
-also run, and timed, by scripts/gpu_probe.py.
+Here: launch counts against the planner, no host synchronisation, CUDA-graph
+capture, and the ops called directly with a device-side mask, as a captured or
+compiled step calls them, so that the kernels' own skip of frozen tensors is
+what is tested: every dtype, several launches per op, a side stream, a tensor
+of more than 2^31 elements. The check_* functions are also run, and timed, by
+scripts/gpu_probe.py.
 """
 
 from __future__ import annotations
@@ -16,140 +18,27 @@ import ctypes
 
 import pytest
 import torch
+from matrix import DTYPES, config, random_tensors, requires_cuda, tolerance
 
 import frozenopt
 from frozenopt import ops
 
 _C = ops.require_extension()
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not _C.cuda_plan.built_with_cuda, reason="frozenopt was built without its CUDA kernels"),
-]
+pytestmark = [pytest.mark.cuda, requires_cuda]
 
 DEVICE = "cuda"  # a module constant, so the test logic itself can be dry-run on "cpu"
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-HALF = (torch.float16, torch.bfloat16)
-SIZES = [0, 1, 3, 64, 1000, 2 * 65536 + 5, 4096, 0, 33]
-STEPS = 6
-ALWAYS = {2, 6}  # frozen throughout
-SOMETIMES = {4, 5}  # frozen on steps 2 and 3
 
 
-def frozen_at(step):
-    return ALWAYS | (SOMETIMES if step in (2, 3) else set())
+def make(dtype, seed=0, sizes=(0, 1, 3, 64, 1000, 2 * 65536 + 5, 4096, 0, 33)):
+    return random_tensors(sizes, dtype, seed, DEVICE)
+
+
+def grads_for(params, step):
+    return [g.to(DEVICE) for g in random_tensors([p.numel() for p in params], params[0].dtype, 1000 + step)]
 
 
 def names(indices):
     return [f"p{i}" for i in sorted(indices)]
-
-
-def make(dtype, seed=0, sizes=SIZES):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype).to(DEVICE) for n in sizes]
-
-
-def grads_for(params, step):
-    g = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype).to(DEVICE) for p in params]
-
-
-def tol(dtype):
-    return {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-7, atol=1e-9),
-            torch.float16: dict(rtol=1e-2, atol=2e-3), torch.bfloat16: dict(rtol=4e-2, atol=1.6e-2)}[dtype]
-
-
-def run_parity(make_ours, make_ref, dtype, ref_dtype=None):
-    """ours (frozenopt, freezing by name) and a torch.optim reference that gets grad=None for frozen params."""
-    start = make(dtype)
-    ours_p = [torch.nn.Parameter(p.clone()) for p in start]
-    ref_p = [torch.nn.Parameter(p.clone().to(ref_dtype or dtype)) for p in start]
-    ours = make_ours([(f"p{i}", p) for i, p in enumerate(ours_p)])
-    ref = make_ref(ref_p)
-    for step in range(STEPS):
-        grads = grads_for(start, step)
-        frozen = frozen_at(step)
-        ours.unfreeze()
-        ours.freeze(*names(frozen))
-        for i, (p, r, g) in enumerate(zip(ours_p, ref_p, grads)):
-            p.grad = g.clone()  # frozen params keep a grad (mask_only): it must be ignored
-            r.grad = None if i in frozen else g.to(r.dtype)
-        ours.step()
-        ref.step()
-    for i in ALWAYS:
-        assert torch.equal(ours_p[i].detach(), start[i]), f"frozen param {i} moved"
-    return ours, ref, ours_p, ref_p
-
-
-SGD_CONFIGS = [dict(), dict(momentum=0.9), dict(momentum=0.9, dampening=0.3), dict(momentum=0.9, nesterov=True),
-               dict(momentum=0.5, weight_decay=0.1), dict(momentum=0.9, maximize=True, weight_decay=0.01)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kw", SGD_CONFIGS, ids=lambda kw: ",".join(kw) or "plain")
-def test_sgd_parity(dtype, kw):
-    # Half types against torch.optim in float64 from the same start (torch's
-    # own fused SGD with momentum rounds its half buffers differently).
-    ref_dtype = torch.float64 if dtype in HALF else None
-    impl = dict(foreach=False) if dtype in HALF else dict(fused=True)
-    ours, ref, ours_p, ref_p = run_parity(
-        lambda named: frozenopt.SGD(named, lr=0.05, mask_only=True, **kw),
-        lambda params: torch.optim.SGD(params, lr=0.05, **kw, **impl), dtype, ref_dtype)
-    t = tol(dtype) if dtype not in HALF else {torch.float16: dict(rtol=4e-3, atol=4e-3),
-                                                torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}[dtype]
-    for i, (p, r) in enumerate(zip(ours_p, ref_p)):
-        torch.testing.assert_close(p.detach().to(r.dtype), r.detach(), **t, msg=f"param {i}")
-        if kw.get("momentum") and i not in ALWAYS and p.numel():
-            torch.testing.assert_close(ours.state[p]["momentum_buffer"].to(r.dtype),
-                                       ref.state[r]["momentum_buffer"], **t)
-    for i in ALWAYS:
-        assert ours_p[i] not in ours.state or not ours.state[ours_p[i]], "a param frozen from the start has state"
-
-
-ADAM_CONFIGS = [("adam", dict()), ("adam", dict(weight_decay=0.1)),
-                ("adam", dict(amsgrad=True, maximize=True, weight_decay=0.05)),
-                ("adamw", dict(weight_decay=0.1)), ("adamw", dict(amsgrad=True, betas=(0.8, 0.99), eps=1e-6))]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind,kw", ADAM_CONFIGS, ids=lambda x: x if isinstance(x, str) else ",".join(x) or "-")
-def test_adam_parity_with_torch_fused(dtype, kind, kw):
-    ours_cls = frozenopt.AdamW if kind == "adamw" else frozenopt.Adam
-    ref_cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-    ours, ref, ours_p, ref_p = run_parity(
-        lambda named: ours_cls(named, lr=0.01, mask_only=True, **kw),
-        lambda params: ref_cls(params, lr=0.01, fused=True, **kw), dtype)
-    for i, (p, r) in enumerate(zip(ours_p, ref_p)):
-        torch.testing.assert_close(p.detach(), r.detach(), **tol(dtype), msg=f"param {i}")
-        if i in ALWAYS:
-            continue
-        s, rs = ours.state[p], ref.state[r]
-        assert s["step"].device == p.device and s["step"].item() == rs["step"].item()
-        torch.testing.assert_close(s["exp_avg"], rs["exp_avg"], **tol(dtype))
-        torch.testing.assert_close(s["exp_avg_sq"], rs["exp_avg_sq"], **tol(dtype))
-    for i in SOMETIMES:
-        assert ours.state[ours_p[i]]["step"].item() == STEPS - 2
-
-
-def test_frozen_params_and_state_are_bitwise_unchanged():
-    params = [torch.nn.Parameter(p) for p in make(torch.float32, seed=3)]
-    opt = frozenopt.AdamW([(f"p{i}", p) for i, p in enumerate(params)], lr=0.1, weight_decay=0.5, amsgrad=True,
-                          mask_only=True)
-    for step in range(2):  # every param gets state
-        for p, g in zip(params, grads_for(params, step)):
-            p.grad = g
-        opt.step()
-    opt.freeze("p1", "p5", "p8")
-    frozen = [1, 5, 8]
-    before = {i: (params[i].detach().clone(), {k: v.clone() for k, v in opt.state[params[i]].items()})
-              for i in frozen}
-    for step in range(5):
-        for p, g in zip(params, grads_for(params, 10 + step)):
-            p.grad = g * (step - 2) if step != 3 else torch.full_like(g, float("inf"))
-        opt.step()
-    for i in frozen:
-        assert torch.equal(params[i].detach(), before[i][0])
-        for k, v in opt.state[params[i]].items():
-            assert torch.equal(v, before[i][1][k]), f"state {k} of p{i}"
 
 
 def frozenopt_kernels(fn):
@@ -164,16 +53,13 @@ def frozenopt_kernels(fn):
 
 
 @pytest.mark.parametrize("kind", ["sgd", "sgd_momentum", "adam", "adamw_amsgrad"])
-def test_launches_per_step_match_the_planner(kind):
+def test_launches_per_step_match_the_planner(kind):  # kind: a config of tests/matrix.py
     # 300 params (200 small, 100 of 3 chunks), 30% frozen: the eager plan sends
     # only the unfrozen ones.
     sizes = [257] * 200 + [3 * 65536] * 100
     params = [torch.nn.Parameter(torch.randn(n, device=DEVICE)) for n in sizes]
     named = [(f"p{i}", p) for i, p in enumerate(params)]
-    opt = {"sgd": lambda: frozenopt.SGD(named, lr=0.1),
-           "sgd_momentum": lambda: frozenopt.SGD(named, lr=0.1, momentum=0.9),
-           "adam": lambda: frozenopt.Adam(named, lr=0.1),
-           "adamw_amsgrad": lambda: frozenopt.AdamW(named, lr=0.1, amsgrad=True)}[kind]()
+    opt = config(kind).make(named, lr=0.1)
     frozen = list(range(0, 300, 3))
     opt.freeze(*names(frozen))
     for p in params:
@@ -208,53 +94,15 @@ def test_step_does_not_synchronise():
         del opt.grad_scale, opt.found_inf
 
 
-@pytest.mark.parametrize("cls", [frozenopt.SGD, frozenopt.Adam, frozenopt.AdamW])
-def test_found_inf_moves_nothing(cls):
-    params = [torch.nn.Parameter(p) for p in make(torch.float32, seed=5)]
-    kw = dict(momentum=0.9) if cls is frozenopt.SGD else {}
-    opt = cls(params, lr=0.1, **kw)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()
-    before = [p.detach().clone() for p in params]
-    state = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in params}
-    opt.found_inf = torch.ones((), device=DEVICE)
-    opt.grad_scale = torch.tensor(1024.0, device=DEVICE)
-    opt.step()
-    del opt.found_inf, opt.grad_scale
-    for p, b in zip(params, before):
-        assert torch.equal(p.detach(), b)
-        for k, v in opt.state[p].items():
-            assert torch.equal(v, state[p][k])
-
-
-def test_grad_scaler_skips_an_overflowing_step():
-    model = torch.nn.Linear(16, 4).cuda()
-    opt = frozenopt.AdamW(model, lr=0.1)
-    scaler = torch.amp.GradScaler("cuda")
-    model(torch.randn(8, 16, device=DEVICE)).sum().backward()
-    scaler.step(opt)
-    scaler.update()
-    before = [p.detach().clone() for p in model.parameters()]
-    steps = [opt.state[p]["step"].clone() for p in model.parameters()]
-    opt.zero_grad()
-    scaler.scale(model(torch.randn(8, 16, device=DEVICE)).sum() * float("inf")).backward()
-    scaler.step(opt)
-    scaler.update()
-    for p, b, s in zip(model.parameters(), before, steps):
-        assert torch.equal(p.detach(), b) and torch.equal(opt.state[p]["step"], s)
-
-
-@pytest.mark.parametrize("cls", [frozenopt.SGD, frozenopt.AdamW])
-def test_cuda_graph_capture_follows_mask_only_freeze_and_unfreeze(cls):
+@pytest.mark.parametrize("kind", ["sgd_momentum", "adamw_weight_decay"])
+def test_cuda_graph_capture_follows_mask_only_freeze_and_unfreeze(kind):
     """step() captured once; freeze/unfreeze in mask_only mode after the capture
     take effect on replay, and match an eager optimizer with the same schedule."""
-    kw = dict(momentum=0.9) if cls is frozenopt.SGD else dict(weight_decay=0.1)
     start = make(torch.float32, seed=6, sizes=[100, 70000, 5, 4096])
     graph_p = [torch.nn.Parameter(p.clone()) for p in start]
     eager_p = [torch.nn.Parameter(p.clone()) for p in start]
-    graph_opt = cls([(f"p{i}", p) for i, p in enumerate(graph_p)], lr=0.05, mask_only=True, **kw)
-    eager_opt = cls([(f"p{i}", p) for i, p in enumerate(eager_p)], lr=0.05, mask_only=True, **kw)
+    graph_opt = config(kind).make([(f"p{i}", p) for i, p in enumerate(graph_p)], lr=0.05, mask_only=True)
+    eager_opt = config(kind).make([(f"p{i}", p) for i, p in enumerate(eager_p)], lr=0.05, mask_only=True)
     for opt in (graph_opt, eager_opt):
         opt.freeze("p1")  # frozen since construction: no state until prepare_capture
     static_grads = [torch.zeros_like(p) for p in graph_p]
@@ -297,20 +145,6 @@ def test_cuda_graph_capture_follows_mask_only_freeze_and_unfreeze(cls):
     assert not torch.equal(graph_p[1].detach(), start[1]), "p1 never moved after its unfreeze"
 
 
-def test_non_dense_params_are_stepped_through_copies():
-    base = torch.randn(64, 64, device=DEVICE)
-    strided = torch.nn.Parameter(base[:, ::2])  # not dense: copied, stepped, written back
-    ref = torch.nn.Parameter(strided.detach().clone())
-    opt = frozenopt.Adam([strided], lr=0.1)
-    ref_opt = torch.optim.Adam([ref], lr=0.1, fused=True)
-    for step in range(3):
-        g = torch.randn(64, 32, device=DEVICE)
-        strided.grad, ref.grad = g.clone(), g.clone()
-        opt.step()
-        ref_opt.step()
-    torch.testing.assert_close(strided.detach(), ref.detach())
-
-
 # ----------------------------------------------------------------- the kernel-argument budget
 
 def driver_version():
@@ -337,7 +171,6 @@ def test_kernel_argument_budget_follows_the_driver_and_the_device():
 OP_KINDS = {"sgd": 2, "sgd_momentum": 3, "adam": 5, "adamw_amsgrad": 6}  # name: planner depth
 MASK_SIZES = [0, 1, 3, 64, 1000, 2 * 65536 + 5, 4096, 0, 33, 65536]
 MASK_FROZEN = [2, 5, 7, 9]  # a ragged one, a multi-chunk one, an empty one, a whole chunk
-HALF_VS_CPU_OP = {torch.float16: dict(rtol=1e-2, atol=1e-3), torch.bfloat16: dict(rtol=4e-2, atol=4e-3)}
 
 
 def op_state(kind, params):
@@ -384,7 +217,7 @@ def run_against_cpu(kind, dtype, sizes, frozen, steps=3, seed=0, before_step=Non
                 run_op(kind, params, g, states, counters, mask, step)
     torch.cuda.synchronize()
     (params, states, counters, _), (cparams, cstates, ccounters, _) = runs[DEVICE], runs["cpu"]
-    t = HALF_VS_CPU_OP.get(dtype, tol(dtype))
+    t = tolerance(dtype, "kernels")
     for i in range(len(sizes)):
         rows = [params[i]] + [s[i] for s in states]
         if i in frozen:
@@ -516,25 +349,3 @@ def check_vector_and_elementwise_paths(kind, dtype):
 @pytest.mark.parametrize("kind", ["sgd_momentum", "adamw_amsgrad"])
 def test_vector_and_elementwise_paths_agree_bitwise(kind, dtype):
     check_vector_and_elementwise_paths(kind, dtype)
-
-
-@pytest.mark.parametrize("cls", ["SGD", "AdamW"])
-def test_step_plan_matches_the_op_bitwise(cls):
-    """The eager step plan launches cached rows directly; the op path (what a compiled
-    step calls) builds them per call. Both give the same bits, also when grads are
-    replaced and storages re-seated between steps."""
-    kw = dict(lr=0.1, momentum=0.9) if cls == "SGD" else dict(lr=0.01, weight_decay=0.1)
-    ours = [torch.nn.Parameter(p) for p in make(torch.float32, sizes=[5, 300, 0, 70_000, 1])]
-    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    plan_opt = getattr(frozenopt, cls)(ours, **kw)
-    op_opt = getattr(frozenopt, cls)(theirs, **kw)
-    for step in range(STEPS):
-        for p, q, g in zip(ours, theirs, grads_for(ours, step)):
-            p.grad, q.grad = g, g.clone()
-        if step == 3:
-            for p in ours:
-                p.data = p.data.clone()
-        plan_opt.step()
-        torch.compile(op_opt.step, backend="eager")()  # the traced path: the ops themselves
-        for p, q in zip(ours, theirs):
-            assert torch.equal(p, q), (cls, step)

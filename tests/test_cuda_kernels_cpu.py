@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from matrix import DTYPES, FLOATS, HALF, KERNEL_SWEEP, config_params, random_tensors, tolerance
 
 from frozenopt import ops
 
@@ -37,7 +38,6 @@ SHIM_SOURCES = [SHIM_DIR / "shim.cpp"] + KERNEL_SOURCES
 RACE_SOURCES = [SHIM_DIR / "race_check.cpp"] + KERNEL_SOURCES
 CHUNK = 65536
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FORK_OK = hasattr(os, "fork") and sys.platform.startswith("linux")
 
 
@@ -111,24 +111,11 @@ SIZES = [0, 1, 3, 64, 0, 1000, 2 * CHUNK + 5, 4096, 0]
 
 
 def make_params(dtype, sizes=SIZES, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) for n in sizes]
+    return random_tensors(sizes, dtype, seed)
 
 
 def make_grads(params, step, seed=1):
-    g = torch.Generator().manual_seed(seed * 1000 + step)
-    return [torch.randn(p.numel(), generator=g, dtype=torch.float64).to(p.dtype) for p in params]
-
-
-HALF = (torch.float16, torch.bfloat16)
-HALF_VS_CPU_OP = {torch.float16: dict(rtol=1e-2, atol=1e-3), torch.bfloat16: dict(rtol=4e-2, atol=4e-3)}
-
-
-def tolerance(dtype):
-    # Half types are compared with a float64 run from the same start: a few
-    # units of their precision after 6 steps.
-    return {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-7, atol=1e-9),
-            torch.float16: dict(rtol=4e-3, atol=4e-3), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}[dtype]
+    return random_tensors([p.numel() for p in params], params[0].dtype, seed * 1000 + step)
 
 
 def reference_params(params):
@@ -138,13 +125,8 @@ def reference_params(params):
     return [(p.double() if p.dtype in HALF else p.clone()).requires_grad_() for p in params]
 
 
-def reference_optimizer(kind, params, **kw):
-    """torch.optim's for-loop implementation, on the CPU."""
-    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
-    return cls(params, **kw, foreach=False)
-
-
 def assert_close(actual, expected, dtype, msg=""):
+    """Against torch.optim's for-loop implementation (in float64 for the half types)."""
     torch.testing.assert_close(actual.to(expected.dtype), expected.detach(), **tolerance(dtype), msg=msg)
 
 
@@ -159,24 +141,14 @@ def frozen_at(step):
     return ALWAYS | (SOMETIMES if step in (2, 3) else set())
 
 
-SGD_CONFIGS = {
-    "plain": dict(),
-    "momentum": dict(momentum=0.9),
-    "dampening": dict(momentum=0.9, dampening=0.3),
-    "nesterov": dict(momentum=0.9, nesterov=True),
-    "weight_decay": dict(momentum=0.5, weight_decay=0.1),
-    "maximize": dict(momentum=0.9, maximize=True, weight_decay=0.01),
-}
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", sorted(SGD_CONFIGS))
-def test_sgd_kernel_matches_torch(shim, dtype, config):
-    kw = SGD_CONFIGS[config]
-    lr = 0.05
+@pytest.mark.parametrize("cfg", [c for c in config_params(KERNEL_SWEEP) if c.values[0].name == "SGD"])
+def test_sgd_kernel_matches_torch(shim, dtype, cfg):
+    kw = dict(cfg.kwargs)
+    lr = kw.pop("lr")
     params = make_params(dtype)
     ref_params = reference_params(params)
-    ref = reference_optimizer("sgd", ref_params, lr=lr, **kw)
+    ref = cfg.reference(ref_params, foreach=False)
     frozen_start = [p.clone() for p in params]
     momentum = kw.get("momentum", 0.0)
     bufs = [torch.zeros_like(p) for p in params]
@@ -200,29 +172,21 @@ def test_sgd_kernel_matches_torch(shim, dtype, config):
         assert torch.equal(bufs[i], torch.zeros_like(bufs[i]))
 
 
-ADAM_CONFIGS = {
-    "adam": ("adam", dict()),
-    "adam_l2": ("adam", dict(weight_decay=0.1)),
-    "adam_amsgrad_maximize": ("adam", dict(amsgrad=True, maximize=True, weight_decay=0.05)),
-    "adamw": ("adamw", dict(weight_decay=0.1)),
-    "adamw_amsgrad": ("adamw", dict(weight_decay=0.1, amsgrad=True, betas=(0.8, 0.99), eps=1e-6)),
-}
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config", sorted(ADAM_CONFIGS))
-def test_adam_kernel_matches_torch(shim, dtype, config):
-    kind, kw = ADAM_CONFIGS[config]
-    lr = 0.01
+@pytest.mark.parametrize("cfg", [c for c in config_params(KERNEL_SWEEP) if c.values[0].name != "SGD"])
+def test_adam_kernel_matches_torch(shim, dtype, cfg):
+    decoupled = cfg.name == "AdamW"
+    kw = {"weight_decay": 0.01 if decoupled else 0.0, **cfg.kwargs}
+    lr = kw.pop("lr")
     params = make_params(dtype)
     ref_params = reference_params(params)
-    ref = reference_optimizer(kind, ref_params, lr=lr, **kw)
+    ref = cfg.reference(ref_params, foreach=False)
     half = dtype in HALF
     if half:
         # Adam's state in half precision has an error of its own, which torch's
         # fused CPU Adam (float math, like ours) shows too: we are held to it.
         fused_params = [p.clone().requires_grad_() for p in params]
-        fused = (torch.optim.AdamW if kind == "adamw" else torch.optim.Adam)(fused_params, lr=lr, **kw, fused=True)
+        fused = cfg.reference(fused_params, fused=True)
     frozen_start = [p.clone() for p in params]
     amsgrad = kw.get("amsgrad", False)
     m = [torch.zeros_like(p) for p in params]
@@ -237,7 +201,7 @@ def test_adam_kernel_matches_torch(shim, dtype, config):
         mask[list(frozen_at(step))] = True
         run_adam(shim, params, grads, m, v, vmax, steps, mask, lr=lr, beta1=beta1, beta2=beta2,
                  eps=kw.get("eps", 1e-8), weight_decay=kw.get("weight_decay", 0.0), amsgrad=amsgrad,
-                 maximize=kw.get("maximize", False), decoupled=kind == "adamw")
+                 maximize=kw.get("maximize", False), decoupled=decoupled)
         for i, (rp, g) in enumerate(zip(ref_params, grads)):
             rp.grad = None if i in frozen_at(step) else g.to(rp.dtype)
         ref.step()
@@ -262,7 +226,7 @@ def test_adam_kernel_matches_torch(shim, dtype, config):
         ours = (p.double() - rp.detach()).abs().max().item()
         theirs = (fused_params[i].detach().double() - rp.detach()).abs().max().item()
         assert ours <= 1.25 * theirs + 1e-3, f"param {i}: error {ours} vs torch fused's {theirs}"
-        tol = dict(rtol=1e-2, atol=2e-3) if dtype == torch.float16 else dict(rtol=4e-2, atol=1.6e-2)
+        tol = tolerance(dtype, "fused")
         fstate = fused.state[fused_params[i]]
         torch.testing.assert_close(p, fused_params[i].detach(), **tol)
         torch.testing.assert_close(m[i], fstate["exp_avg"], **tol)
@@ -297,7 +261,7 @@ def test_kernels_match_frozenopts_cpu_ops(shim, dtype):
     # The same formulas in the same precision; only FMA contraction (the CPU
     # kernels are built with -mfma) may differ, by an ulp that a half type can
     # carry into the next steps.
-    tol = HALF_VS_CPU_OP.get(dtype, tolerance(dtype))
+    tol = tolerance(dtype, "kernels")
     for a, b in zip(params + m + v + vmax, cpu_params + cm + cv + cvmax):
         torch.testing.assert_close(a, b, **tol)
     assert [s.item() for s in steps] == [s.item() for s in csteps]
@@ -315,7 +279,7 @@ def test_sgd_kernel_matches_frozenopts_cpu_op(shim, dtype):
         grads = make_grads(params, step, seed=7)
         run_sgd(shim, params, grads, bufs, mask, lr=0.05, first_step=step == 0, **kw)
         ops.sgd_(cpu_params, grads, cbufs, mask, lr=0.05, is_first_step=step == 0, **kw)
-    tol = HALF_VS_CPU_OP.get(dtype, tolerance(dtype))
+    tol = tolerance(dtype, "kernels")
     for a, b in zip(params + bufs, cpu_params + cbufs):
         torch.testing.assert_close(a, b, **tol)
 
@@ -413,7 +377,7 @@ def test_found_inf_moves_nothing(shim):
     assert not torch.equal(params[3], before[3])
 
 
-@pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("lr_dtype", FLOATS, ids=str)
 def test_lr_and_grad_scale_read_from_device_memory(shim, lr_dtype):
     params = make_params(torch.float64, [100, 7])
     expected = [p.clone() for p in params]

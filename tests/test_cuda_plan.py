@@ -82,7 +82,7 @@ def test_both_budgets_plan_the_same_work():
         plans = {b: plan_mod.plan(depth, numels, b) for b in BUDGETS}
         for budget, launches in plans.items():
             check_plan(depth, numels, launches, *plan_mod.limits(depth, budget)[:2])
-            assert all(l["meta_bytes"] + 256 <= BUDGETS[budget] for l in launches)
+            assert all(launch["meta_bytes"] + 256 <= BUDGETS[budget] for launch in launches)
         assert len(plans["small"]) > len(plans["large"])
 
 
@@ -100,7 +100,7 @@ def test_empty_tensors_take_no_slot_and_do_not_drop_the_pending_launch():
     # that only flushes inside its loop silently drops the last launch).
     numels = [0, 5, 0, 0, 7, 0]
     launches = plan_mod.plan(5, numels)
-    assert [[s[0] for s in l["slots"]] for l in launches] == [[1, 4]]
+    assert [[s[0] for s in launch["slots"]] for launch in launches] == [[1, 4]]
     check_plan(5, numels, launches, 100, 100)
     # The same with the limits hit exactly just before the trailing empties.
     numels = [3, 3, 0, 0]
@@ -116,13 +116,13 @@ def test_slot_position_is_not_list_position():
     # tensors and across launches, slot i is not tensor i.
     numels = [0, 0, 9, 0, 9, 9, 9]
     launches = plan_mod.plan(2, numels, max_tensors=2)
-    assert [[s[0] for s in l["slots"]] for l in launches] == [[2, 4], [5, 6]]
+    assert [[s[0] for s in launch["slots"]] for launch in launches] == [[2, 4], [5, 6]]
 
 
 def test_tensor_limit_starts_a_new_launch():
     numels = [1] * 10
     launches = plan_mod.plan(3, numels, max_tensors=4)
-    assert [len(l["slots"]) for l in launches] == [4, 4, 2]
+    assert [len(launch["slots"]) for launch in launches] == [4, 4, 2]
     check_plan(3, numels, launches, 4, 100)
 
 
@@ -130,7 +130,7 @@ def test_a_tensor_longer_than_a_launch_carries_its_slot_over():
     numels = [5, CHUNK * 7 + 1, 5]
     launches = plan_mod.plan(5, numels, max_blocks=3)
     check_plan(5, numels, launches, 100, 3)
-    assert [len(l["blocks"]) for l in launches] == [3, 3, 3, 1]
+    assert [len(launch["blocks"]) for launch in launches] == [3, 3, 3, 1]
     # The long tensor goes on as slot 0 of the next launch.
     assert launches[1]["slots"][0][0] == 1 and launches[1]["blocks"][0] == (0, 2)
     assert launches[2]["blocks"] == [(0, 5), (0, 6), (0, 7)]
@@ -142,7 +142,7 @@ def test_full_tensor_limit_mid_tensor_waits_for_its_last_chunk():
     # when the blocks run out or the tensor ends, never with a slot too many.
     numels = [1, CHUNK * 3, 1]
     launches = plan_mod.plan(2, numels, max_tensors=2, max_blocks=100)
-    assert [[s[0] for s in l["slots"]] for l in launches] == [[0, 1], [2]]
+    assert [[s[0] for s in launch["slots"]] for launch in launches] == [[0, 1], [2]]
     check_plan(2, numels, launches, 2, 100)
 
 
@@ -153,9 +153,10 @@ def test_tensors_of_2_31_elements_and_more(numel):
     numels = [3, numel, 4]
     launches = plan_mod.plan(2, numels, budget="large")
     check_plan(2, numels, launches, *plan_mod.limits(2, "large")[:2])
-    slots = [s for l in launches for s in l["slots"] if s[0] == 1]
+    slots = [s for launch in launches for s in launch["slots"] if s[0] == 1]
     assert slots and all(s[1] == numel for s in slots)
-    assert max(c for l in launches for slot, c in l["blocks"] if l["slots"][slot][0] == 1) == (numel - 1) // CHUNK
+    last_chunk = max(c for launch in launches for slot, c in launch["blocks"] if launch["slots"][slot][0] == 1)
+    assert last_chunk == (numel - 1) // CHUNK
 
 
 def test_launch_count_of_a_2_40_element_tensor():

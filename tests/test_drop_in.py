@@ -14,15 +14,10 @@ from collections import defaultdict
 
 import pytest
 import torch
+from matrix import BY_CLASS, CLASSES
 from torch import nn
 
 import frozenopt
-
-CONFIGS = {
-    "SGD": dict(lr=0.1, momentum=0.9, weight_decay=0.01),
-    "Adam": dict(lr=0.01, weight_decay=0.1, amsgrad=True),
-    "AdamW": dict(lr=0.01),
-}
 
 
 def make_model(seed=0, dtype=torch.float32):
@@ -34,7 +29,7 @@ class Twin:
     """A frozenopt optimizer on ``model`` and a torch.optim one on a deep copy of it."""
 
     def __init__(self, name, model=None, *, mask_only=False, **kw):
-        kw = {**CONFIGS[name], **kw}
+        kw = {**BY_CLASS[name].kwargs, **kw}
         self.model = model if model is not None else make_model()
         self.ref_model = copy.deepcopy(self.model)
         self.opt = getattr(frozenopt, name)(self.model, mask_only=mask_only, **kw)
@@ -67,7 +62,7 @@ class Twin:
 
 # ------------------------------------------------------------- requires_grad
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 def test_default_mode_follows_requires_grad_both_ways(name):
     model = make_model()
     model[0].requires_grad_(False)  # frozen from the start
@@ -134,7 +129,7 @@ def test_replaced_momentum_buffer_is_used():
     twin.step(3)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 @pytest.mark.parametrize("how", ["del", "clear", "new_dict"])
 def test_dropped_state_starts_again(name, how):
     twin = Twin(name)
@@ -149,7 +144,7 @@ def test_dropped_state_starts_again(name, how):
     twin.step(3)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 @pytest.mark.parametrize("what", ["state", "param", "both"])
 def test_moving_tensors_with_data_assignment_is_safe_and_exact(name, what):
     """``t.data = t.data.clone()``: the "move optimizer state" idiom re-seats the storage
@@ -187,7 +182,7 @@ def test_a_state_tensor_reseated_to_the_wrong_size_is_a_clear_error():
 
 # ---------------------------------------------------------------- group edits
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 def test_removing_and_swapping_params_in_a_group(name):
     twin = Twin(name)
     twin.step(2)
@@ -204,7 +199,7 @@ def test_removing_and_swapping_params_in_a_group(name):
     assert torch.equal(twin.model[0].bias, bias)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 def test_groups_deleted_and_appended_directly(name):
     twin = Twin(name)
     twin.step(2)
@@ -239,12 +234,12 @@ def test_a_param_listed_in_two_groups_by_an_edit_is_refused_clearly():
 
 # ------------------------------------------------------------ copies, pickles
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 @pytest.mark.parametrize("mask_only", [False, True])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_and_pickles_work(name, mask_only, how):
     model = make_model()
-    opt = getattr(frozenopt, name)(model, mask_only=mask_only, **CONFIGS[name])
+    opt = BY_CLASS[name].make(model, mask_only=mask_only)
     opt.freeze("0")
     model(torch.randn(2, 5)).sum().backward()
     opt.step()
@@ -266,7 +261,7 @@ def test_copies_and_pickles_work(name, mask_only, how):
 
 # ---------------------------------------------------------------- determinism
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_results_do_not_depend_on_threads_or_on_other_params(name, dtype):
     """An element's arithmetic (vector body or scalar tail) depends on its own tensor only."""
@@ -274,7 +269,7 @@ def test_results_do_not_depend_on_threads_or_on_other_params(name, dtype):
         torch.manual_seed(0)
         target = nn.Parameter(torch.randn(200_003, dtype=dtype))
         extra = [nn.Parameter(torch.randn(n, dtype=dtype)) for n in others]
-        opt = getattr(frozenopt, name)([*extra, target], **CONFIGS[name])
+        opt = BY_CLASS[name].make([*extra, target])
         if frozen_others:
             opt.freeze(*extra[::2])
         previous = torch.get_num_threads()
@@ -297,7 +292,7 @@ def test_results_do_not_depend_on_threads_or_on_other_params(name, dtype):
 
 # ------------------------------------------------------------------ aliases
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 def test_params_sharing_storage_in_different_layouts_both_update(name):
     torch.manual_seed(0)
     base = torch.randn(6, 4)
@@ -307,8 +302,8 @@ def test_params_sharing_storage_in_different_layouts_both_update(name):
     theirs = [nn.Parameter(base.clone())]
     theirs.append(nn.Parameter(theirs[0].data.t()))
     theirs.append(nn.Parameter(ours[2].detach().clone()))
-    opt = getattr(frozenopt, name)(ours, **CONFIGS[name])
-    ref = getattr(torch.optim, name)(theirs, **CONFIGS[name])
+    opt = BY_CLASS[name].make(ours)
+    ref = BY_CLASS[name].reference(theirs)
     for step in range(4):
         gen = torch.Generator().manual_seed(step)
         for p, q in zip(ours, theirs):
@@ -320,7 +315,7 @@ def test_params_sharing_storage_in_different_layouts_both_update(name):
             torch.testing.assert_close(p, q)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 def test_channels_last_and_transposed_params_are_stepped_in_place(name):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
@@ -329,14 +324,14 @@ def test_channels_last_and_transposed_params_are_stepped_in_place(name):
     model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(4))
     model(torch.randn(1, 3, 6, 6))
     ref_model, ref_lin = copy.deepcopy(model), copy.deepcopy(lin)
-    opt = getattr(frozenopt, name)([*model.parameters(), *lin.parameters()], **CONFIGS[name])
-    ref = getattr(torch.optim, name)([*ref_model.parameters(), *ref_lin.parameters()], **CONFIGS[name])
+    opt = BY_CLASS[name].make([*model.parameters(), *lin.parameters()])
+    ref = BY_CLASS[name].reference([*ref_model.parameters(), *ref_lin.parameters()])
     x, y = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last), torch.randn(2, 6)
     for step in range(4):
-        for m, l in ((model, lin), (ref_model, ref_lin)):
+        for m, linear in ((model, lin), (ref_model, ref_lin)):
             m.zero_grad(set_to_none=True)
-            l.zero_grad(set_to_none=True)
-            (m(x).sum() + l(y).square().sum()).backward()
+            linear.zero_grad(set_to_none=True)
+            (m(x).sum() + linear(y).square().sum()).backward()
         assert conv.weight.grad.stride() == conv.weight.stride()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             opt.step()
@@ -352,18 +347,18 @@ def test_channels_last_and_transposed_params_are_stepped_in_place(name):
 
 # ------------------------------------------------------------ other torch inputs
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", CLASSES)
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_complex_params_follow_torch(name, dtype):
     torch.manual_seed(0)
     ours = [nn.Parameter(torch.randn(n, dtype=dtype)) for n in (1, 7, 300)]
     ours.append(nn.Parameter(torch.randn(4, 6, dtype=dtype).t()))
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
-    opt = getattr(frozenopt, name)(ours, **CONFIGS[name])
-    ref = getattr(torch.optim, name)(theirs, **CONFIGS[name])
+    opt = BY_CLASS[name].make(ours)
+    ref = BY_CLASS[name].reference(theirs)
     opt.freeze(ours[1])
     frozen = ours[1].detach().clone()
-    for step in range(4):
+    for _step in range(4):
         for p, q in zip(ours, theirs):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()

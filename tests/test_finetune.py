@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from matrix import TwoBranch
 from torch import nn
 
 import frozenopt
@@ -194,48 +195,23 @@ def test_gradual_unfreeze_with_freeze_to_ints():
         GradualUnfreeze(torch.optim.SGD(model.parameters(), lr=0.1), {0: "head"})
 
 
-class Reshape(nn.Module):
-    def forward(self, x):
-        return x.reshape(-1, 4)
-
-
-class SeedGraph(nn.Module):
-    """seeds/000: reshape -> fc2, fc1; cadd; ReLU and Threshold(10) outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.reshape = Reshape()
-        self.fc1 = nn.Linear(4, 2)
-        self.fc2 = nn.Linear(4, 2)
-        self.relu = nn.ReLU()
-        self.threshold = nn.Threshold(10.0, 0.0)
-
-    def forward(self, x1, x2):
-        s = self.fc1(x2) + self.fc2(self.reshape(x1))
-        return self.relu(s), self.threshold(s)
-
-
-def seed_run(stop=None):
-    model = SeedGraph()
-    with torch.no_grad():
-        model.fc1.weight.fill_(1.0), model.fc1.bias.fill_(1.0)
-        model.fc2.weight.fill_(2.0), model.fc2.bias.fill_(2.0)
+def known_run(stop=None):
+    """The known-value example of TwoBranch, with stop_gradient(model, stop) when stop is given."""
+    model = TwoBranch().filled()
     handle = stop_gradient(model, stop) if stop is not None else None
-    x1 = torch.tensor([0.1, 0.2, -0.3, -0.4], requires_grad=True)
-    x2 = torch.tensor([[0.5, 0.4, -0.2, -0.1]], requires_grad=True)
+    x1, x2 = (torch.tensor(x, requires_grad=True) for x in TwoBranch.KNOWN_INPUTS)
     out1, out2 = model(x1, x2)
     (out1 * torch.tensor([1.0, 2.0])).sum().backward(retain_graph=True)
     (out2 * torch.tensor([3.0, 4.0])).sum().backward()
     return model, x1, x2, handle
 
 
-def test_stop_gradient_seed_graph():
-    plain, x1, x2, _ = seed_run()
+def test_stop_gradient_two_branch():
+    plain, x1, x2, _ = known_run()
     assert x1.grad is not None and x2.grad is not None
-    # fc2.weight after updateParameters(1) in seeds/000
-    torch.testing.assert_close(plain.fc2.weight.detach() - plain.fc2.weight.grad,
-                               torch.tensor([[1.9, 1.8, 2.3, 2.4], [1.8, 1.6, 2.6, 2.8]]))
-    model, y1, y2, handle = seed_run("fc2")
+    torch.testing.assert_close(plain.fc2.weight.detach() - plain.fc2.weight.grad,  # one step with lr=1
+                               torch.tensor(TwoBranch.FC2_AFTER_ONE_STEP))
+    model, y1, y2, handle = known_run("fc2")
     assert y1.grad is None, "fc2's input gradient must not reach what comes before it"
     torch.testing.assert_close(y2.grad, x2.grad)  # the fc1 branch is untouched
     torch.testing.assert_close(model.fc2.weight.grad, plain.fc2.weight.grad)  # fc2 still trains
@@ -244,10 +220,10 @@ def test_stop_gradient_seed_graph():
     model(z1, torch.randn(1, 4))[0].sum().backward()
     assert z1.grad is not None
 
-    _, w1, w2, _ = seed_run(["fc*"])  # a glob: both branches stopped
+    _, w1, w2, _ = known_run(["fc*"])  # a glob: both branches stopped
     assert w1.grad is None and w2.grad is None
     with pytest.raises(ValueError, match="closest names"):
-        stop_gradient(SeedGraph(), "fc3")
+        stop_gradient(TwoBranch(), "fc3")
     with stop_gradient(model, model.fc1):  # a module object, and a with block
         v2 = torch.randn(1, 4, requires_grad=True)
         model(torch.randn(4), v2)[0].sum().backward()

@@ -1,83 +1,42 @@
-"""The freeze contract, the name rules through the optimizer, and the seeds' own examples."""
+"""The freeze contract, the name rules through the optimizer, and worked examples with known values."""
 
 import copy
 import re
 
 import pytest
 import torch
+from matrix import TwoBranch, assert_same, snapshot
 from torch import nn
 
 import frozenopt
 
 
-def snapshot(opt, model):
-    """Everything a bad call must leave alone."""
-    return {
-        "params": [p.detach().clone() for p in model.parameters()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-        "state": {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()},
-        "groups": [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
-        "frozen": list(opt.frozen),
-    }
-
-
-def assert_same(a, b):
-    assert a["frozen"] == b["frozen"]
-    assert a["requires_grad"] == b["requires_grad"]
-    assert a["groups"] == b["groups"]
-    for x, y in zip(a["params"], b["params"]):
-        assert torch.equal(x, y)
-    for x, y in zip(a["grads"], b["grads"]):
-        assert (x is None and y is None) or torch.equal(x.to_dense(), y.to_dense())
-    assert a["state"].keys() == b["state"].keys()
-    for key in a["state"]:
-        assert a["state"][key].keys() == b["state"][key].keys()
-        for name in a["state"][key]:
-            assert torch.equal(a["state"][key][name], b["state"][key][name])
-
-
-class TwoBranch(nn.Module):
-    """seeds/000: fc1(input2) + fc2(reshape(input1)), outputs ReLU and Threshold(10)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 2)
-        self.fc2 = nn.Linear(4, 2)
-
-    def forward(self, a, b):
-        cadd = self.fc1(b) + self.fc2(a.reshape(4))
-        return torch.relu(cadd), nn.functional.threshold(cadd, 10.0, 0.0)
-
-
-def seed000_step(model, opt):
-    with torch.no_grad():
-        model.fc1.weight.fill_(1.0), model.fc1.bias.fill_(1.0)
-        model.fc2.weight.fill_(2.0), model.fc2.bias.fill_(2.0)
+def known_step(model, opt):
+    """One step of the known-value example (see TwoBranch) from the filled weights."""
+    model.filled()
     opt.zero_grad()
-    a = torch.tensor([0.1, 0.2, -0.3, -0.4])
-    b = torch.tensor([0.5, 0.4, -0.2, -0.1])
+    a, b = (torch.tensor(x) for x in TwoBranch.KNOWN_INPUTS)
     out1, out2 = model(a, b)
-    torch.testing.assert_close(out1, torch.tensor([2.8, 2.8]))
-    torch.autograd.backward([out1, out2], [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
+    torch.testing.assert_close(out1, torch.tensor([[2.8, 2.8]]))
+    torch.autograd.backward([out1, out2], [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])])
     opt.step()
 
 
-def test_seed000_bigdl_freeze_example():
+def test_two_branch_freeze_example():
     model = TwoBranch()
     opt = frozenopt.SGD(model, lr=1.0)
-    moved = torch.tensor([[1.9, 1.8, 2.3, 2.4], [1.8, 1.6, 2.6, 2.8]])
+    moved = torch.tensor(TwoBranch.FC2_AFTER_ONE_STEP)
 
-    seed000_step(model, opt)
+    known_step(model, opt)
     torch.testing.assert_close(model.fc2.weight.detach(), moved)
 
     assert opt.freeze("fc2") == ["fc2.weight", "fc2.bias"]
-    seed000_step(model, opt)
+    known_step(model, opt)
     assert torch.equal(model.fc2.weight.detach(), torch.full((2, 4), 2.0))
     assert not torch.equal(model.fc1.weight.detach(), torch.ones(2, 4))  # fc1 still trains
 
     assert opt.unfreeze() == ["fc2.weight", "fc2.bias"]
-    seed000_step(model, opt)
+    known_step(model, opt)
     torch.testing.assert_close(model.fc2.weight.detach(), moved)
 
 
@@ -100,19 +59,19 @@ class BertLike(nn.Module):
         self.pooler = nn.ModuleDict({"dense": nn.Linear(8, 8)})
 
 
-def test_seed001_all_but_fc():
+def test_freeze_all_but_fc():
     model = ResNetLike()
     opt = frozenopt.Adam(model)
     opt.freeze("*")
     opt.unfreeze("fc")
-    # The seed's recipe: requires_grad=False for every name without "fc".
+    # The usual recipe: requires_grad=False for every name without "fc".
     expected = [name for name, _ in model.named_parameters() if "fc" not in name]
     assert opt.frozen == expected
     assert [p.requires_grad for p in model.parameters()] == [
         "fc" in name for name, _ in model.named_parameters()]
 
 
-def test_seed001_bert_all_but_last_two_layers_and_pooler():
+def test_freeze_bert_all_but_last_two_layers_and_pooler():
     model = BertLike()
     opt = frozenopt.AdamW(model)
     opt.freeze("*")
@@ -145,7 +104,7 @@ def test_frozen_params_and_state_are_bitwise_unchanged():
         state_before = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
         stale = torch.randn(16, 16)
         for step in range(50):
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 kind = step % 3
                 p.grad = torch.randn_like(p) if kind == 0 else torch.zeros_like(p) if kind == 1 else (
                     stale.clone() if p.shape == stale.shape else torch.ones_like(p))
@@ -160,7 +119,7 @@ def test_frozen_params_and_state_are_bitwise_unchanged():
 
 def test_frozen_from_start_allocates_no_state_and_step_is_per_param():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    model[0].requires_grad_(False)  # frozen at model-construction time (seeds/003)
+    model[0].requires_grad_(False)  # frozen when the model is built, before the optimizer
     opt = frozenopt.Adam(model)
     assert opt.frozen == ["0.weight", "0.bias"]
     for _ in range(3):
@@ -253,10 +212,10 @@ def test_bad_freeze_calls_raise_and_change_nothing(call, error, message):
     model["fc1"](torch.randn(1, 2)).sum().backward()
     opt.step()
     opt.freeze("fc2")
-    before = snapshot(opt, model)
+    before = snapshot(opt)
     with pytest.raises(error, match=message):
         call(opt, model)
-    assert_same(before, snapshot(opt, model))
+    assert_same(before, snapshot(opt))
 
 
 def test_construction_errors():
@@ -279,10 +238,10 @@ def test_sparse_grad_raises_and_changes_nothing():
     opt.step()
     model["emb"].weight.grad = torch.sparse_coo_tensor([[1]], torch.ones(1, 3), (10, 3), check_invariants=True)
     model["fc"].weight.grad = torch.ones_like(model["fc"].weight)
-    before = snapshot(opt, model)
+    before = snapshot(opt)
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
-    assert_same(before, snapshot(opt, model))
+    assert_same(before, snapshot(opt))
 
 
 def test_state_dict_round_trip_mid_training_with_frozen_params():
@@ -354,12 +313,14 @@ def test_cpu_capabilities_agree():
         "for d in (torch.float32, torch.float64, torch.bfloat16)]\n"
         "qs=copy.deepcopy(ps)\n"
         "a=frozenopt.AdamW(ps, lr=0.1, amsgrad=True); b=torch.optim.AdamW(qs, lr=0.1, amsgrad=True, fused=True)\n"
-        "s=frozenopt.SGD(ps, lr=0.1, momentum=0.9, nesterov=True); t=torch.optim.SGD(qs, lr=0.1, momentum=0.9, nesterov=True)\n"
+        "s=frozenopt.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)\n"
+        "t=torch.optim.SGD(qs, lr=0.1, momentum=0.9, nesterov=True)\n"
         "for _ in range(3):\n"
         "  for p, q in zip(ps, qs):\n"
         "    p.grad = torch.randn_like(p); q.grad = p.grad.clone()\n"
         "  a.step(); b.step(); s.step(); t.step()\n"
-        "print(max(((p.double()-q.double()).abs().max() / (q.double().abs().max()+1)).item() for p, q in zip(ps, qs)))\n"
+        "print(max(((p.double() - q.double()).abs().max() / (q.double().abs().max() + 1)).item()\n"
+        "          for p, q in zip(ps, qs)))\n"
     )
     for cap in ("default", "avx2", "avx512"):
         env = dict(__import__("os").environ, ATEN_CPU_CAPABILITY=cap)

@@ -37,7 +37,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
-from reference import Reference, assert_same, snapshot
+from matrix import assert_same, snapshot
+from reference import Reference
 from torch import nn
 
 import frozenopt

@@ -99,7 +99,8 @@ def test_100000_tiny_tensors():
     step(4)
     torch.testing.assert_close(cat(params), cat(ref.params))
     for key in ("exp_avg", "exp_avg_sq"):
-        torch.testing.assert_close(cat(opt.state[p][key] for p in params), cat(ref.opt.state[q][key] for q in ref.params))
+        torch.testing.assert_close(cat(opt.state[p][key] for p in params),
+                                   cat(ref.opt.state[q][key] for q in ref.params))
     steps = torch.tensor([float(opt.state[p]["step"]) for p in params])
     assert torch.equal(steps, torch.tensor([float(ref.opt.state[q]["step"]) for q in ref.params]))
     assert steps[:100].eq(4).all() and steps[100:].eq(2).all()
@@ -202,7 +203,7 @@ def test_frozenopt_and_torch_optim_on_one_param():
     theirs = torch.optim.SGD([p], lr=0.1, momentum=0.5)
     r1 = torch.optim.AdamW([q], lr=1e-2, foreach=False)
     r2 = torch.optim.SGD([q], lr=0.1, momentum=0.5, foreach=False)
-    for step in range(10):
+    for _step in range(10):
         g = torch.randn(5)
         p.grad, q.grad = g.clone(), g.clone()
         ours.step()

@@ -16,28 +16,27 @@ import weakref
 
 import pytest
 import torch
+from matrix import config
 from reference import Reference, state_bytes
 from torch import nn
 
 import frozenopt
 
-# Adam/AdamW: exp_avg + exp_avg_sq (+ max_exp_avg_sq) per element, and a 4-byte step per param.
-KINDS = {
-    "SGD": (dict(lr=0.1, momentum=0.9), lambda numel, params, itemsize: numel * itemsize),
-    "Adam": (dict(lr=1e-3), lambda numel, params, itemsize: 2 * numel * itemsize + 4 * params),
-    "AdamW-amsgrad": (dict(lr=1e-3, amsgrad=True), lambda numel, params, itemsize: 3 * numel * itemsize + 4 * params),
-}
+KINDS = ["sgd_momentum", "adam", "adamw_amsgrad"]  # configurations of tests/matrix.py
 
 
 def make_opt(kind, params, **extra):
-    kwargs, _ = KINDS[kind]
-    return getattr(frozenopt, kind.split("-")[0])(params, **kwargs, **extra)
+    return config(kind).make(params, **extra)
 
 
 def expected_bytes(kind, params) -> int:
-    _, per = KINDS[kind]
-    params = list(params)
-    return sum(per(p.numel(), 1, p.element_size()) for p in params)
+    """SGD: a momentum buffer per element; Adam/AdamW: exp_avg + exp_avg_sq (+ max_exp_avg_sq)
+    per element, and a 4-byte step per param."""
+    cfg = config(kind)
+    if cfg.name == "SGD":
+        return sum(p.numel() * p.element_size() for p in params)
+    buffers = 3 if cfg.kwargs.get("amsgrad") else 2
+    return sum(buffers * p.numel() * p.element_size() + 4 for p in params)
 
 
 class Net(nn.Module):
@@ -57,7 +56,7 @@ def all_grads(net, seed=0):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("how", ["requires_grad", "freeze_before_step"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # 4- and 2-byte elements
 def test_frozen_from_the_start_allocates_no_state(kind, how, dtype):
     """Frozen before its first step (requires_grad=False at construction, the Flux request,
     or freeze() before any step): no state entry at all, however many steps run and whatever
@@ -110,7 +109,7 @@ def test_release_state_gives_the_memory_back(kind, mask_only):
     all_grads(net, 11)
     opt.step()
     assert state_bytes(opt) == total
-    if kind != "SGD":
+    if config(kind).name != "SGD":
         assert float(opt.state[net.body[0].weight]["step"]) == 1
         assert float(opt.state[net.head.weight]["step"]) == 5
 

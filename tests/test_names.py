@@ -1,18 +1,12 @@
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from matrix import assert_same, snapshot
 from torch import nn
 
-# Let the tests import the in-tree package when run without installing it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from reference import assert_same, snapshot  # noqa: E402
-
-import frozenopt  # noqa: E402
-import frozenopt.optim  # noqa: E402
+import frozenopt
+import frozenopt.optim
 from frozenopt.names import NameIndex, describe, resolve_targets  # noqa: E402
 
 # ---------------------------------------------------------------- fixtures

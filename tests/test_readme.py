@@ -41,7 +41,8 @@ def test_readme_example_prints_what_the_readme_says(index):
 def test_quick_start_matches_torch_optim_sgd():
     """The SGD example's printed numbers are torch.optim.SGD's, not only what the README says."""
     block = next(code for code, _ in EXAMPLES if "TwoBranch" in code)
-    torch_version = block.replace("opt = frozenopt.SGD(model, lr=1.0)", "opt = torch.optim.SGD(model.parameters(), lr=1.0)")
+    torch_version = block.replace("opt = frozenopt.SGD(model, lr=1.0)",
+                                  "opt = torch.optim.SGD(model.parameters(), lr=1.0)")
     torch_version = torch_version.replace('opt.freeze("fc2")', "model.fc2.requires_grad_(False)")
     torch_version = torch_version.replace("opt.unfreeze()", "model.fc2.requires_grad_(True)")
     assert torch_version.count("torch.optim.SGD") == 1 and "opt.freeze" not in torch_version

@@ -44,7 +44,8 @@ SCHEDULERS = {
 def test_scheduler_matches_torch_optim_with_frozen_groups(name, kind):
     model, ref_model = twins()
     groups = layer_groups(model, SPLITS, lr=slice(1e-3, 1e-1))
-    ref_groups = [{"params": [p for _, p in g["params"]], "lr": g["lr"]} for g in layer_groups(ref_model, SPLITS, lr=slice(1e-3, 1e-1))]
+    ref_groups = [{"params": [p for _, p in g["params"]], "lr": g["lr"]}
+                  for g in layer_groups(ref_model, SPLITS, lr=slice(1e-3, 1e-1))]
     if kind == "sgd":
         opt = frozenopt.SGD(groups, momentum=0.9)
         ref = torch.optim.SGD(ref_groups, momentum=0.9)

@@ -9,20 +9,15 @@ import copy
 
 import pytest
 import torch
+from matrix import FLOATS, config, config_params
 from torch import nn
 
 import frozenopt
 
-CONFIGS = [
-    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
-    ("SGD", dict(lr=0.1)),
-    ("Adam", dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
-    ("AdamW", dict(lr=0.01, maximize=True)),
-]
-IDS = [name + "-" + "-".join(f"{k}={v}" for k, v in kw.items()) for name, kw in CONFIGS]
+CONFIGS = config_params(["sgd_nesterov_decay", "sgd", "adam_all", "adamw_maximize"])
 
 
-def make_pair(name, kw, dtype=torch.float32, sizes=(1, 7, 300, 0, 4099)):
+def make_pair(cfg, dtype=torch.float32, sizes=(1, 7, 300, 0, 4099)):
     torch.manual_seed(0)
     ours = [nn.Parameter(torch.randn(n, dtype=dtype)) for n in sizes]
     theirs = copy.deepcopy(ours)
@@ -30,7 +25,7 @@ def make_pair(name, kw, dtype=torch.float32, sizes=(1, 7, 300, 0, 4099)):
         p.grad = torch.randn_like(p)
     for p, q in zip(ours, theirs):
         q.grad = p.grad.clone()
-    return ours, theirs, getattr(frozenopt, name)(ours, **kw), getattr(torch.optim, name)(theirs, **kw)
+    return ours, theirs, cfg.make(ours), cfg.reference(theirs)
 
 
 def same_grads(ours, theirs):
@@ -47,10 +42,10 @@ def assert_same(ours, theirs, o, t):
             torch.testing.assert_close(mine[key].to(ref[key].dtype), ref[key])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
-def test_reused_and_changed_grads_follow_torch(name, kw, dtype):
-    ours, theirs, o, t = make_pair(name, kw, dtype)
+@pytest.mark.parametrize("dtype", [*FLOATS, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_reused_and_changed_grads_follow_torch(cfg, dtype):
+    ours, theirs, o, t = make_pair(cfg, dtype)
     for step in range(10):
         if step in (3, 4):
             ours[2].grad.mul_(-0.5)  # same grad object, new values
@@ -76,7 +71,7 @@ def test_reused_and_changed_grads_follow_torch(name, kw, dtype):
 
 
 def test_bad_grad_raises_then_steps_resume():
-    ours, theirs, o, t = make_pair("AdamW", dict(lr=0.01))
+    ours, theirs, o, t = make_pair(config("adamw"))
     o.step()
     t.step()
     before = [p.detach().clone() for p in ours]
@@ -119,7 +114,7 @@ def test_several_groups_and_amp_scale_follow_torch():
 
 
 def test_frozen_with_grads_untouched_while_cache_is_warm():
-    ours, _, o, _ = make_pair("SGD", dict(lr=0.1, momentum=0.9))
+    ours, _, o, _ = make_pair(config("sgd_momentum"))
     o = frozenopt.SGD(ours, lr=0.1, momentum=0.9, mask_only=True)
     o.step()
     o.freeze(ours[2])
