@@ -13,7 +13,7 @@
 #   build      setup.py build_ext --inplace for sm_90 only (no pip), MAX_JOBS=16,
 #              ptxas -v (registers, spills, summarised at the end), then the
 #              CUDA kernels checked to be registered                 -> build.log
-#   tests      tests/test_cuda_gpu.py and tests/test_cuda_opcheck.py -> tests.log
+#   tests      the CUDA column (-m cuda) of tests/test_cuda_gpu.py, test_parity.py, test_opcheck.py -> tests.log
 #   probe      scripts/gpu_probe.py: every GPU check and the measurements
 #                                                                    -> probe.json, probe.log
 #   sanitizer  compute-sanitizer racecheck, then memcheck, on a tiny run of
@@ -104,7 +104,8 @@ fi
 "$py" scripts/gpu_check_report.py ptxas "$out/build.log" | tee -a "$out/build.log"
 
 status=0
-phase tests 100 120 tests.log "$py" -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda_gpu.py tests/test_cuda_opcheck.py || status=1
+# The CUDA column of the device-parametrised tests (-m cuda) and the GPU-only cases.
+phase tests 150 120 tests.log "$py" -m pytest -q -rfEs -p no:cacheprovider -m cuda tests/test_cuda_gpu.py tests/test_parity.py tests/test_opcheck.py || status=1
 phase probe 200 50 probe.log "$py" scripts/gpu_probe.py --out "$out/probe.json" || status=1
 sanitize() {
   local failed=0
