@@ -1,6 +1,7 @@
-// What the CPU op wrappers hand to the vectorised kernels: raw pointers of the
-// unfrozen, non-empty tensors only (frozen ones never get here, so none of
-// their memory is read), plus the per-tensor update coefficients.
+// What the CPU op bodies and the step plan hand to the vectorised kernels: raw
+// pointers of the unfrozen, non-empty tensors only (frozen ones never get
+// here, so none of their memory is read), plus what the update coefficients
+// are built from (update_math.h).
 //
 // kernels.cpp is compiled once per CPU capability (DEFAULT, AVX2, AVX512),
 // each copy in its own namespace; run_*_best below picks one at run time.
@@ -34,13 +35,18 @@ struct Slot {
 struct SGDLaunch {
   std::vector<Slot> slots;
   std::vector<size_t> wave_ends;
-  math::SGDCoef<double> coef;
+  math::SGDHyper hyper;
+  double lr;
+  double grad_scale;
 };
 
 struct AdamLaunch {
   std::vector<Slot> slots;
   std::vector<size_t> wave_ends;
-  std::vector<math::AdamCoef<double>> coefs;  // one per slot: the step differs per tensor
+  math::AdamHyper hyper;
+  double lr;
+  double grad_scale;
+  std::vector<math::AdamStepScalars> steps;  // one per slot: the step count may differ per tensor
 };
 
 #define FROZENOPT_DECLARE_KERNELS(cap)     \

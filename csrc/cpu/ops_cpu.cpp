@@ -1,19 +1,19 @@
 // CPU bodies of the step ops: checks, AMP skip, the mask, then one call into
 // the kernel built for the best capability this CPU (or ATEN_CPU_CAPABILITY)
 // allows (launch.h picks it, for the step plan too).
+#include "ops_cpu.h"
+
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include "../layout.h"
-#include "../ops.h"
-#include "launch.h"
 
 namespace frozenopt {
 namespace cpu {
 namespace {
 
 // Per-param frozen flags, read on the host (the mask is a CPU tensor here).
-std::vector<uint8_t> frozen_flags(const std::optional<at::Tensor>& mask, size_t n) {
+std::vector<uint8_t> frozen_flags(const OptTensor& mask, size_t n) {
   std::vector<uint8_t> flags(n, 0);
   if (!mask.has_value()) return flags;
   const at::Tensor m = mask->to(at::kByte).contiguous();
@@ -80,23 +80,14 @@ void step_in_waves(at::TensorList params, const std::vector<size_t>& active, Lau
 
 }  // namespace
 
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-          const std::optional<at::Tensor>& mask, double lr, const std::optional<at::Tensor>& lr_tensor,
-          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-          bool is_first_step, const std::optional<at::Tensor>& grad_scale,
-          const std::optional<at::Tensor>& found_inf) {
-  const bool has_momentum = momentum != 0.0;
-  check_step_args("frozenopt::sgd_", params, grads,
-                  has_momentum ? std::initializer_list<NamedList>{{"momentum_buffers", momentum_buffers}}
-                               : std::initializer_list<NamedList>{},
-                  mask, lr_tensor, grad_scale, found_inf);
-  lr = value_of(lr_tensor, lr);
-  check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov);
-  if (skipped_for_overflow(found_inf)) return;
-
+void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const OptTensor& mask,
+          double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay, bool nesterov,
+          bool maximize, bool is_first_step, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const SGDTensors t{params, grads, momentum_buffers, momentum != 0.0};
+  const OptionalTensors opt{mask, lr_tensor, grad_scale, found_inf};
+  check_sgd_args(kSGDOp, t, opt);
   SGDLaunch launch;
-  launch.coef = {lr, momentum, 1.0 - dampening, weight_decay, 1.0 / value_of(grad_scale, 1.0),
-                 weight_decay != 0.0, has_momentum, nesterov, maximize, is_first_step};
+  if (!prepare_step(launch, lr, math::SGDHyper{momentum, dampening, weight_decay, nesterov, maximize, is_first_step}, opt)) return;
   const auto frozen = frozen_flags(mask, params.size());
   std::vector<size_t> active;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -106,41 +97,22 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
       params, active, launch,
       [&](SlotBuilder& b, size_t k) {
         const size_t i = active[k];
-        return b.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()});
+        return b.add(params[i], grads[i], {t.momentum_buffer(i)});
       },
       [](const SGDLaunch& l) { run_sgd_best(l); });
 }
 
 void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const std::optional<at::Tensor>& mask,
-           double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-           double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  if (amsgrad) {
-    check_step_args("frozenopt::adam_", params, grads,
-                    {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs}},
-                    mask, lr_tensor, grad_scale, found_inf);
-  } else {
-    check_step_args("frozenopt::adam_", params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                    mask, lr_tensor, grad_scale, found_inf);
+           at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const OptTensor& mask, double lr,
+           const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
+           bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  const AdamTensors t{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad};
+  const OptionalTensors opt{mask, lr_tensor, grad_scale, found_inf};
+  check_adam_args(kAdamOp, t, opt);
+  AdamLaunch launch;
+  if (!prepare_step(launch, lr, math::AdamHyper{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay}, opt)) {
+    return;
   }
-  check_steps("frozenopt::adam_", params, state_steps);
-  lr = value_of(lr_tensor, lr);
-  check_adam_hyper(lr, beta1, beta2, weight_decay, eps);
-  if (skipped_for_overflow(found_inf)) return;
-
-  math::AdamCoef<double> base{};
-  base.lr = lr;
-  base.beta1 = beta1;
-  base.beta2 = beta2;
-  base.eps = eps;
-  base.weight_decay = weight_decay;
-  base.inv_grad_scale = 1.0 / value_of(grad_scale, 1.0);
-  base.has_weight_decay = weight_decay != 0.0;
-  base.decoupled_weight_decay = decoupled_weight_decay;
-  base.amsgrad = amsgrad;
-  base.maximize = maximize;
-
   const auto frozen = frozen_flags(mask, params.size());
   std::vector<size_t> active;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -149,16 +121,14 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
     *state_steps[i].data_ptr<float>() += 1.0f;
     if (params[i].numel() > 0) active.push_back(i);
   }
-  AdamLaunch launch;
+  StepScalarCache step_scalars;
   step_in_waves(
       params, active, launch,
       [&](SlotBuilder& b, size_t k) {
         const size_t i = active[k];
-        if (launch.slots.empty()) launch.coefs.clear();  // a new wave
-        math::AdamCoef<double> coef = base;
-        math::adam_step_scalars(coef, lr, beta1, beta2, double(*state_steps[i].data_ptr<float>()));
-        launch.coefs.push_back(coef);
-        return b.add(params[i], grads[i], {exp_avgs[i], exp_avg_sqs[i], amsgrad ? max_exp_avg_sqs[i] : at::Tensor()});
+        if (launch.slots.empty()) launch.steps.clear();  // a new wave
+        launch.steps.push_back(step_scalars.get(launch, *state_steps[i].data_ptr<float>()));
+        return b.add(params[i], grads[i], {exp_avgs[i], exp_avg_sqs[i], t.max_exp_avg_sq(i)});
       },
       [](const AdamLaunch& l) { run_adam_best(l); });
 }

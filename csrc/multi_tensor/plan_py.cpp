@@ -12,7 +12,7 @@
 #include "kernel_args.h"
 #include "launch_plan.h"
 #if defined(FROZENOPT_WITH_CUDA)
-#include "launch.h"
+#include "../cuda/launch.h"
 #endif
 
 namespace py = pybind11;

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../update_math.h"
 #include "launch_plan.h"
 
 namespace frozenopt {
@@ -34,36 +35,22 @@ struct StepArgs {
 
 struct SGDArgs {
   StepArgs common;
-  double momentum;
-  double dampening;
-  double weight_decay;
-  bool nesterov;
-  bool maximize;
-  bool first_step;
+  math::SGDHyper hyper;
 };
 
 // What Adam's step launch works out once per tensor for the element launches
 // that follow it: whether the tensor is skipped (frozen, or found_inf), and the
-// step-dependent scalars of math::adam_step_scalars, in double (each element
-// kernel narrows them to its math type, as adam_step_scalars would).
+// step-dependent scalars, in double (each element kernel narrows them to its
+// math type through math::adam_coef).
 struct AdamTensorScalars {
-  double step_size;
-  double bias_correction2_sqrt;
-  double one_minus_beta1;
-  double one_minus_beta2;
+  math::AdamStepScalars step;
   int32_t skip;
 };
 
 struct AdamArgs {
   StepArgs common;
   AdamTensorScalars* tensor_scalars;  // one per tensor of the op: device memory the caller provides
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
-  bool amsgrad;
-  bool maximize;
-  bool decoupled_weight_decay;
+  math::AdamHyper hyper;
 };
 
 // Address rows of the metadata, per op.
