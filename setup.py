@@ -199,7 +199,9 @@ def _extension():
     from torch.utils.cpp_extension import CUDAExtension
 
     defines = ["-DFROZENOPT_WITH_CUDA"] + _cuda_arch_flags(_nvcc_version())
-    sources = cpu_sources + [CSRC / "cuda" / "ops_cuda.cpp", CSRC / "cuda" / "launch_sgd.cu", CSRC / "cuda" / "launch_adam.cu"]
+    # CUDA builds only: the ops' CUDA bodies and the kernels (nvcc).
+    cuda = CSRC / "cuda"
+    sources = cpu_sources + [cuda / "ops_cuda.cpp", cuda / "launch_sgd.cu", cuda / "launch_adam.cu"]
     return CUDAExtension(
         name="frozenopt._C",
         sources=[str(p.relative_to(ROOT)) for p in sources],

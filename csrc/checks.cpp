@@ -19,8 +19,8 @@ void check_scalar_tensor(const char* op, const char* what, const OptTensor& t, c
   if (!t.has_value()) return;
   TORCH_CHECK(t->numel() == 1, op, ": ", what, " must have exactly one element, got shape ", t->sizes());
   if (first_param != nullptr && !t->is_cpu()) {
-    TORCH_CHECK(t->device() == first_param->device(), op, ": ", what, " is on ", t->device(),
-                " but the params are on ", first_param->device());
+    TORCH_CHECK(t->device() == first_param->device(), op, ": ", what, " is on ", t->device(), " but the params are on ",
+                first_param->device());
   }
 }
 
@@ -42,43 +42,41 @@ void check_lists(const char* op, at::TensorList params, at::TensorList grads, st
                 ": the mask needs one entry per param (", n, "), got shape ", mask->sizes());
     TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte, op,
                 ": the mask must be bool or uint8, got ", mask->scalar_type());
-    TORCH_CHECK(first == nullptr || mask->device() == first->device(), op, ": the mask is on ",
-                mask->device(), " but the params are on ", first->device());
+    TORCH_CHECK(first == nullptr || mask->device() == first->device(), op, ": the mask is on ", mask->device(),
+                " but the params are on ", first->device());
   }
   check_scalars(op, first, opt);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     TORCH_CHECK(p.defined(), op, ": param ", i, " is undefined");
-    TORCH_CHECK(is_supported_dtype(p.scalar_type()), op, ": param ", i, " has dtype ",
-                p.scalar_type(), "; frozenopt steps float32, float64, float16, bfloat16, complex64 and complex128 params");
+    TORCH_CHECK(is_supported_dtype(p.scalar_type()), op, ": param ", i, " has dtype ", p.scalar_type(),
+                "; frozenopt steps float32, float64, float16, bfloat16, complex64 and complex128 params");
     TORCH_CHECK(p.layout() == at::kStrided, op, ": param ", i, " is not a dense (strided) tensor");
-    TORCH_CHECK(p.device() == first->device(), op, ": params are on more than one device (",
-                first->device(), " and ", p.device(), " at index ", i, ")");
+    TORCH_CHECK(p.device() == first->device(), op, ": params are on more than one device (", first->device(), " and ",
+                p.device(), " at index ", i, ")");
     TORCH_CHECK(g.defined(), op, ": grad ", i, " is undefined");
     TORCH_CHECK(!g.is_sparse(), op, ": grad ", i,
                 " is sparse; frozenopt does not support sparse gradients (use torch.optim.SparseAdam)");
-    TORCH_CHECK(g.sizes() == p.sizes(), op, ": grad ", i, " has shape ", g.sizes(),
-                " but its param has shape ", p.sizes());
+    TORCH_CHECK(g.sizes() == p.sizes(), op, ": grad ", i, " has shape ", g.sizes(), " but its param has shape ",
+                p.sizes());
     TORCH_CHECK(g.scalar_type() == p.scalar_type(), op, ": grad ", i, " has dtype ", g.scalar_type(),
                 " but its param has dtype ", p.scalar_type());
-    TORCH_CHECK(g.device() == p.device(), op, ": grad ", i, " is on ", g.device(),
-                " but its param is on ", p.device());
+    TORCH_CHECK(g.device() == p.device(), op, ": grad ", i, " is on ", g.device(), " but its param is on ", p.device());
     TORCH_CHECK(!p.is_conj() && !p.is_neg() && !g.is_conj() && !g.is_neg(), op, ": param ", i,
                 " or its grad is a lazily conjugated or negated view; call resolve_conj()/resolve_neg() first");
     for (const auto& [name, list] : states) {
       const at::Tensor& s = list[i];
       TORCH_CHECK(s.defined(), op, ": ", name, "[", i, "] is undefined");
-      TORCH_CHECK(s.sizes() == p.sizes() && s.scalar_type() == p.scalar_type() && s.device() == p.device(),
-                  op, ": ", name, "[", i, "] (", s.scalar_type(), " ", s.sizes(), " on ", s.device(),
+      TORCH_CHECK(s.sizes() == p.sizes() && s.scalar_type() == p.scalar_type() && s.device() == p.device(), op, ": ",
+                  name, "[", i, "] (", s.scalar_type(), " ", s.sizes(), " on ", s.device(),
                   ") does not match its param (", p.scalar_type(), " ", p.sizes(), " on ", p.device(), ")");
     }
   }
 }
 
 void check_steps(const char* op, at::TensorList params, at::TensorList steps) {
-  TORCH_CHECK(steps.size() == params.size(), op, ": got ", params.size(), " params but ", steps.size(),
-              " state_steps");
+  TORCH_CHECK(steps.size() == params.size(), op, ": got ", params.size(), " params but ", steps.size(), " state_steps");
   for (size_t i = 0; i < steps.size(); ++i) {
     const at::Tensor& s = steps[i];
     TORCH_CHECK(s.defined() && s.numel() == 1 && s.scalar_type() == at::kFloat, op, ": state_steps[", i,

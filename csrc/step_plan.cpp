@@ -53,8 +53,7 @@ constexpr int64_t kCheckGrain = 2048;  // entries per thread at least, in refres
 
 }  // namespace
 
-StepPlan::StepPlan(const std::string& kind, std::vector<at::Tensor> params,
-                   std::vector<std::vector<at::Tensor>> states)
+StepPlan::StepPlan(const std::string& kind, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states)
     : params_(std::move(params)), states_(std::move(states)) {
   const size_t lists = kind == "sgd" ? 1 : kind == "adam" ? 4 : 0;
   TORCH_CHECK(lists > 0, "StepPlan: unknown optimizer kind '", kind, "'");
@@ -266,9 +265,8 @@ void StepPlan::validate(size_t i, const at::Tensor& grad, bool from_check_grads)
   Entry& e = entries_[i];
   e = Entry{};
   try {
-    check_op_args(at::TensorList(&p, 1), at::TensorList(&grad, 1), [&](size_t k) {
-      return states_[k].empty() ? at::TensorList() : at::TensorList(&states_[k][i], 1);
-    });
+    check_op_args(at::TensorList(&p, 1), at::TensorList(&grad, 1),
+                  [&](size_t k) { return states_[k].empty() ? at::TensorList() : at::TensorList(&states_[k][i], 1); });
   } catch (const c10::Error&) {
     rebuild_slots();
     fail_with_op_message(from_check_grads);

@@ -47,8 +47,8 @@ class StepPlan {
   void check_grads();
 
   // One step of the params that have a grad, like torch.optim's grad-is-None skip.
-  void sgd(double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay,
-           bool nesterov, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf);
+  void sgd(double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay, bool nesterov,
+           bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf);
   void adam(double lr, const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps,
             bool amsgrad, bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale,
             const OptTensor& found_inf);

@@ -42,7 +42,9 @@ struct Arith<float> {
 template <>
 struct Arith<double> {
   static FROZENOPT_HD double sqrt(double x) { return ::sqrt(x); }
-  static FROZENOPT_HD double max(double a, double b) { return (a != a || a > b) ? a : b; }  // NaN wins, like torch.maximum
+  static FROZENOPT_HD double max(double a, double b) {
+    return (a != a || a > b) ? a : b;
+  }  // NaN wins, like torch.maximum
 };
 
 // The type the update of a stored type is computed in: float for the half
@@ -192,8 +194,7 @@ FROZENOPT_HD AdamCoef<T> adam_coef(const AdamHyper& h, double lr, double grad_sc
 //   m = m + (1-beta1)(g-m);  v = beta2*v + (1-beta2)*g*g;  vmax = max(vmax, v)
 //   p -= step_size * m / (sqrt(v or vmax)/sqrt(1-beta2^t) + eps)
 template <typename V, typename T>
-FROZENOPT_HD void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* max_exp_avg_sq,
-                              const AdamCoef<T>& c) {
+FROZENOPT_HD void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* max_exp_avg_sq, const AdamCoef<T>& c) {
   V g = grad * V(c.inv_grad_scale);
   if (c.maximize) g = V(T(0)) - g;
   if (c.has_weight_decay) {

@@ -61,9 +61,7 @@ struct HalfLanes {
     out[0] = std::get<0>(wide);
     out[1] = std::get<1>(wide);
   }
-  static void store(H* p, const Vectorized<float>* in) {
-    at::vec::convert_from_float<H>(in[0], in[1]).store(p);
-  }
+  static void store(H* p, const Vectorized<float>* in) { at::vec::convert_from_float<H>(in[0], in[1]).store(p); }
 };
 template <>
 struct Lanes<c10::Half> : HalfLanes<c10::Half> {};
@@ -152,8 +150,7 @@ void for_each_piece(const std::vector<Slot>& slots, size_t first, size_t last, c
   int64_t total = 0;
   for (size_t i = first; i < last; ++i) ends[i - first] = (total += slots[i].numel);
   if (total == 0) return;
-  const int64_t threads =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerThread));
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerThread));
   const int64_t chunks = threads == 1 ? 1 : std::min(threads * kChunksPerThread, total / kAlign);
   // Where chunk c starts: an even share of the total, moved back to the
   // nearest multiple of kAlign within the tensor it falls in.
@@ -217,7 +214,8 @@ void run_sgd(const SGDLaunch& launch) {
     const Slot& s = launch.slots[t];
     dispatch_dtype(s.dtype, [&](auto tag) {
       using S = decltype(tag);
-      sgd_range<S>(s, lo, hi, math::sgd_coef<typename math::MathType<S>::type>(launch.hyper, launch.lr, launch.grad_scale));
+      sgd_range<S>(s, lo, hi,
+                   math::sgd_coef<typename math::MathType<S>::type>(launch.hyper, launch.lr, launch.grad_scale));
     });
   });
 }

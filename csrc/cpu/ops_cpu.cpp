@@ -29,8 +29,9 @@ std::vector<uint8_t> frozen_flags(const OptTensor& mask, size_t n) {
 class SlotBuilder {
  public:
   Slot add(const at::Tensor& p, const at::Tensor& g, std::initializer_list<at::Tensor> states) {
-    bool in_place = walkable(*p.unsafeGetTensorImpl()) && same_layout(*g.unsafeGetTensorImpl(), *p.unsafeGetTensorImpl());
-    for (const auto& s : states) in_place = in_place && (!s.defined() || same_layout(*s.unsafeGetTensorImpl(), *p.unsafeGetTensorImpl()));
+    const c10::TensorImpl& pi = *p.unsafeGetTensorImpl();
+    bool in_place = walkable(pi) && same_layout(*g.unsafeGetTensorImpl(), pi);
+    for (const auto& s : states) in_place = in_place && (!s.defined() || same_layout(*s.unsafeGetTensorImpl(), pi));
     void* ptrs[3] = {nullptr, nullptr, nullptr};
     int k = 0;
     for (const auto& s : states) ptrs[k++] = !s.defined() ? nullptr : in_place ? s.data_ptr() : keep(s).data_ptr();
@@ -86,8 +87,9 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
   const SGDTensors t{params, grads, momentum_buffers, momentum != 0.0};
   const OptionalTensors opt{mask, lr_tensor, grad_scale, found_inf};
   check_sgd_args(kSGDOp, t, opt);
+  const math::SGDHyper hyper{momentum, dampening, weight_decay, nesterov, maximize, is_first_step};
   SGDLaunch launch;
-  if (!prepare_step(launch, lr, math::SGDHyper{momentum, dampening, weight_decay, nesterov, maximize, is_first_step}, opt)) return;
+  if (!prepare_step(launch, lr, hyper, opt)) return;
   const auto frozen = frozen_flags(mask, params.size());
   std::vector<size_t> active;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -109,10 +111,9 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
   const AdamTensors t{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad};
   const OptionalTensors opt{mask, lr_tensor, grad_scale, found_inf};
   check_adam_args(kAdamOp, t, opt);
+  const math::AdamHyper hyper{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay};
   AdamLaunch launch;
-  if (!prepare_step(launch, lr, math::AdamHyper{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay}, opt)) {
-    return;
-  }
+  if (!prepare_step(launch, lr, hyper, opt)) return;
   const auto frozen = frozen_flags(mask, params.size());
   std::vector<size_t> active;
   for (size_t i = 0; i < params.size(); ++i) {

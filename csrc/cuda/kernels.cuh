@@ -244,8 +244,8 @@ __global__ void __launch_bounds__(mt::kBlockThreads) adam_kernel(MetaT meta, Ada
   // The tensor's scalars, lr and grad_scale: independent loads, one round trip.
   const bool steps = block_coef(c, [&] {
     const AdamTensorScalars s = args.tensor_scalars[meta.tensor_id[span.slot]];
-    return Decided<math::AdamCoef<M>>{
-        s.skip, math::adam_coef<M>(args.hyper, read_scalar(args.common.lr), read_scalar(args.common.grad_scale), s.step)};
+    const double lr = read_scalar(args.common.lr), grad_scale = read_scalar(args.common.grad_scale);
+    return Decided<math::AdamCoef<M>>{s.skip, math::adam_coef<M>(args.hyper, lr, grad_scale, s.step)};
   });
   if (!steps) return;
   const int rows[] = {row::kParam, row::kGrad, row::kExpAvg, row::kExpAvgSq, row::kMaxExpAvgSq};
@@ -302,7 +302,9 @@ int launch_sgd_typed(const std::vector<mt::TensorRef>& refs, const SGDArgs& args
   using Meta3 = mt::MetaFor<3, Budget>;
   using Meta2 = mt::MetaFor<2, Budget>;
   static_assert(sizeof(Meta3) + mt::kReservedArgBytes <= Budget, "kernel arguments over budget");
-  if (args.hyper.momentum != 0.0) return launch_elementwise<Meta3>(refs, &sgd_kernel<S, true, Meta3>, args, launch, lim);
+  if (args.hyper.momentum != 0.0) {
+    return launch_elementwise<Meta3>(refs, &sgd_kernel<S, true, Meta3>, args, launch, lim);
+  }
   return launch_elementwise<Meta2>(refs, &sgd_kernel<S, false, Meta2>, args, launch, lim);
 }
 
@@ -376,7 +378,10 @@ int run_sgd(const std::vector<OpTensor>& tensors, const SGDArgs& args, Launcher&
             const LimitOverride& lim = {}) {
   int launches = 0;
   for (const auto& [dtype, refs] : group_by_dtype(tensors, args.hyper.momentum != 0.0 ? 3 : 2)) {
-    dispatch_dtype(dtype, [&](auto tag) { launches += launch_sgd_typed<decltype(tag), Budget>(refs, args, launch, lim); });
+    dispatch_dtype(dtype, [&](auto tag) {
+      using S = decltype(tag);
+      launches += launch_sgd_typed<S, Budget>(refs, args, launch, lim);
+    });
   }
   return launches;
 }
@@ -397,7 +402,10 @@ int run_adam(const std::vector<OpTensor>& tensors, const AdamArgs& args, Launche
   }
   int launches = launch_steps_typed<Budget>(steps, ids, args, launch, lim);
   for (const auto& [dtype, refs] : group_by_dtype(tensors, args.hyper.amsgrad ? 6 : 5)) {
-    dispatch_dtype(dtype, [&](auto tag) { launches += launch_adam_typed<decltype(tag), Budget>(refs, args, launch, lim); });
+    dispatch_dtype(dtype, [&](auto tag) {
+      using S = decltype(tag);
+      launches += launch_adam_typed<S, Budget>(refs, args, launch, lim);
+    });
   }
   return launches;
 }

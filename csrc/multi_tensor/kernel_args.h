@@ -27,8 +27,8 @@ inline ScalarArg host_scalar(double v) { return {nullptr, 0, v}; }
 
 // What every step launch needs besides the tensor addresses.
 struct StepArgs {
-  const uint8_t* mask;  // one byte per tensor id, non-zero = frozen; nullptr = none frozen
-  ScalarArg found_inf;  // non-zero: skip everything (AMP overflow)
+  const uint8_t* mask;   // one byte per tensor id, non-zero = frozen; nullptr = none frozen
+  ScalarArg found_inf;   // non-zero: skip everything (AMP overflow)
   ScalarArg grad_scale;  // the grads are divided by it
   ScalarArg lr;
 };
@@ -56,7 +56,7 @@ struct AdamArgs {
 // Address rows of the metadata, per op.
 namespace row {
 constexpr int kParam = 0, kGrad = 1;
-constexpr int kMomentum = 2;                                  // sgd with momentum: depth 3, else 2
+constexpr int kMomentum = 2;                                            // sgd with momentum: depth 3, else 2
 constexpr int kExpAvg = 2, kExpAvgSq = 3, kStep = 4, kMaxExpAvgSq = 5;  // adam: depth 5, 6 with amsgrad
 }  // namespace row
 

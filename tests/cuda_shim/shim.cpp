@@ -35,9 +35,7 @@ std::vector<OpTensor> op_tensors(const std::vector<std::vector<uintptr_t>>& rows
 }
 
 // (address or 0, is_double, host value)
-ScalarArg scalar(const py::tuple& t) {
-  return {ptr(t[0].cast<uintptr_t>()), t[1].cast<int>(), t[2].cast<double>()};
-}
+ScalarArg scalar(const py::tuple& t) { return {ptr(t[0].cast<uintptr_t>()), t[1].cast<int>(), t[2].cast<double>()}; }
 
 StepArgs step_args(uintptr_t mask, const py::tuple& found_inf, const py::tuple& grad_scale, const py::tuple& lr) {
   return {static_cast<const uint8_t*>(ptr(mask)), scalar(found_inf), scalar(grad_scale), scalar(lr)};
@@ -85,7 +83,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          int max_tensors, int max_blocks, int max_steps, bool small_budget) {
         const auto tensors = op_tensors(rows, numels, dtypes);
         std::vector<AdamTensorScalars> scratch(tensors.size());
-        const AdamArgs args{step_args(mask, found_inf, grad_scale, lr), scratch.data(),
+        const AdamArgs args{step_args(mask, found_inf, grad_scale, lr),
+                            scratch.data(),
                             {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled}};
         shim::Launcher launcher;
         return with_budget(budget(small_budget), [&](auto b) {
@@ -94,10 +93,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         });
       },
       py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
-      py::arg("grad_scale"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-      py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
-      py::arg("max_tensors") = 0, py::arg("max_blocks") = 0, py::arg("max_steps") = 0,
-      py::arg("small_budget") = false);
+      py::arg("grad_scale"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+      py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"), py::arg("max_tensors") = 0,
+      py::arg("max_blocks") = 0, py::arg("max_steps") = 0, py::arg("small_budget") = false);
   m.def(
       "pack_alignment",
       [](int dtype) {
