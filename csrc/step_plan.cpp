@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "cpu/ops_cpu.h"
+#include "op_entry.h"
 
 namespace frozenopt {
 namespace {
@@ -42,7 +43,7 @@ bool grad_fits(bool contiguous, const c10::TensorImpl& p, const c10::TensorImpl&
          g.device() == p.device() && g.sizes() == p.sizes() && (contiguous ? g.is_contiguous() : same_layout(g, p));
 }
 
-// The op through the dispatcher; Signature is its kernels' (cpu::sgd_, cpu::adam_).
+// The op through the dispatcher; Signature is its kernels' (op_entry.h).
 template <typename Signature, typename... Args>
 void call_op(const char* name, const Args&... args) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
@@ -107,9 +108,9 @@ void StepPlan::sgd(double lr, const OptTensor& lr_tensor, double momentum, doubl
   }
   const Gathered g = gather();
   if (g.params.empty()) return;
-  call_op<decltype(cpu::sgd_)>(kSGDOp, g.params, g.grads, g.states[0], /*mask=*/kNoTensor, lr, lr_tensor, momentum,
-                               dampening, weight_decay, nesterov, maximize, /*is_first_step=*/false, grad_scale,
-                               found_inf);
+  call_op<decltype(sgd_op<cpu::sgd>)>(kSGDOp, g.params, g.grads, g.states[0], /*mask=*/kNoTensor, lr, lr_tensor,
+                                      momentum, dampening, weight_decay, nesterov, maximize, /*is_first_step=*/false,
+                                      grad_scale, found_inf);
 }
 
 void StepPlan::adam(double lr, const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps,
@@ -143,9 +144,9 @@ void StepPlan::adam(double lr, const OptTensor& lr_tensor, double beta1, double 
   }
   const Gathered g = gather();
   if (g.params.empty()) return;
-  call_op<decltype(cpu::adam_)>(kAdamOp, g.params, g.grads, g.states[0], g.states[1], g.states[2], g.states[3],
-                                /*mask=*/kNoTensor, lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-                                decoupled_weight_decay, grad_scale, found_inf);
+  call_op<decltype(adam_op<cpu::adam>)>(kAdamOp, g.params, g.grads, g.states[0], g.states[1], g.states[2], g.states[3],
+                                        /*mask=*/kNoTensor, lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad,
+                                        maximize, decoupled_weight_decay, grad_scale, found_inf);
 }
 
 // Runs the cached slots through the CPU kernels: they are lent to the launch

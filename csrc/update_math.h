@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FROZENOPT_HD __host__ __device__ __forceinline__
@@ -47,20 +48,10 @@ struct Arith<double> {
   }  // NaN wins, like torch.maximum
 };
 
-// The type the update of a stored type is computed in: float for the half
+// The type the update of a stored type S is computed in: float for the half
 // types, as torch computes them.
 template <typename S>
-struct MathType {
-  using type = S;
-};
-template <>
-struct MathType<c10::Half> {
-  using type = float;
-};
-template <>
-struct MathType<c10::BFloat16> {
-  using type = float;
-};
+using MathType = std::conditional_t<std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>, float, S>;
 
 // ---------------------------------------------------------------- SGD
 

@@ -76,7 +76,7 @@ struct Lanes<c10::BFloat16> : HalfLanes<c10::BFloat16> {};
 template <typename S, size_t N, typename Update>
 void step_range(S* const (&rows)[N], const bool (&loaded)[N], const bool (&stored)[N], int64_t lo, int64_t hi,
                 const Update& update) {
-  using M = typename math::MathType<S>::type;
+  using M = math::MathType<S>;
   using L = Lanes<S>;
   int64_t i = lo;
   for (; i + L::kWidth <= hi; i += L::kWidth) {
@@ -112,7 +112,7 @@ S* grad_row(const Slot& s) {
 }
 
 template <typename S>
-void sgd_range(const Slot& s, int64_t lo, int64_t hi, const math::SGDCoef<typename math::MathType<S>::type>& c) {
+void sgd_range(const Slot& s, int64_t lo, int64_t hi, const math::SGDCoef<math::MathType<S>>& c) {
   S* const rows[] = {static_cast<S*>(s.param), grad_row<S>(s), static_cast<S*>(s.state0)};
   const bool loaded[] = {true, true, c.has_momentum && !c.first_step};
   const bool stored[] = {true, false, c.has_momentum};
@@ -120,7 +120,7 @@ void sgd_range(const Slot& s, int64_t lo, int64_t hi, const math::SGDCoef<typena
 }
 
 template <typename S>
-void adam_range(const Slot& s, int64_t lo, int64_t hi, const math::AdamCoef<typename math::MathType<S>::type>& c) {
+void adam_range(const Slot& s, int64_t lo, int64_t hi, const math::AdamCoef<math::MathType<S>>& c) {
   S* const rows[] = {static_cast<S*>(s.param), grad_row<S>(s), static_cast<S*>(s.state0), static_cast<S*>(s.state1),
                      static_cast<S*>(s.state2)};
   const bool loaded[] = {true, true, true, true, c.amsgrad};
@@ -207,28 +207,30 @@ void dispatch_dtype(at::ScalarType dtype, const Fn& fn) {
   }
 }
 
+// Calls body(S{}, slot, lo, hi) for every piece of the launch (for_each_wave),
+// S the slot's stored type.
+template <typename Launch, typename Body>
+void for_each_typed_piece(const Launch& launch, const Body& body) {
+  for_each_wave(launch, [&](size_t t, int64_t lo, int64_t hi) {
+    dispatch_dtype(launch.slots[t].dtype, [&](auto tag) { body(tag, t, lo, hi); });
+  });
+}
+
 }  // namespace
 
 void run_sgd(const SGDLaunch& launch) {
-  for_each_wave(launch, [&](size_t t, int64_t lo, int64_t hi) {
-    const Slot& s = launch.slots[t];
-    dispatch_dtype(s.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      sgd_range<S>(s, lo, hi,
-                   math::sgd_coef<typename math::MathType<S>::type>(launch.hyper, launch.lr, launch.grad_scale));
-    });
+  for_each_typed_piece(launch, [&](auto tag, size_t t, int64_t lo, int64_t hi) {
+    using S = decltype(tag);
+    sgd_range<S>(launch.slots[t], lo, hi,
+                 math::sgd_coef<math::MathType<S>>(launch.hyper, launch.lr, launch.grad_scale));
   });
 }
 
 void run_adam(const AdamLaunch& launch) {
-  for_each_wave(launch, [&](size_t t, int64_t lo, int64_t hi) {
-    const Slot& s = launch.slots[t];
-    dispatch_dtype(s.dtype, [&](auto tag) {
-      using S = decltype(tag);
-      adam_range<S>(s, lo, hi,
-                    math::adam_coef<typename math::MathType<S>::type>(launch.hyper, launch.lr, launch.grad_scale,
-                                                                      launch.steps[t]));
-    });
+  for_each_typed_piece(launch, [&](auto tag, size_t t, int64_t lo, int64_t hi) {
+    using S = decltype(tag);
+    const auto c = math::adam_coef<math::MathType<S>>(launch.hyper, launch.lr, launch.grad_scale, launch.steps[t]);
+    adam_range<S>(launch.slots[t], lo, hi, c);
   });
 }
 

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../layout.h"
+#include "../op_entry.h"
 
 namespace frozenopt {
 namespace cpu {
@@ -81,16 +82,11 @@ void step_in_waves(at::TensorList params, const std::vector<size_t>& active, Lau
 
 }  // namespace
 
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const OptTensor& mask,
-          double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay, bool nesterov,
-          bool maximize, bool is_first_step, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  const SGDTensors t{params, grads, momentum_buffers, momentum != 0.0};
-  const OptionalTensors opt{mask, lr_tensor, grad_scale, found_inf};
-  check_sgd_args(kSGDOp, t, opt);
-  const math::SGDHyper hyper{momentum, dampening, weight_decay, nesterov, maximize, is_first_step};
+void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper) {
+  const at::TensorList params = t.params, grads = t.grads;
   SGDLaunch launch;
   if (!prepare_step(launch, lr, hyper, opt)) return;
-  const auto frozen = frozen_flags(mask, params.size());
+  const auto frozen = frozen_flags(opt.mask, params.size());
   std::vector<size_t> active;
   for (size_t i = 0; i < params.size(); ++i) {
     if (!frozen[i] && params[i].numel() > 0) active.push_back(i);
@@ -104,22 +100,16 @@ void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_b
       [](const SGDLaunch& l) { run_sgd_best(l); });
 }
 
-void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const OptTensor& mask, double lr,
-           const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-           bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  const AdamTensors t{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad};
-  const OptionalTensors opt{mask, lr_tensor, grad_scale, found_inf};
-  check_adam_args(kAdamOp, t, opt);
-  const math::AdamHyper hyper{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay};
+void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper) {
+  const at::TensorList params = t.params, grads = t.grads;
   AdamLaunch launch;
   if (!prepare_step(launch, lr, hyper, opt)) return;
-  const auto frozen = frozen_flags(mask, params.size());
+  const auto frozen = frozen_flags(opt.mask, params.size());
   std::vector<size_t> active;
   for (size_t i = 0; i < params.size(); ++i) {
     if (frozen[i]) continue;
     // The step counter advances even for an empty tensor, as in torch.optim.
-    *state_steps[i].data_ptr<float>() += 1.0f;
+    *t.state_steps[i].data_ptr<float>() += 1.0f;
     if (params[i].numel() > 0) active.push_back(i);
   }
   StepScalarCache step_scalars;
@@ -128,8 +118,8 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
       [&](SlotBuilder& b, size_t k) {
         const size_t i = active[k];
         if (launch.slots.empty()) launch.steps.clear();  // a new wave
-        launch.steps.push_back(step_scalars.get(launch, *state_steps[i].data_ptr<float>()));
-        return b.add(params[i], grads[i], {exp_avgs[i], exp_avg_sqs[i], t.max_exp_avg_sq(i)});
+        launch.steps.push_back(step_scalars.get(launch, *t.state_steps[i].data_ptr<float>()));
+        return b.add(params[i], grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], t.max_exp_avg_sq(i)});
       },
       [](const AdamLaunch& l) { run_adam_best(l); });
 }
@@ -138,6 +128,6 @@ void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
 }  // namespace frozenopt
 
 TORCH_LIBRARY_IMPL(frozenopt, CPU, m) {
-  m.impl("sgd_", &frozenopt::cpu::sgd_);
-  m.impl("adam_", &frozenopt::cpu::adam_);
+  m.impl("sgd_", &frozenopt::sgd_op<frozenopt::cpu::sgd>);
+  m.impl("adam_", &frozenopt::adam_op<frozenopt::cpu::adam>);
 }

@@ -1,6 +1,5 @@
-// What the CPU op bodies (ops_cpu.cpp) and the step plan share: the ops
-// themselves (the plan calls them through the dispatcher, with their
-// signature) and the host part of a step before the kernels run.
+// What the CPU op bodies (ops_cpu.cpp) and the step plan share: the host part
+// of a step before the kernels run.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,14 +10,9 @@
 namespace frozenopt {
 namespace cpu {
 
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const OptTensor& mask,
-          double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay, bool nesterov,
-          bool maximize, bool is_first_step, const OptTensor& grad_scale, const OptTensor& found_inf);
-
-void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const OptTensor& mask, double lr,
-           const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-           bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf);
+// The ops' bodies (op_entry.h registers them), once the arguments are checked.
+void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper);
+void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper);
 
 // Reads the step's scalar tensors (a CPU step reads them on the host), checks
 // the hyper-parameters and puts them in the launch. Returns false when

@@ -214,7 +214,7 @@ struct Decided {
 
 template <typename S, bool kMomentum, typename MetaT>
 __global__ void __launch_bounds__(mt::kBlockThreads) sgd_kernel(MetaT meta, SGDArgs args) {
-  using M = typename math::MathType<S>::type;
+  using M = math::MathType<S>;
   const BlockSpan span = block_span(meta);
   math::SGDCoef<M> c;
   // Mask, found_inf, lr and grad_scale are independent loads of memory that
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(mt::kBlockThreads) sgd_kernel(MetaT meta, SGDA
 // the same.
 template <typename S, bool kAmsgrad, typename MetaT>
 __global__ void __launch_bounds__(mt::kBlockThreads) adam_kernel(MetaT meta, AdamArgs args) {
-  using M = typename math::MathType<S>::type;
+  using M = math::MathType<S>;
   const BlockSpan span = block_span(meta);
   math::AdamCoef<M> c;
   // The tensor's scalars, lr and grad_scale: independent loads, one round trip.

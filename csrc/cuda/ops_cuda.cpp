@@ -21,6 +21,7 @@
 #include "ops_cuda.h"
 
 #include "../layout.h"
+#include "../op_entry.h"
 #include "launch.h"
 
 namespace frozenopt {
@@ -175,14 +176,8 @@ OptTensor wave_mask(const OptTensor& mask, size_t first, size_t count) {
   return mask->narrow(0, static_cast<int64_t>(first), static_cast<int64_t>(count));
 }
 
-void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const OptTensor& mask,
-              double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool maximize, bool is_first_step, const OptTensor& grad_scale,
-              const OptTensor& found_inf) {
-  const SGDTensors t{params, grads, momentum_buffers, momentum != 0.0};
-  const OptionalTensors opt{mask, lr_tensor, grad_scale, found_inf};
-  check_sgd_args(kSGDOp, t, opt);
-  const math::SGDHyper hyper{momentum, dampening, weight_decay, nesterov, maximize, is_first_step};
+void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper) {
+  const at::TensorList params = t.params, grads = t.grads;
   std::vector<at::Tensor> keep;
   sgd_args(kSGDOp, lr, hyper, opt, keep);  // the hyper-parameter checks, before anything moves
   if (params.empty()) return;
@@ -190,20 +185,14 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   in_waves(
       params, [&](Rows& rows, size_t i) { rows.add(params[i], grads[i], {t.momentum_buffer(i)}); },
       [&](Rows& rows, size_t first) {
-        const OptTensor wave = wave_mask(mask, first, rows.tensors().size());
-        const SGDArgs args = sgd_args(kSGDOp, lr, hyper, {wave, lr_tensor, grad_scale, found_inf}, keep);
+        const OptTensor wave = wave_mask(opt.mask, first, rows.tensors().size());
+        const SGDArgs args = sgd_args(kSGDOp, lr, hyper, {wave, opt.lr, opt.grad_scale, opt.found_inf}, keep);
         launch_sgd_rows(rows.tensors(), args, params[0].device());
       });
 }
 
-void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const OptTensor& mask, double lr,
-               const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-               bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  const AdamTensors t{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, amsgrad};
-  const OptionalTensors opt{mask, lr_tensor, grad_scale, found_inf};
-  check_adam_args(kAdamOp, t, opt);
-  const math::AdamHyper hyper{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay};
+void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper) {
+  const at::TensorList params = t.params, grads = t.grads;
   std::vector<at::Tensor> keep;
   adam_args(kAdamOp, lr, hyper, opt, keep);  // the hyper-parameter checks, before anything moves
   if (params.empty()) return;
@@ -214,12 +203,12 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   in_waves(
       params,
       [&](Rows& rows, size_t i) {
-        rows.add(params[i], grads[i], {exp_avgs[i], exp_avg_sqs[i], at::Tensor(), t.max_exp_avg_sq(i)});
-        rows.tensors().back().rows[row::kStep] = state_steps[i].data_ptr<float>();
+        rows.add(params[i], grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], at::Tensor(), t.max_exp_avg_sq(i)});
+        rows.tensors().back().rows[row::kStep] = t.state_steps[i].data_ptr<float>();
       },
       [&](Rows& rows, size_t first) {
-        const OptTensor wave = wave_mask(mask, first, rows.tensors().size());
-        const AdamArgs args = adam_args(kAdamOp, lr, hyper, {wave, lr_tensor, grad_scale, found_inf}, keep);
+        const OptTensor wave = wave_mask(opt.mask, first, rows.tensors().size());
+        const AdamArgs args = adam_args(kAdamOp, lr, hyper, {wave, opt.lr, opt.grad_scale, opt.found_inf}, keep);
         launch_adam_rows(rows.tensors(), args, params[0].device());
       });
 }
@@ -229,6 +218,6 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 }  // namespace frozenopt
 
 TORCH_LIBRARY_IMPL(frozenopt, CUDA, m) {
-  m.impl("sgd_", &frozenopt::cuda::sgd_cuda);
-  m.impl("adam_", &frozenopt::cuda::adam_cuda);
+  m.impl("sgd_", &frozenopt::sgd_op<frozenopt::cuda::sgd>);
+  m.impl("adam_", &frozenopt::adam_op<frozenopt::cuda::adam>);
 }

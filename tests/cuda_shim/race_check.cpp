@@ -94,7 +94,7 @@ const char* name_of(Op op) {
 // loop; returns false (after printing why) when any bit differs.
 template <typename S>
 bool check(Op op, int offset) {
-  using M = typename math::MathType<S>::type;
+  using M = math::MathType<S>;
   const bool adam = op == Op::kAdam || op == Op::kAdamAmsgrad;
   const int rows = adam ? (op == Op::kAdamAmsgrad ? 5 : 4) : (op == Op::kSgdMomentum ? 3 : 2);  // element rows
   const size_t n = kSizes.size();
