@@ -99,7 +99,7 @@ void StepPlan::sgd(double lr, const OptTensor& lr_tensor, double momentum, doubl
 #ifdef FROZENOPT_WITH_CUDA
     if (device_ == c10::DeviceType::CUDA) {
       std::vector<at::Tensor> keep;
-      cuda::launch_sgd_rows(rows_, cuda::sgd_args(op_name_, lr, hyper, opt, keep), params_[active_.front()].device());
+      cuda::launch_rows(rows_, cuda::launch_args(op_name_, lr, hyper, opt, keep), params_[active_.front()].device());
       return;
     }
 #endif
@@ -126,7 +126,7 @@ void StepPlan::adam(double lr, const OptTensor& lr_tensor, double beta1, double 
 #ifdef FROZENOPT_WITH_CUDA
     if (device_ == c10::DeviceType::CUDA) {  // the launch advances the step counters on the device
       std::vector<at::Tensor> keep;
-      cuda::launch_adam_rows(rows_, cuda::adam_args(op_name_, lr, hyper, opt, keep), params_[active_.front()].device());
+      cuda::launch_rows(rows_, cuda::launch_args(op_name_, lr, hyper, opt, keep), params_[active_.front()].device());
       return;
     }
 #endif

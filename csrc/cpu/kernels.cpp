@@ -68,64 +68,64 @@ struct Lanes<c10::Half> : HalfLanes<c10::Half> {};
 template <>
 struct Lanes<c10::BFloat16> : HalfLanes<c10::BFloat16> {};
 
-// Elements [lo, hi) of one slot's rows (param, grad, states): loads row r
-// where loaded[r], calls update(v) with v[r] the value of row r (math-type
-// vectors in the vector body, math-type scalars in the tail), stores row r
-// where stored[r]. A row not loaded holds no defined value; the update must
-// not read it.
-template <typename S, size_t N, typename Update>
-void step_range(S* const (&rows)[N], const bool (&loaded)[N], const bool (&stored)[N], int64_t lo, int64_t hi,
-                const Update& update) {
+// The coefficients are taken by value: through a reference, every store to
+// the float rows could alias them and force the loop to reload them.
+template <typename S>
+void sgd_range(const Slot& s, int64_t lo, int64_t hi, const math::SGDCoef<math::MathType<S>> c) {
   using M = math::MathType<S>;
   using L = Lanes<S>;
+  auto* p = static_cast<S*>(s.param);
+  const auto* g = static_cast<const S*>(s.grad);
+  auto* buf = static_cast<S*>(s.state0);
   int64_t i = lo;
   for (; i + L::kWidth <= hi; i += L::kWidth) {
-    Vectorized<M> v[L::kVecs][N];
-    for (size_t r = 0; r < N; ++r) {
-      if (!loaded[r]) continue;
-      Vectorized<M> lanes[L::kVecs];
-      L::load(rows[r] + i, lanes);
-      for (int k = 0; k < L::kVecs; ++k) v[k][r] = lanes[k];
-    }
-    for (int k = 0; k < L::kVecs; ++k) update(v[k]);
-    for (size_t r = 0; r < N; ++r) {
-      if (!stored[r]) continue;
-      Vectorized<M> lanes[L::kVecs];
-      for (int k = 0; k < L::kVecs; ++k) lanes[k] = v[k][r];
-      L::store(rows[r] + i, lanes);
-    }
+    Vectorized<M> vp[L::kVecs], vg[L::kVecs], vb[L::kVecs];
+    L::load(p + i, vp);
+    L::load(g + i, vg);
+    if (c.has_momentum && !c.first_step) L::load(buf + i, vb);
+    for (int k = 0; k < L::kVecs; ++k) math::sgd_update(vp[k], vg[k], &vb[k], c);
+    L::store(p + i, vp);
+    if (c.has_momentum) L::store(buf + i, vb);
   }
   for (; i < hi; ++i) {
-    M v[N];
-    for (size_t r = 0; r < N; ++r) v[r] = loaded[r] ? M(rows[r][i]) : M(0);
-    update(v);
-    for (size_t r = 0; r < N; ++r) {
-      if (stored[r]) rows[r][i] = S(v[r]);
-    }
+    M vp = M(p[i]), vb = c.has_momentum && !c.first_step ? M(buf[i]) : M(0);
+    math::sgd_update(vp, M(g[i]), &vb, c);
+    p[i] = S(vp);
+    if (c.has_momentum) buf[i] = S(vb);
   }
 }
 
-// The grad row is read only: step_range never stores it.
 template <typename S>
-S* grad_row(const Slot& s) {
-  return const_cast<S*>(static_cast<const S*>(s.grad));
-}
-
-template <typename S>
-void sgd_range(const Slot& s, int64_t lo, int64_t hi, const math::SGDCoef<math::MathType<S>>& c) {
-  S* const rows[] = {static_cast<S*>(s.param), grad_row<S>(s), static_cast<S*>(s.state0)};
-  const bool loaded[] = {true, true, c.has_momentum && !c.first_step};
-  const bool stored[] = {true, false, c.has_momentum};
-  step_range(rows, loaded, stored, lo, hi, [&](auto& v) { math::sgd_update(v[0], v[1], &v[2], c); });
-}
-
-template <typename S>
-void adam_range(const Slot& s, int64_t lo, int64_t hi, const math::AdamCoef<math::MathType<S>>& c) {
-  S* const rows[] = {static_cast<S*>(s.param), grad_row<S>(s), static_cast<S*>(s.state0), static_cast<S*>(s.state1),
-                     static_cast<S*>(s.state2)};
-  const bool loaded[] = {true, true, true, true, c.amsgrad};
-  const bool stored[] = {true, false, true, true, c.amsgrad};
-  step_range(rows, loaded, stored, lo, hi, [&](auto& v) { math::adam_update(v[0], v[1], v[2], v[3], &v[4], c); });
+void adam_range(const Slot& s, int64_t lo, int64_t hi, const math::AdamCoef<math::MathType<S>> c) {
+  using M = math::MathType<S>;
+  using L = Lanes<S>;
+  auto* p = static_cast<S*>(s.param);
+  const auto* g = static_cast<const S*>(s.grad);
+  auto* m = static_cast<S*>(s.state0);
+  auto* v = static_cast<S*>(s.state1);
+  auto* vmax = static_cast<S*>(s.state2);
+  int64_t i = lo;
+  for (; i + L::kWidth <= hi; i += L::kWidth) {
+    Vectorized<M> vp[L::kVecs], vg[L::kVecs], vm[L::kVecs], vv[L::kVecs], vx[L::kVecs];
+    L::load(p + i, vp);
+    L::load(g + i, vg);
+    L::load(m + i, vm);
+    L::load(v + i, vv);
+    if (c.amsgrad) L::load(vmax + i, vx);
+    for (int k = 0; k < L::kVecs; ++k) math::adam_update(vp[k], vg[k], vm[k], vv[k], &vx[k], c);
+    L::store(p + i, vp);
+    L::store(m + i, vm);
+    L::store(v + i, vv);
+    if (c.amsgrad) L::store(vmax + i, vx);
+  }
+  for (; i < hi; ++i) {
+    M vp = M(p[i]), vm = M(m[i]), vv = M(v[i]), vx = c.amsgrad ? M(vmax[i]) : M(0);
+    math::adam_update(vp, M(g[i]), vm, vv, &vx, c);
+    p[i] = S(vp);
+    m[i] = S(vm);
+    v[i] = S(vv);
+    if (c.amsgrad) vmax[i] = S(vx);
+  }
 }
 
 // Calls body(slot_index, lo, hi) for every piece of the concatenated element

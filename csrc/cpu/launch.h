@@ -30,22 +30,21 @@ struct Slot {
   at::ScalarType dtype;
 };
 
-// wave_ends: the slots run in consecutive waves ending at these indices (see
-// layout.h's wave_ends); empty means one wave of all slots.
-struct SGDLaunch {
+// One step's work for the kernels: the slots, run in consecutive waves ending
+// at wave_ends (see layout.h's wave_ends; empty: one wave of all slots), and
+// what the coefficients are built from.
+template <typename Hyper>
+struct Launch {
   std::vector<Slot> slots;
   std::vector<size_t> wave_ends;
-  math::SGDHyper hyper;
+  Hyper hyper;
   double lr;
   double grad_scale;
 };
 
-struct AdamLaunch {
-  std::vector<Slot> slots;
-  std::vector<size_t> wave_ends;
-  math::AdamHyper hyper;
-  double lr;
-  double grad_scale;
+using SGDLaunch = Launch<math::SGDHyper>;
+
+struct AdamLaunch : Launch<math::AdamHyper> {
   std::vector<math::AdamStepScalars> steps;  // one per slot: the step count may differ per tensor
 };
 

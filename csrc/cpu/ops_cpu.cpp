@@ -58,22 +58,33 @@ class SlotBuilder {
   std::vector<at::Tensor> grads_;
 };
 
-// Steps params[active[k]] for every k, wave by wave (layout.h's wave_ends):
-// add(builder, k) appends the slot (and what else the launch holds per slot)
-// to launch, run(launch) runs the kernels. Copies are made just before their
-// wave runs and written back right after it, so a param that shares memory
-// with an earlier one sees its update.
-template <typename Launch, typename Add, typename Run>
-void step_in_waves(at::TensorList params, const std::vector<size_t>& active, Launch& launch, const Add& add,
-                   const Run& run) {
+// The body of a CPU op: reads the scalars and checks the hyper-parameters
+// into the launch, and when found_inf does not skip the step, calls
+// unfrozen(i) for every unfrozen param, then steps the non-empty ones wave by
+// wave (layout.h's wave_ends): add(launch, builder, i) appends param i's slot
+// (and what else the launch holds per slot), run(launch) runs the kernels.
+// Copies are made just before their wave runs and written back right after
+// it, so a param that shares memory with an earlier one sees its update.
+template <typename Launch, typename Hyper, typename Unfrozen, typename Add, typename Run>
+void step(at::TensorList params, const OptionalTensors& opt, double lr, const Hyper& hyper, const Unfrozen& unfrozen,
+          const Add& add, const Run& run) {
+  Launch launch;
+  if (!prepare_step(launch, lr, hyper, opt)) return;
+  const auto frozen = frozen_flags(opt.mask, params.size());
   std::vector<Span> spans;
-  spans.reserve(active.size());
-  for (const size_t i : active) spans.push_back(span_of(*params[i].unsafeGetTensorImpl(), params[i].data_ptr()));
+  std::vector<size_t> active;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (frozen[i]) continue;
+    unfrozen(i);
+    if (params[i].numel() == 0) continue;
+    active.push_back(i);
+    spans.push_back(span_of(*params[i].unsafeGetTensorImpl(), params[i].data_ptr()));
+  }
   SlotBuilder builder;
   size_t first = 0;
   for (const size_t end : wave_ends(spans)) {
     launch.slots.clear();
-    for (size_t k = first; k < end; ++k) launch.slots.push_back(add(builder, k));
+    for (size_t k = first; k < end; ++k) launch.slots.push_back(add(launch, builder, active[k]));
     run(launch);
     builder.write_back();
     first = end;
@@ -83,45 +94,24 @@ void step_in_waves(at::TensorList params, const std::vector<size_t>& active, Lau
 }  // namespace
 
 void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper) {
-  const at::TensorList params = t.params, grads = t.grads;
-  SGDLaunch launch;
-  if (!prepare_step(launch, lr, hyper, opt)) return;
-  const auto frozen = frozen_flags(opt.mask, params.size());
-  std::vector<size_t> active;
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!frozen[i] && params[i].numel() > 0) active.push_back(i);
-  }
-  step_in_waves(
-      params, active, launch,
-      [&](SlotBuilder& b, size_t k) {
-        const size_t i = active[k];
-        return b.add(params[i], grads[i], {t.momentum_buffer(i)});
-      },
-      [](const SGDLaunch& l) { run_sgd_best(l); });
+  step<SGDLaunch>(
+      t.params, opt, lr, hyper, [](size_t) {},
+      [&](SGDLaunch&, SlotBuilder& b, size_t i) { return b.add(t.params[i], t.grads[i], {t.momentum_buffer(i)}); },
+      run_sgd_best);
 }
 
 void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper) {
-  const at::TensorList params = t.params, grads = t.grads;
-  AdamLaunch launch;
-  if (!prepare_step(launch, lr, hyper, opt)) return;
-  const auto frozen = frozen_flags(opt.mask, params.size());
-  std::vector<size_t> active;
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (frozen[i]) continue;
-    // The step counter advances even for an empty tensor, as in torch.optim.
-    *t.state_steps[i].data_ptr<float>() += 1.0f;
-    if (params[i].numel() > 0) active.push_back(i);
-  }
   StepScalarCache step_scalars;
-  step_in_waves(
-      params, active, launch,
-      [&](SlotBuilder& b, size_t k) {
-        const size_t i = active[k];
+  step<AdamLaunch>(
+      t.params, opt, lr, hyper,
+      // The step counter advances even for an empty tensor, as in torch.optim.
+      [&](size_t i) { *t.state_steps[i].data_ptr<float>() += 1.0f; },
+      [&](AdamLaunch& launch, SlotBuilder& b, size_t i) {
         if (launch.slots.empty()) launch.steps.clear();  // a new wave
         launch.steps.push_back(step_scalars.get(launch, *t.state_steps[i].data_ptr<float>()));
-        return b.add(params[i], grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], t.max_exp_avg_sq(i)});
+        return b.add(t.params[i], t.grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], t.max_exp_avg_sq(i)});
       },
-      [](const AdamLaunch& l) { run_adam_best(l); });
+      run_adam_best);
 }
 
 }  // namespace cpu

@@ -141,24 +141,24 @@ void* stream_of(const at::Device& device) { return c10::cuda::getCurrentCUDAStre
 
 }  // namespace
 
-SGDArgs sgd_args(const char* op, double lr, const math::SGDHyper& hyper, const OptionalTensors& opt,
-                 std::vector<at::Tensor>& keep) {
+SGDArgs launch_args(const char* op, double lr, const math::SGDHyper& hyper, const OptionalTensors& opt,
+                    std::vector<at::Tensor>& keep) {
   check_hyper(host_lr(opt.lr, lr), hyper);
   return {step_args(op, lr, opt, keep), hyper};
 }
 
-AdamArgs adam_args(const char* op, double lr, const math::AdamHyper& hyper, const OptionalTensors& opt,
-                   std::vector<at::Tensor>& keep) {
+AdamArgs launch_args(const char* op, double lr, const math::AdamHyper& hyper, const OptionalTensors& opt,
+                     std::vector<at::Tensor>& keep) {
   check_hyper(host_lr(opt.lr, lr), hyper);
   return {step_args(op, lr, opt, keep), /*tensor_scalars=*/nullptr, hyper};
 }
 
-void launch_sgd_rows(const std::vector<OpTensor>& rows, const SGDArgs& args, const at::Device& device) {
+void launch_rows(const std::vector<OpTensor>& rows, const SGDArgs& args, const at::Device& device) {
   c10::cuda::CUDAGuard guard(device);
   launch_sgd(rows, args, kernel_arg_budget(device.index()), stream_of(device));
 }
 
-void launch_adam_rows(const std::vector<OpTensor>& rows, AdamArgs args, const at::Device& device) {
+void launch_rows(const std::vector<OpTensor>& rows, AdamArgs args, const at::Device& device) {
   c10::cuda::CUDAGuard guard(device);
   // Filled by the step launch, read by the element launches; the caching
   // allocator reuses it only for work queued after them on this stream.
@@ -176,41 +176,36 @@ OptTensor wave_mask(const OptTensor& mask, size_t first, size_t count) {
   return mask->narrow(0, static_cast<int64_t>(first), static_cast<int64_t>(count));
 }
 
-void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper) {
-  const at::TensorList params = t.params, grads = t.grads;
+// The body of a CUDA op: the hyper-parameter checks before anything moves,
+// then the params wave by wave (add(rows, i) adds param i's row), each wave
+// launched with its part of the mask.
+template <typename Tensors, typename Hyper, typename Add>
+void step(const char* op, const Tensors& t, const OptionalTensors& opt, double lr, const Hyper& hyper, const Add& add) {
   std::vector<at::Tensor> keep;
-  sgd_args(kSGDOp, lr, hyper, opt, keep);  // the hyper-parameter checks, before anything moves
-  if (params.empty()) return;
-  c10::cuda::CUDAGuard guard(params[0].device());
-  in_waves(
-      params, [&](Rows& rows, size_t i) { rows.add(params[i], grads[i], {t.momentum_buffer(i)}); },
-      [&](Rows& rows, size_t first) {
-        const OptTensor wave = wave_mask(opt.mask, first, rows.tensors().size());
-        const SGDArgs args = sgd_args(kSGDOp, lr, hyper, {wave, opt.lr, opt.grad_scale, opt.found_inf}, keep);
-        launch_sgd_rows(rows.tensors(), args, params[0].device());
-      });
+  launch_args(op, lr, hyper, opt, keep);
+  if (t.params.empty()) return;
+  const at::Device device = t.params[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  in_waves(t.params, add, [&](Rows& rows, size_t first) {
+    const OptTensor wave = wave_mask(opt.mask, first, rows.tensors().size());
+    launch_rows(rows.tensors(), launch_args(op, lr, hyper, {wave, opt.lr, opt.grad_scale, opt.found_inf}, keep),
+                device);
+  });
 }
 
+void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper) {
+  step(kSGDOp, t, opt, lr, hyper,
+       [&](Rows& rows, size_t i) { rows.add(t.params[i], t.grads[i], {t.momentum_buffer(i)}); });
+}
+
+// The launchers advance every unfrozen tensor's step (empty tensors' too, as
+// torch.optim) in a launch of their own, on the device, before the Adam
+// launches read it.
 void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper) {
-  const at::TensorList params = t.params, grads = t.grads;
-  std::vector<at::Tensor> keep;
-  adam_args(kAdamOp, lr, hyper, opt, keep);  // the hyper-parameter checks, before anything moves
-  if (params.empty()) return;
-  c10::cuda::CUDAGuard guard(params[0].device());
-  // The launchers advance every unfrozen tensor's step (empty tensors' too, as
-  // torch.optim) in a launch of their own, on the device, before the Adam
-  // launches read it.
-  in_waves(
-      params,
-      [&](Rows& rows, size_t i) {
-        rows.add(params[i], grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], at::Tensor(), t.max_exp_avg_sq(i)});
-        rows.tensors().back().rows[row::kStep] = t.state_steps[i].data_ptr<float>();
-      },
-      [&](Rows& rows, size_t first) {
-        const OptTensor wave = wave_mask(opt.mask, first, rows.tensors().size());
-        const AdamArgs args = adam_args(kAdamOp, lr, hyper, {wave, opt.lr, opt.grad_scale, opt.found_inf}, keep);
-        launch_adam_rows(rows.tensors(), args, params[0].device());
-      });
+  step(kAdamOp, t, opt, lr, hyper, [&](Rows& rows, size_t i) {
+    rows.add(t.params[i], t.grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], at::Tensor(), t.max_exp_avg_sq(i)});
+    rows.tensors().back().rows[row::kStep] = t.state_steps[i].data_ptr<float>();
+  });
 }
 
 }  // namespace
