@@ -180,7 +180,10 @@ def _cuda_arch_flags(nvcc):
 def _extension():
     from torch.utils.cpp_extension import include_paths
 
-    cpu_sources = [CSRC / "frozenopt.cpp", CSRC / "checks.cpp", CSRC / "watch.cpp", CSRC / "cpu" / "ops_cpu.cpp", CSRC / "cuda" / "plan_py.cpp"]
+    # Every build: the schemas, the module, the checks, the step plan, the
+    # watch, the CPU ops and the launch planner's bindings (host-only code).
+    cpu_sources = [CSRC / "schemas.cpp", CSRC / "module.cpp", CSRC / "checks.cpp", CSRC / "step_plan.cpp",
+                   CSRC / "watch.cpp", CSRC / "cpu" / "ops_cpu.cpp", CSRC / "multi_tensor" / "plan_py.cpp"]
     with_cuda, why_not = _cuda_build()
     if not with_cuda:
         if why_not and why_not != "USE_CUDA=0":
@@ -196,7 +199,9 @@ def _extension():
     from torch.utils.cpp_extension import CUDAExtension
 
     defines = ["-DFROZENOPT_WITH_CUDA"] + _cuda_arch_flags(_nvcc_version())
-    sources = cpu_sources + [CSRC / "cuda" / "ops_cuda.cpp", CSRC / "cuda" / "launch_sgd.cu", CSRC / "cuda" / "launch_adam.cu"]
+    # CUDA builds only: the ops' CUDA bodies and the kernels (nvcc).
+    cuda = CSRC / "cuda"
+    sources = cpu_sources + [cuda / "ops_cuda.cpp", cuda / "launch_sgd.cu", cuda / "launch_adam.cu"]
     return CUDAExtension(
         name="frozenopt._C",
         sources=[str(p.relative_to(ROOT)) for p in sources],

@@ -65,8 +65,8 @@ inline std::vector<size_t> wave_ends(const std::vector<Span>& spans) {
     const Span s = spans[i];
     if (s.begin == s.end) continue;
     auto next = wave.lower_bound(s.begin);
-    const bool overlaps = (next != wave.end() && next->first < s.end) ||
-                          (next != wave.begin() && std::prev(next)->second > s.begin);
+    const bool overlaps =
+        (next != wave.end() && next->first < s.end) || (next != wave.begin() && std::prev(next)->second > s.begin);
     if (overlaps) {
       ends.push_back(i);
       wave.clear();

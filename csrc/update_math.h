@@ -1,17 +1,26 @@
-// The update rules of SGD and Adam/AdamW, written once for every backend.
+// The update rules of SGD and Adam/AdamW, written once for every backend, and
+// the coefficients they take.
 //
 // Each rule is a template over the value type V of one lane of work: float or
 // double on a CUDA thread or in the scalar tail of a CPU loop, and
 // at::vec::Vectorized<float|double> in the vectorised CPU loop. The few
 // operations that are not plain arithmetic go through Arith<V>, which each
 // backend specialises for its own vector types before it instantiates a rule.
-// Per-step scalars (bias corrections, step size) are computed once per tensor
-// on the host or device by the *_scalars functions below, in double, then
-// narrowed to the math type of the tensor.
+//
+// Coefficients come from the hyper-parameters (SGDHyper, AdamHyper) through
+// sgd_coef and adam_coef, which narrow them to the math type of the tensor
+// (MathType): every backend builds them the same way, so they give the same
+// bits. lr and grad_scale are passed apart because on a GPU they may be read
+// from device memory; Adam's step-dependent scalars are worked out in double,
+// once per tensor and step, by adam_step_scalars.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FROZENOPT_HD __host__ __device__ __forceinline__
@@ -34,10 +43,27 @@ struct Arith<float> {
 template <>
 struct Arith<double> {
   static FROZENOPT_HD double sqrt(double x) { return ::sqrt(x); }
-  static FROZENOPT_HD double max(double a, double b) { return (a != a || a > b) ? a : b; }  // NaN wins, like torch.maximum
+  static FROZENOPT_HD double max(double a, double b) {
+    return (a != a || a > b) ? a : b;
+  }  // NaN wins, like torch.maximum
 };
 
+// The type the update of a stored type S is computed in: float for the half
+// types, as torch computes them.
+template <typename S>
+using MathType = std::conditional_t<std::is_same_v<S, c10::Half> || std::is_same_v<S, c10::BFloat16>, float, S>;
+
 // ---------------------------------------------------------------- SGD
+
+// SGD's hyper-parameters, as the op takes them (lr and grad_scale apart).
+struct SGDHyper {
+  double momentum;
+  double dampening;
+  double weight_decay;
+  bool nesterov;
+  bool maximize;
+  bool first_step;  // the momentum buffer is filled with the grad, not blended
+};
 
 // Hyper-parameters of one SGD step, already in the math type T.
 template <typename T>
@@ -51,8 +77,25 @@ struct SGDCoef {
   bool has_momentum;
   bool nesterov;
   bool maximize;
-  bool first_step;  // the momentum buffer is filled with the grad, not blended
+  bool first_step;
 };
+
+// The coefficients of one SGD step in the math type T.
+template <typename T>
+FROZENOPT_HD SGDCoef<T> sgd_coef(const SGDHyper& h, double lr, double grad_scale) {
+  SGDCoef<T> c;
+  c.lr = T(lr);
+  c.momentum = T(h.momentum);
+  c.one_minus_dampening = T(1.0 - h.dampening);
+  c.weight_decay = T(h.weight_decay);
+  c.inv_grad_scale = T(1.0 / grad_scale);
+  c.has_weight_decay = h.weight_decay != 0.0;
+  c.has_momentum = h.momentum != 0.0;
+  c.nesterov = h.nesterov;
+  c.maximize = h.maximize;
+  c.first_step = h.first_step;
+  return c;
+}
 
 // One element (or one vector of elements) of torch.optim.SGD's rule:
 //   g = ±grad/scale + wd*p;  buf = first ? g : momentum*buf + (1-dampening)*g
@@ -72,6 +115,29 @@ FROZENOPT_HD void sgd_update(V& param, V grad, V* momentum_buffer, const SGDCoef
 
 // ---------------------------------------------------------------- Adam / AdamW
 
+// Adam's hyper-parameters, as the op takes them (lr and grad_scale apart).
+struct AdamHyper {
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  bool amsgrad;
+  bool maximize;
+  bool decoupled_weight_decay;  // AdamW
+};
+
+// What depends on the step count: worked out in double once per tensor and
+// step (two pow()), narrowed by adam_coef.
+struct AdamStepScalars {
+  double step_size;              // lr / (1 - beta1^step)
+  double bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+};
+
+// The scalars for the step about to be taken, the step-th.
+FROZENOPT_HD AdamStepScalars adam_step_scalars(double lr, const AdamHyper& h, double step) {
+  return {lr / (1.0 - ::pow(h.beta1, step)), ::sqrt(1.0 - ::pow(h.beta2, step))};
+}
+
 // Hyper-parameters of one Adam step of one tensor, already in the math type T.
 template <typename T>
 struct AdamCoef {
@@ -80,28 +146,38 @@ struct AdamCoef {
   T beta2;
   T eps;
   T weight_decay;
-  T step_size;              // lr / (1 - beta1^step)
-  T bias_correction2_sqrt;  // sqrt(1 - beta2^step)
-  T inv_grad_scale;         // 1 when there is no AMP scale
+  T step_size;
+  T bias_correction2_sqrt;
+  T inv_grad_scale;  // 1 when there is no AMP scale
   bool has_weight_decay;
-  bool decoupled_weight_decay;  // AdamW
+  bool decoupled_weight_decay;
   bool amsgrad;
   bool maximize;
-  // 1 - beta1 and 1 - beta2, computed in double by adam_step_scalars: in float,
-  // 1 - float(0.999) is off by 1.3e-5 relative (torch computes them in double).
+  // 1 - beta1 and 1 - beta2, computed in double: in float, 1 - float(0.999)
+  // is off by 1.3e-5 relative (torch computes them in double).
   T one_minus_beta1;
   T one_minus_beta2;
 };
 
-// The scalars that depend on the step count, for the step about to be taken.
+// The coefficients of one Adam step of one tensor in the math type T.
 template <typename T>
-FROZENOPT_HD void adam_step_scalars(AdamCoef<T>& c, double lr, double beta1, double beta2, double step) {
-  const double bias_correction1 = 1.0 - ::pow(beta1, step);
-  const double bias_correction2 = 1.0 - ::pow(beta2, step);
-  c.step_size = T(lr / bias_correction1);
-  c.bias_correction2_sqrt = T(::sqrt(bias_correction2));
-  c.one_minus_beta1 = T(1.0 - beta1);
-  c.one_minus_beta2 = T(1.0 - beta2);
+FROZENOPT_HD AdamCoef<T> adam_coef(const AdamHyper& h, double lr, double grad_scale, const AdamStepScalars& s) {
+  AdamCoef<T> c;
+  c.lr = T(lr);
+  c.beta1 = T(h.beta1);
+  c.beta2 = T(h.beta2);
+  c.eps = T(h.eps);
+  c.weight_decay = T(h.weight_decay);
+  c.step_size = T(s.step_size);
+  c.bias_correction2_sqrt = T(s.bias_correction2_sqrt);
+  c.inv_grad_scale = T(1.0 / grad_scale);
+  c.has_weight_decay = h.weight_decay != 0.0;
+  c.decoupled_weight_decay = h.decoupled_weight_decay;
+  c.amsgrad = h.amsgrad;
+  c.maximize = h.maximize;
+  c.one_minus_beta1 = T(1.0 - h.beta1);
+  c.one_minus_beta2 = T(1.0 - h.beta2);
+  return c;
 }
 
 // One element (or vector) of torch.optim.Adam's rule (AdamW when decoupled):
@@ -109,8 +185,7 @@ FROZENOPT_HD void adam_step_scalars(AdamCoef<T>& c, double lr, double beta1, dou
 //   m = m + (1-beta1)(g-m);  v = beta2*v + (1-beta2)*g*g;  vmax = max(vmax, v)
 //   p -= step_size * m / (sqrt(v or vmax)/sqrt(1-beta2^t) + eps)
 template <typename V, typename T>
-FROZENOPT_HD void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* max_exp_avg_sq,
-                              const AdamCoef<T>& c) {
+FROZENOPT_HD void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* max_exp_avg_sq, const AdamCoef<T>& c) {
   V g = grad * V(c.inv_grad_scale);
   if (c.maximize) g = V(T(0)) - g;
   if (c.has_weight_decay) {

@@ -43,9 +43,7 @@ uint64_t version_of(PyObject* dict) {
 }
 #endif
 
-bool requires_grad(PyObject* obj) {
-  return THPVariable_Check(obj) && THPVariable_Unpack(obj).requires_grad();
-}
+bool requires_grad(PyObject* obj) { return THPVariable_Check(obj) && THPVariable_Unpack(obj).requires_grad(); }
 
 class Watch {
  public:
@@ -213,15 +211,15 @@ class Watch {
   bool follow_requires_grad_ = false;
   py::object groups_, state_;
   std::vector<py::object> group_dicts_, param_lists_;
-  std::vector<py::object> params_;        // every group's params, in order
-  std::vector<char> requires_grad_;       // parallel to params_
-  std::vector<size_t> group_ends_;        // group g's params end at params_[group_ends_[g]]
+  std::vector<py::object> params_;   // every group's params, in order
+  std::vector<char> requires_grad_;  // parallel to params_
+  std::vector<size_t> group_ends_;   // group g's params end at params_[group_ends_[g]]
   std::unordered_map<PyObject*, int64_t> group_of_;
-  std::vector<py::object> keys_, values_;  // the state dict's items, in order
-  uint64_t state_version_ = 0;             // with dict versions: the state dict's ...
-  std::vector<uint64_t> versions_;         // ... and each item's
+  std::vector<py::object> keys_, values_;              // the state dict's items, in order
+  uint64_t state_version_ = 0;                         // with dict versions: the state dict's ...
+  std::vector<uint64_t> versions_;                     // ... and each item's
   std::vector<py::object> entry_keys_, entry_values_;  // without: each item's own items, concatenated
-  std::vector<size_t> entry_ends_;         // state item k's entries end at entry_ends_[k]
+  std::vector<size_t> entry_ends_;                     // state item k's entries end at entry_ends_[k]
 };
 
 }  // namespace
@@ -229,8 +227,7 @@ class Watch {
 void bind_watch(py::module_& m) {
   py::class_<Watch>(m, "Watch", "What an optimizer's plans were built from, checked at each step")
       .def(py::init<>())
-      .def("snapshot", &Watch::snapshot, py::arg("param_groups"), py::arg("state"),
-           py::arg("follow_requires_grad"))
+      .def("snapshot", &Watch::snapshot, py::arg("param_groups"), py::arg("state"), py::arg("follow_requires_grad"))
       .def("stale", &Watch::stale, py::arg("param_groups"), py::arg("state"))
       .def("clear", &Watch::clear);
 }

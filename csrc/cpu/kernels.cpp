@@ -40,36 +40,6 @@ namespace {
 
 using at::vec::Vectorized;
 
-template <typename T, template <typename> class Coef>
-Coef<T> narrow(const Coef<double>& c);
-
-template <>
-math::SGDCoef<float> narrow(const math::SGDCoef<double>& c) {
-  return {float(c.lr), float(c.momentum), float(c.one_minus_dampening), float(c.weight_decay),
-          float(c.inv_grad_scale), c.has_weight_decay, c.has_momentum, c.nesterov, c.maximize,
-          c.first_step};
-}
-template <>
-math::SGDCoef<double> narrow(const math::SGDCoef<double>& c) { return c; }
-
-template <>
-math::AdamCoef<float> narrow(const math::AdamCoef<double>& c) {
-  return {float(c.lr), float(c.beta1), float(c.beta2), float(c.eps), float(c.weight_decay),
-          float(c.step_size), float(c.bias_correction2_sqrt), float(c.inv_grad_scale),
-          c.has_weight_decay, c.decoupled_weight_decay, c.amsgrad, c.maximize,
-          float(c.one_minus_beta1), float(c.one_minus_beta2)};
-}
-template <>
-math::AdamCoef<double> narrow(const math::AdamCoef<double>& c) { return c; }
-
-// Math type of a stored type: float for the half types, like torch.
-template <typename S>
-struct MathType { using type = S; };
-template <>
-struct MathType<c10::Half> { using type = float; };
-template <>
-struct MathType<c10::BFloat16> { using type = float; };
-
 // Loads and stores of N math-type vectors from a stored-type pointer. For
 // float/double N = 1; for the half types one stored vector widens to two.
 template <typename S>
@@ -91,20 +61,19 @@ struct HalfLanes {
     out[0] = std::get<0>(wide);
     out[1] = std::get<1>(wide);
   }
-  static void store(H* p, const Vectorized<float>* in) {
-    at::vec::convert_from_float<H>(in[0], in[1]).store(p);
-  }
+  static void store(H* p, const Vectorized<float>* in) { at::vec::convert_from_float<H>(in[0], in[1]).store(p); }
 };
 template <>
 struct Lanes<c10::Half> : HalfLanes<c10::Half> {};
 template <>
 struct Lanes<c10::BFloat16> : HalfLanes<c10::BFloat16> {};
 
+// The coefficients are taken by value: through a reference, every store to
+// the float rows could alias them and force the loop to reload them.
 template <typename S>
-void sgd_range(const Slot& s, int64_t lo, int64_t hi, const math::SGDCoef<double>& coef) {
-  using M = typename MathType<S>::type;
+void sgd_range(const Slot& s, int64_t lo, int64_t hi, const math::SGDCoef<math::MathType<S>> c) {
+  using M = math::MathType<S>;
   using L = Lanes<S>;
-  const auto c = narrow<M, math::SGDCoef>(coef);
   auto* p = static_cast<S*>(s.param);
   const auto* g = static_cast<const S*>(s.grad);
   auto* buf = static_cast<S*>(s.state0);
@@ -127,10 +96,9 @@ void sgd_range(const Slot& s, int64_t lo, int64_t hi, const math::SGDCoef<double
 }
 
 template <typename S>
-void adam_range(const Slot& s, int64_t lo, int64_t hi, const math::AdamCoef<double>& coef) {
-  using M = typename MathType<S>::type;
+void adam_range(const Slot& s, int64_t lo, int64_t hi, const math::AdamCoef<math::MathType<S>> c) {
+  using M = math::MathType<S>;
   using L = Lanes<S>;
-  const auto c = narrow<M, math::AdamCoef>(coef);
   auto* p = static_cast<S*>(s.param);
   const auto* g = static_cast<const S*>(s.grad);
   auto* m = static_cast<S*>(s.state0);
@@ -182,8 +150,7 @@ void for_each_piece(const std::vector<Slot>& slots, size_t first, size_t last, c
   int64_t total = 0;
   for (size_t i = first; i < last; ++i) ends[i - first] = (total += slots[i].numel);
   if (total == 0) return;
-  const int64_t threads =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerThread));
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerThread));
   const int64_t chunks = threads == 1 ? 1 : std::min(threads * kChunksPerThread, total / kAlign);
   // Where chunk c starts: an even share of the total, moved back to the
   // nearest multiple of kAlign within the tensor it falls in.
@@ -240,19 +207,30 @@ void dispatch_dtype(at::ScalarType dtype, const Fn& fn) {
   }
 }
 
+// Calls body(S{}, slot, lo, hi) for every piece of the launch (for_each_wave),
+// S the slot's stored type.
+template <typename Launch, typename Body>
+void for_each_typed_piece(const Launch& launch, const Body& body) {
+  for_each_wave(launch, [&](size_t t, int64_t lo, int64_t hi) {
+    dispatch_dtype(launch.slots[t].dtype, [&](auto tag) { body(tag, t, lo, hi); });
+  });
+}
+
 }  // namespace
 
 void run_sgd(const SGDLaunch& launch) {
-  for_each_wave(launch, [&](size_t t, int64_t lo, int64_t hi) {
-    const Slot& s = launch.slots[t];
-    dispatch_dtype(s.dtype, [&](auto tag) { sgd_range<decltype(tag)>(s, lo, hi, launch.coef); });
+  for_each_typed_piece(launch, [&](auto tag, size_t t, int64_t lo, int64_t hi) {
+    using S = decltype(tag);
+    sgd_range<S>(launch.slots[t], lo, hi,
+                 math::sgd_coef<math::MathType<S>>(launch.hyper, launch.lr, launch.grad_scale));
   });
 }
 
 void run_adam(const AdamLaunch& launch) {
-  for_each_wave(launch, [&](size_t t, int64_t lo, int64_t hi) {
-    const Slot& s = launch.slots[t];
-    dispatch_dtype(s.dtype, [&](auto tag) { adam_range<decltype(tag)>(s, lo, hi, launch.coefs[t]); });
+  for_each_typed_piece(launch, [&](auto tag, size_t t, int64_t lo, int64_t hi) {
+    using S = decltype(tag);
+    const auto c = math::adam_coef<math::MathType<S>>(launch.hyper, launch.lr, launch.grad_scale, launch.steps[t]);
+    adam_range<S>(launch.slots[t], lo, hi, c);
   });
 }
 

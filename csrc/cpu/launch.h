@@ -1,6 +1,7 @@
-// What the CPU op wrappers hand to the vectorised kernels: raw pointers of the
-// unfrozen, non-empty tensors only (frozen ones never get here, so none of
-// their memory is read), plus the per-tensor update coefficients.
+// What the CPU op bodies and the step plan hand to the vectorised kernels: raw
+// pointers of the unfrozen, non-empty tensors only (frozen ones never get
+// here, so none of their memory is read), plus what the update coefficients
+// are built from (update_math.h).
 //
 // kernels.cpp is compiled once per CPU capability (DEFAULT, AVX2, AVX512),
 // each copy in its own namespace; run_*_best below picks one at run time.
@@ -29,18 +30,22 @@ struct Slot {
   at::ScalarType dtype;
 };
 
-// wave_ends: the slots run in consecutive waves ending at these indices (see
-// layout.h's wave_ends); empty means one wave of all slots.
-struct SGDLaunch {
+// One step's work for the kernels: the slots, run in consecutive waves ending
+// at wave_ends (see layout.h's wave_ends; empty: one wave of all slots), and
+// what the coefficients are built from.
+template <typename Hyper>
+struct Launch {
   std::vector<Slot> slots;
   std::vector<size_t> wave_ends;
-  math::SGDCoef<double> coef;
+  Hyper hyper;
+  double lr;
+  double grad_scale;
 };
 
-struct AdamLaunch {
-  std::vector<Slot> slots;
-  std::vector<size_t> wave_ends;
-  std::vector<math::AdamCoef<double>> coefs;  // one per slot: the step differs per tensor
+using SGDLaunch = Launch<math::SGDHyper>;
+
+struct AdamLaunch : Launch<math::AdamHyper> {
+  std::vector<math::AdamStepScalars> steps;  // one per slot: the step count may differ per tensor
 };
 
 #define FROZENOPT_DECLARE_KERNELS(cap)     \

@@ -1,19 +1,20 @@
 // CPU bodies of the step ops: checks, AMP skip, the mask, then one call into
 // the kernel built for the best capability this CPU (or ATEN_CPU_CAPABILITY)
 // allows (launch.h picks it, for the step plan too).
+#include "ops_cpu.h"
+
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include "../layout.h"
-#include "../ops.h"
-#include "launch.h"
+#include "../op_entry.h"
 
 namespace frozenopt {
 namespace cpu {
 namespace {
 
 // Per-param frozen flags, read on the host (the mask is a CPU tensor here).
-std::vector<uint8_t> frozen_flags(const std::optional<at::Tensor>& mask, size_t n) {
+std::vector<uint8_t> frozen_flags(const OptTensor& mask, size_t n) {
   std::vector<uint8_t> flags(n, 0);
   if (!mask.has_value()) return flags;
   const at::Tensor m = mask->to(at::kByte).contiguous();
@@ -29,8 +30,9 @@ std::vector<uint8_t> frozen_flags(const std::optional<at::Tensor>& mask, size_t 
 class SlotBuilder {
  public:
   Slot add(const at::Tensor& p, const at::Tensor& g, std::initializer_list<at::Tensor> states) {
-    bool in_place = walkable(*p.unsafeGetTensorImpl()) && same_layout(*g.unsafeGetTensorImpl(), *p.unsafeGetTensorImpl());
-    for (const auto& s : states) in_place = in_place && (!s.defined() || same_layout(*s.unsafeGetTensorImpl(), *p.unsafeGetTensorImpl()));
+    const c10::TensorImpl& pi = *p.unsafeGetTensorImpl();
+    bool in_place = walkable(pi) && same_layout(*g.unsafeGetTensorImpl(), pi);
+    for (const auto& s : states) in_place = in_place && (!s.defined() || same_layout(*s.unsafeGetTensorImpl(), pi));
     void* ptrs[3] = {nullptr, nullptr, nullptr};
     int k = 0;
     for (const auto& s : states) ptrs[k++] = !s.defined() ? nullptr : in_place ? s.data_ptr() : keep(s).data_ptr();
@@ -56,22 +58,33 @@ class SlotBuilder {
   std::vector<at::Tensor> grads_;
 };
 
-// Steps params[active[k]] for every k, wave by wave (layout.h's wave_ends):
-// add(builder, k) appends the slot (and what else the launch holds per slot)
-// to launch, run(launch) runs the kernels. Copies are made just before their
-// wave runs and written back right after it, so a param that shares memory
-// with an earlier one sees its update.
-template <typename Launch, typename Add, typename Run>
-void step_in_waves(at::TensorList params, const std::vector<size_t>& active, Launch& launch, const Add& add,
-                   const Run& run) {
+// The body of a CPU op: reads the scalars and checks the hyper-parameters
+// into the launch, and when found_inf does not skip the step, calls
+// unfrozen(i) for every unfrozen param, then steps the non-empty ones wave by
+// wave (layout.h's wave_ends): add(launch, builder, i) appends param i's slot
+// (and what else the launch holds per slot), run(launch) runs the kernels.
+// Copies are made just before their wave runs and written back right after
+// it, so a param that shares memory with an earlier one sees its update.
+template <typename Launch, typename Hyper, typename Unfrozen, typename Add, typename Run>
+void step(at::TensorList params, const OptionalTensors& opt, double lr, const Hyper& hyper, const Unfrozen& unfrozen,
+          const Add& add, const Run& run) {
+  Launch launch;
+  if (!prepare_step(launch, lr, hyper, opt)) return;
+  const auto frozen = frozen_flags(opt.mask, params.size());
   std::vector<Span> spans;
-  spans.reserve(active.size());
-  for (const size_t i : active) spans.push_back(span_of(*params[i].unsafeGetTensorImpl(), params[i].data_ptr()));
+  std::vector<size_t> active;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (frozen[i]) continue;
+    unfrozen(i);
+    if (params[i].numel() == 0) continue;
+    active.push_back(i);
+    spans.push_back(span_of(*params[i].unsafeGetTensorImpl(), params[i].data_ptr()));
+  }
   SlotBuilder builder;
   size_t first = 0;
   for (const size_t end : wave_ends(spans)) {
     launch.slots.clear();
-    for (size_t k = first; k < end; ++k) launch.slots.push_back(add(builder, k));
+    for (size_t k = first; k < end; ++k) launch.slots.push_back(add(launch, builder, active[k]));
     run(launch);
     builder.write_back();
     first = end;
@@ -80,93 +93,31 @@ void step_in_waves(at::TensorList params, const std::vector<size_t>& active, Lau
 
 }  // namespace
 
-void sgd_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-          const std::optional<at::Tensor>& mask, double lr, const std::optional<at::Tensor>& lr_tensor,
-          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-          bool is_first_step, const std::optional<at::Tensor>& grad_scale,
-          const std::optional<at::Tensor>& found_inf) {
-  const bool has_momentum = momentum != 0.0;
-  check_step_args("frozenopt::sgd_", params, grads,
-                  has_momentum ? std::initializer_list<NamedList>{{"momentum_buffers", momentum_buffers}}
-                               : std::initializer_list<NamedList>{},
-                  mask, lr_tensor, grad_scale, found_inf);
-  lr = value_of(lr_tensor, lr);
-  check_sgd_hyper(lr, momentum, dampening, weight_decay, nesterov);
-  if (skipped_for_overflow(found_inf)) return;
-
-  SGDLaunch launch;
-  launch.coef = {lr, momentum, 1.0 - dampening, weight_decay, 1.0 / value_of(grad_scale, 1.0),
-                 weight_decay != 0.0, has_momentum, nesterov, maximize, is_first_step};
-  const auto frozen = frozen_flags(mask, params.size());
-  std::vector<size_t> active;
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!frozen[i] && params[i].numel() > 0) active.push_back(i);
-  }
-  step_in_waves(
-      params, active, launch,
-      [&](SlotBuilder& b, size_t k) {
-        const size_t i = active[k];
-        return b.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()});
-      },
-      [](const SGDLaunch& l) { run_sgd_best(l); });
+void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper) {
+  step<SGDLaunch>(
+      t.params, opt, lr, hyper, [](size_t) {},
+      [&](SGDLaunch&, SlotBuilder& b, size_t i) { return b.add(t.params[i], t.grads[i], {t.momentum_buffer(i)}); },
+      run_sgd_best);
 }
 
-void adam_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-           at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const std::optional<at::Tensor>& mask,
-           double lr, const std::optional<at::Tensor>& lr_tensor, double beta1, double beta2,
-           double weight_decay, double eps, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  if (amsgrad) {
-    check_step_args("frozenopt::adam_", params, grads,
-                    {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs}},
-                    mask, lr_tensor, grad_scale, found_inf);
-  } else {
-    check_step_args("frozenopt::adam_", params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}},
-                    mask, lr_tensor, grad_scale, found_inf);
-  }
-  check_steps("frozenopt::adam_", params, state_steps);
-  lr = value_of(lr_tensor, lr);
-  check_adam_hyper(lr, beta1, beta2, weight_decay, eps);
-  if (skipped_for_overflow(found_inf)) return;
-
-  math::AdamCoef<double> base{};
-  base.lr = lr;
-  base.beta1 = beta1;
-  base.beta2 = beta2;
-  base.eps = eps;
-  base.weight_decay = weight_decay;
-  base.inv_grad_scale = 1.0 / value_of(grad_scale, 1.0);
-  base.has_weight_decay = weight_decay != 0.0;
-  base.decoupled_weight_decay = decoupled_weight_decay;
-  base.amsgrad = amsgrad;
-  base.maximize = maximize;
-
-  const auto frozen = frozen_flags(mask, params.size());
-  std::vector<size_t> active;
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (frozen[i]) continue;
-    // The step counter advances even for an empty tensor, as in torch.optim.
-    *state_steps[i].data_ptr<float>() += 1.0f;
-    if (params[i].numel() > 0) active.push_back(i);
-  }
-  AdamLaunch launch;
-  step_in_waves(
-      params, active, launch,
-      [&](SlotBuilder& b, size_t k) {
-        const size_t i = active[k];
-        if (launch.slots.empty()) launch.coefs.clear();  // a new wave
-        math::AdamCoef<double> coef = base;
-        math::adam_step_scalars(coef, lr, beta1, beta2, double(*state_steps[i].data_ptr<float>()));
-        launch.coefs.push_back(coef);
-        return b.add(params[i], grads[i], {exp_avgs[i], exp_avg_sqs[i], amsgrad ? max_exp_avg_sqs[i] : at::Tensor()});
+void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper) {
+  StepScalarCache step_scalars;
+  step<AdamLaunch>(
+      t.params, opt, lr, hyper,
+      // The step counter advances even for an empty tensor, as in torch.optim.
+      [&](size_t i) { *t.state_steps[i].data_ptr<float>() += 1.0f; },
+      [&](AdamLaunch& launch, SlotBuilder& b, size_t i) {
+        if (launch.slots.empty()) launch.steps.clear();  // a new wave
+        launch.steps.push_back(step_scalars.get(launch, *t.state_steps[i].data_ptr<float>()));
+        return b.add(t.params[i], t.grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], t.max_exp_avg_sq(i)});
       },
-      [](const AdamLaunch& l) { run_adam_best(l); });
+      run_adam_best);
 }
 
 }  // namespace cpu
 }  // namespace frozenopt
 
 TORCH_LIBRARY_IMPL(frozenopt, CPU, m) {
-  m.impl("sgd_", &frozenopt::cpu::sgd_);
-  m.impl("adam_", &frozenopt::cpu::adam_);
+  m.impl("sgd_", &frozenopt::sgd_op<frozenopt::cpu::sgd>);
+  m.impl("adam_", &frozenopt::adam_op<frozenopt::cpu::adam>);
 }

@@ -31,27 +31,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "../multi_tensor/kernel_args.h"
+#include "../multi_tensor/launch_plan.h"
 #include "../update_math.h"
-#include "kernel_args.h"
-#include "launch_plan.h"
 
 #define FROZENOPT_DEVICE __device__ __forceinline__
 
 namespace frozenopt {
 namespace cuda {
-
-template <typename S>
-struct MathOf {
-  using type = S;
-};
-template <>
-struct MathOf<c10::Half> {
-  using type = float;
-};
-template <>
-struct MathOf<c10::BFloat16> {
-  using type = float;
-};
 
 FROZENOPT_DEVICE double read_scalar(const ScalarArg& s) {
   if (s.ptr == nullptr) return s.value;
@@ -155,146 +142,117 @@ FROZENOPT_DEVICE S* row_ptr(const MetaT& meta, int row, const BlockSpan& s) {
   return static_cast<S*>(meta.addresses[row][s.slot]) + s.offset;
 }
 
-// ---------------------------------------------------------------- SGD
-
-template <typename M>
-FROZENOPT_DEVICE math::SGDCoef<M> sgd_coef(const SGDArgs& a, bool has_momentum) {
-  math::SGDCoef<M> c;
-  c.lr = M(read_scalar(a.common.lr));
-  c.momentum = M(a.momentum);
-  c.one_minus_dampening = M(1.0 - a.dampening);
-  c.weight_decay = M(a.weight_decay);
-  c.inv_grad_scale = M(1.0 / read_scalar(a.common.grad_scale));
-  c.has_weight_decay = a.weight_decay != 0.0;
-  c.has_momentum = has_momentum;
-  c.nesterov = a.nesterov;
-  c.maximize = a.maximize;
-  c.first_step = a.first_step;
-  return c;
-}
-
-template <bool kVector, bool kMomentum, typename S, typename M>
-FROZENOPT_DEVICE void sgd_group(S* __restrict__ p, const S* __restrict__ g, S* __restrict__ buf, int i, int n,
-                                const math::SGDCoef<M>& c) {
-  const bool load_buf = kMomentum && !c.first_step;
-  S rp[mt::kILP], rg[mt::kILP], rb[mt::kILP] = {};
-  load<kVector>(rp, p, i, n);
-  load<kVector>(rg, g, i, n);
-  if (load_buf) load<kVector>(rb, buf, i, n);
+// This thread's kILP elements of a chunk from element i (see load/store) in
+// every row of a step (param, grad, states): loads row r where loaded[r] (a
+// row not loaded reads as 0), calls update(v) element by element with v[r]
+// the value of row r in the math type M, stores row r where stored[r].
+template <bool kVector, typename M, int N, typename S, typename Update>
+FROZENOPT_DEVICE void step_group(S* const (&rows)[N], const bool (&loaded)[N], const bool (&stored)[N], int i, int n,
+                                 const Update& update) {
+  S values[N][mt::kILP] = {};
+#pragma unroll
+  for (int r = 0; r < N; ++r) {
+    if (loaded[r]) load<kVector>(values[r], rows[r], i, n);
+  }
 #pragma unroll
   for (int k = 0; k < mt::kILP; ++k) {
-    M vp = M(rp[k]);
-    M vb = M(rb[k]);
-    math::sgd_update(vp, M(rg[k]), &vb, c);
-    rp[k] = S(vp);
-    rb[k] = S(vb);
+    M v[N];
+#pragma unroll
+    for (int r = 0; r < N; ++r) v[r] = M(values[r][k]);
+    update(v);
+#pragma unroll
+    for (int r = 0; r < N; ++r) values[r][k] = S(v[r]);
   }
-  store<kVector>(p, rp, i, n);
-  if (kMomentum) store<kVector>(buf, rb, i, n);
+#pragma unroll
+  for (int r = 0; r < N; ++r) {
+    if (stored[r]) store<kVector>(rows[r], values[r], i, n);
+  }
 }
 
-template <typename S, bool kMomentum, typename MetaT>
-__global__ void __launch_bounds__(mt::kBlockThreads) sgd_kernel(MetaT meta, SGDArgs args) {
-  using M = typename MathOf<S>::type;
-  __shared__ math::SGDCoef<M> coef;
-  __shared__ int skip;
-  const BlockSpan span = block_span(meta);
-  if (threadIdx.x == 0) {
-    // Mask, found_inf, lr and grad_scale are independent loads of memory
-    // that is always readable: one round trip, then the block's decision.
-    skip = skip_tensor(args.common, meta.tensor_id[span.slot]);
-    coef = sgd_coef<M>(args, kMomentum);
+// The block's work on its chunk: rows[r] from the metadata's address row
+// row_ids[r], packs when every row used is aligned for them.
+template <typename M, int N, typename S, typename MetaT, typename Update>
+FROZENOPT_DEVICE void step_chunk(const MetaT& meta, const BlockSpan& span, const int (&row_ids)[N],
+                                 const bool (&loaded)[N], const bool (&stored)[N], const Update& update) {
+  S* rows[N];
+  bool aligned = true;
+#pragma unroll
+  for (int r = 0; r < N; ++r) {
+    const bool used = loaded[r] || stored[r];
+    rows[r] = used ? row_ptr<S>(meta, row_ids[r], span) : nullptr;
+    aligned = aligned && (!used || aligned_for_pack<S>(rows[r]));
   }
-  __syncthreads();
-  if (skip) return;  // frozen or overflow: nothing of this tensor is loaded
-  const math::SGDCoef<M> c = coef;
-  S* p = row_ptr<S>(meta, row::kParam, span);
-  const S* g = row_ptr<S>(meta, row::kGrad, span);
-  S* buf = kMomentum ? row_ptr<S>(meta, row::kMomentum, span) : nullptr;
-  const bool aligned = aligned_for_pack<S>(p) && aligned_for_pack<S>(g) && (!kMomentum || aligned_for_pack<S>(buf));
   for_each_group(span.n, aligned, [&](auto vector, int i, int n) {
-    sgd_group<decltype(vector)::value, kMomentum>(p, g, buf, i, n, c);
+    step_group<decltype(vector)::value, M>(rows, loaded, stored, i, n, update);
   });
 }
 
-// ---------------------------------------------------------------- Adam / AdamW
-
-// The Adam coefficients of a tensor from the launch arguments and what the
-// step launch worked out for it (narrowed from double to M, as
-// adam_step_scalars narrows them).
-template <typename M>
-FROZENOPT_DEVICE math::AdamCoef<M> adam_coef(const AdamArgs& a, const AdamTensorScalars& s) {
-  math::AdamCoef<M> c;
-  c.lr = M(read_scalar(a.common.lr));
-  c.beta1 = M(a.beta1);
-  c.beta2 = M(a.beta2);
-  c.eps = M(a.eps);
-  c.weight_decay = M(a.weight_decay);
-  c.inv_grad_scale = M(1.0 / read_scalar(a.common.grad_scale));
-  c.has_weight_decay = a.weight_decay != 0.0;
-  c.decoupled_weight_decay = a.decoupled_weight_decay;
-  c.amsgrad = a.amsgrad;
-  c.maximize = a.maximize;
-  c.step_size = M(s.step_size);
-  c.bias_correction2_sqrt = M(s.bias_correction2_sqrt);
-  c.one_minus_beta1 = M(s.one_minus_beta1);
-  c.one_minus_beta2 = M(s.one_minus_beta2);
-  return c;
-}
-
-template <bool kVector, bool kAmsgrad, typename S, typename M>
-FROZENOPT_DEVICE void adam_group(S* __restrict__ p, const S* __restrict__ g, S* __restrict__ m,
-                                 S* __restrict__ v, S* __restrict__ vmax, int i, int n,
-                                 const math::AdamCoef<M>& c) {
-  S rp[mt::kILP], rg[mt::kILP], rm[mt::kILP], rv[mt::kILP], rx[mt::kILP] = {};
-  load<kVector>(rp, p, i, n);
-  load<kVector>(rg, g, i, n);
-  load<kVector>(rm, m, i, n);
-  load<kVector>(rv, v, i, n);
-  if (kAmsgrad) load<kVector>(rx, vmax, i, n);
-#pragma unroll
-  for (int k = 0; k < mt::kILP; ++k) {
-    M vp = M(rp[k]), vm = M(rm[k]), vv = M(rv[k]), vx = M(rx[k]);
-    math::adam_update(vp, M(rg[k]), vm, vv, &vx, c);
-    rp[k] = S(vp);
-    rm[k] = S(vm);
-    rv[k] = S(vv);
-    rx[k] = S(vx);
+// Thread 0 reads what decides the block, decide() returning {skip, coef};
+// the block shares it through shared memory. Returns whether the block steps
+// (false: frozen or overflow, and nothing of its tensor is loaded).
+template <typename Coef, typename Decide>
+FROZENOPT_DEVICE bool block_coef(Coef& out, const Decide& decide) {
+  __shared__ Coef coef;
+  __shared__ int skip;
+  if (threadIdx.x == 0) {
+    const auto decided = decide();
+    skip = decided.skip;
+    coef = decided.coef;
   }
-  store<kVector>(p, rp, i, n);
-  store<kVector>(m, rm, i, n);
-  store<kVector>(v, rv, i, n);
-  if (kAmsgrad) store<kVector>(vmax, rx, i, n);
+  __syncthreads();
+  out = coef;
+  return !skip;
 }
+
+template <typename Coef>
+struct Decided {
+  int skip;
+  Coef coef;
+};
+
+// ---------------------------------------------------------------- SGD
+
+template <typename S, bool kMomentum, typename MetaT>
+__global__ void __launch_bounds__(mt::kBlockThreads) sgd_kernel(MetaT meta, SGDArgs args) {
+  using M = math::MathType<S>;
+  const BlockSpan span = block_span(meta);
+  math::SGDCoef<M> c;
+  // Mask, found_inf, lr and grad_scale are independent loads of memory that
+  // is always readable: one round trip, then the block's decision.
+  const bool steps = block_coef(c, [&] {
+    return Decided<math::SGDCoef<M>>{
+        skip_tensor(args.common, meta.tensor_id[span.slot]),
+        math::sgd_coef<M>(args.hyper, read_scalar(args.common.lr), read_scalar(args.common.grad_scale))};
+  });
+  if (!steps) return;
+  const int rows[] = {row::kParam, row::kGrad, row::kMomentum};
+  const bool loaded[] = {true, true, kMomentum && !c.first_step};
+  const bool stored[] = {true, false, kMomentum};
+  step_chunk<M, 3, S>(meta, span, rows, loaded, stored, [&](M(&v)[3]) { math::sgd_update(v[0], v[1], &v[2], c); });
+}
+
+// ---------------------------------------------------------------- Adam / AdamW
 
 // Reads what step_kernel (an earlier launch on the same stream) wrote for
 // this tensor: skip, and the step's scalars; every block of a tensor reads
 // the same.
 template <typename S, bool kAmsgrad, typename MetaT>
 __global__ void __launch_bounds__(mt::kBlockThreads) adam_kernel(MetaT meta, AdamArgs args) {
-  using M = typename MathOf<S>::type;
-  __shared__ math::AdamCoef<M> coef;
-  __shared__ int skip;
+  using M = math::MathType<S>;
   const BlockSpan span = block_span(meta);
-  if (threadIdx.x == 0) {
-    // The tensor's scalars, lr and grad_scale: independent loads, one round trip.
+  math::AdamCoef<M> c;
+  // The tensor's scalars, lr and grad_scale: independent loads, one round trip.
+  const bool steps = block_coef(c, [&] {
     const AdamTensorScalars s = args.tensor_scalars[meta.tensor_id[span.slot]];
-    skip = s.skip;
-    coef = adam_coef<M>(args, s);
-  }
-  __syncthreads();
-  if (skip) return;  // frozen or overflow: nothing of this tensor is loaded
-  const math::AdamCoef<M> c = coef;
-  S* p = row_ptr<S>(meta, row::kParam, span);
-  const S* g = row_ptr<S>(meta, row::kGrad, span);
-  S* m = row_ptr<S>(meta, row::kExpAvg, span);
-  S* v = row_ptr<S>(meta, row::kExpAvgSq, span);
-  S* vmax = kAmsgrad ? row_ptr<S>(meta, row::kMaxExpAvgSq, span) : nullptr;
-  const bool aligned = aligned_for_pack<S>(p) && aligned_for_pack<S>(g) && aligned_for_pack<S>(m) &&
-                       aligned_for_pack<S>(v) && (!kAmsgrad || aligned_for_pack<S>(vmax));
-  for_each_group(span.n, aligned, [&](auto vector, int i, int n) {
-    adam_group<decltype(vector)::value, kAmsgrad>(p, g, m, v, vmax, i, n, c);
+    const double lr = read_scalar(args.common.lr), grad_scale = read_scalar(args.common.grad_scale);
+    return Decided<math::AdamCoef<M>>{s.skip, math::adam_coef<M>(args.hyper, lr, grad_scale, s.step)};
   });
+  if (!steps) return;
+  const int rows[] = {row::kParam, row::kGrad, row::kExpAvg, row::kExpAvgSq, row::kMaxExpAvgSq};
+  const bool loaded[] = {true, true, true, true, kAmsgrad};
+  const bool stored[] = {true, false, true, true, kAmsgrad};
+  step_chunk<M, 5, S>(meta, span, rows, loaded, stored,
+                      [&](M(&v)[5]) { math::adam_update(v[0], v[1], v[2], v[3], &v[4], c); });
 }
 
 // One thread per tensor of the op, a launch of its own before the Adam
@@ -313,12 +271,7 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(StepMetaT meta, Adam
   if (out.skip) return;  // a frozen tensor's step counter is not touched
   const float step = *meta.step[i] + 1.0f;
   *meta.step[i] = step;
-  math::AdamCoef<double> c;
-  math::adam_step_scalars(c, read_scalar(args.common.lr), args.beta1, args.beta2, double(step));
-  out.step_size = c.step_size;
-  out.bias_correction2_sqrt = c.bias_correction2_sqrt;
-  out.one_minus_beta1 = c.one_minus_beta1;
-  out.one_minus_beta2 = c.one_minus_beta2;
+  out.step = math::adam_step_scalars(read_scalar(args.common.lr), args.hyper, double(step));
 }
 
 // ---------------------------------------------------------------- launchers
@@ -344,12 +297,14 @@ int launch_elementwise(const std::vector<mt::TensorRef>& refs, Kernel kernel, co
 }
 
 template <typename S, size_t Budget, typename Launcher>
-int launch_sgd_typed(const std::vector<mt::TensorRef>& refs, const SGDArgs& args, bool has_momentum,
-                     Launcher& launch, const LimitOverride& lim = {}) {
+int launch_sgd_typed(const std::vector<mt::TensorRef>& refs, const SGDArgs& args, Launcher& launch,
+                     const LimitOverride& lim = {}) {
   using Meta3 = mt::MetaFor<3, Budget>;
   using Meta2 = mt::MetaFor<2, Budget>;
   static_assert(sizeof(Meta3) + mt::kReservedArgBytes <= Budget, "kernel arguments over budget");
-  if (has_momentum) return launch_elementwise<Meta3>(refs, &sgd_kernel<S, true, Meta3>, args, launch, lim);
+  if (args.hyper.momentum != 0.0) {
+    return launch_elementwise<Meta3>(refs, &sgd_kernel<S, true, Meta3>, args, launch, lim);
+  }
   return launch_elementwise<Meta2>(refs, &sgd_kernel<S, false, Meta2>, args, launch, lim);
 }
 
@@ -359,7 +314,7 @@ int launch_adam_typed(const std::vector<mt::TensorRef>& refs, const AdamArgs& ar
   using Meta6 = mt::MetaFor<6, Budget>;
   using Meta5 = mt::MetaFor<5, Budget>;
   static_assert(sizeof(Meta6) + mt::kReservedArgBytes <= Budget, "kernel arguments over budget");
-  if (args.amsgrad) return launch_elementwise<Meta6>(refs, &adam_kernel<S, true, Meta6>, args, launch, lim);
+  if (args.hyper.amsgrad) return launch_elementwise<Meta6>(refs, &adam_kernel<S, true, Meta6>, args, launch, lim);
   return launch_elementwise<Meta5>(refs, &adam_kernel<S, false, Meta5>, args, launch, lim);
 }
 
@@ -407,14 +362,25 @@ inline std::map<DType, std::vector<mt::TensorRef>> group_by_dtype(const std::vec
   return groups;
 }
 
+// run(std::integral_constant<size_t, Budget>) with the kernels of `budget`;
+// 4 KB where the 32 KB kernels are not built.
+template <typename Run>
+int with_budget(size_t budget, Run&& run) {
+#if !defined(FROZENOPT_SMALL_KERNEL_ARGS)
+  if (budget == mt::kLargeArgBytes) return run(std::integral_constant<size_t, mt::kLargeArgBytes>{});
+#endif
+  return run(std::integral_constant<size_t, mt::kSmallArgBytes>{});
+}
+
 // A whole SGD op: one launch group per dtype. Returns the launch count.
 template <size_t Budget, typename Launcher>
-int run_sgd(const std::vector<OpTensor>& tensors, const SGDArgs& args, bool has_momentum, Launcher& launch,
+int run_sgd(const std::vector<OpTensor>& tensors, const SGDArgs& args, Launcher& launch,
             const LimitOverride& lim = {}) {
   int launches = 0;
-  for (const auto& [dtype, refs] : group_by_dtype(tensors, has_momentum ? 3 : 2)) {
+  for (const auto& [dtype, refs] : group_by_dtype(tensors, args.hyper.momentum != 0.0 ? 3 : 2)) {
     dispatch_dtype(dtype, [&](auto tag) {
-      launches += launch_sgd_typed<decltype(tag), Budget>(refs, args, has_momentum, launch, lim);
+      using S = decltype(tag);
+      launches += launch_sgd_typed<S, Budget>(refs, args, launch, lim);
     });
   }
   return launches;
@@ -435,8 +401,11 @@ int run_adam(const std::vector<OpTensor>& tensors, const AdamArgs& args, Launche
     ids[i] = static_cast<int32_t>(i);
   }
   int launches = launch_steps_typed<Budget>(steps, ids, args, launch, lim);
-  for (const auto& [dtype, refs] : group_by_dtype(tensors, args.amsgrad ? 6 : 5)) {
-    dispatch_dtype(dtype, [&](auto tag) { launches += launch_adam_typed<decltype(tag), Budget>(refs, args, launch, lim); });
+  for (const auto& [dtype, refs] : group_by_dtype(tensors, args.hyper.amsgrad ? 6 : 5)) {
+    dispatch_dtype(dtype, [&](auto tag) {
+      using S = decltype(tag);
+      launches += launch_adam_typed<S, Budget>(refs, args, launch, lim);
+    });
   }
   return launches;
 }

@@ -6,7 +6,7 @@
 #include <cstddef>
 #include <vector>
 
-#include "kernel_args.h"
+#include "../multi_tensor/kernel_args.h"
 
 namespace frozenopt {
 namespace cuda {
@@ -20,8 +20,7 @@ size_t kernel_arg_budget(int device);
 // in kernels.cuh); each returns the number of kernel launches it issued.
 // launch_adam needs args.tensor_scalars: tensors.size() entries of device
 // memory (adam_scratch_bytes), free to reuse once the launches have run.
-int launch_sgd(const std::vector<OpTensor>& tensors, const SGDArgs& args, bool has_momentum, size_t budget,
-               void* stream);
+int launch_sgd(const std::vector<OpTensor>& tensors, const SGDArgs& args, size_t budget, void* stream);
 int launch_adam(const std::vector<OpTensor>& tensors, const AdamArgs& args, size_t budget, void* stream);
 
 inline size_t adam_scratch_bytes(size_t tensors) { return tensors * sizeof(AdamTensorScalars); }

@@ -6,10 +6,9 @@
 namespace frozenopt {
 namespace cuda {
 
-int launch_sgd(const std::vector<OpTensor>& tensors, const SGDArgs& args, bool has_momentum, size_t budget,
-               void* stream) {
+int launch_sgd(const std::vector<OpTensor>& tensors, const SGDArgs& args, size_t budget, void* stream) {
   StreamLauncher launcher{static_cast<cudaStream_t>(stream)};
-  return with_budget(budget, [&](auto b) { return run_sgd<decltype(b)::value>(tensors, args, has_momentum, launcher); });
+  return with_budget(budget, [&](auto b) { return run_sgd<decltype(b)::value>(tensors, args, launcher); });
 }
 
 }  // namespace cuda

@@ -21,7 +21,7 @@
 #include "ops_cuda.h"
 
 #include "../layout.h"
-#include "../ops.h"
+#include "../op_entry.h"
 #include "launch.h"
 
 namespace frozenopt {
@@ -58,17 +58,23 @@ ScalarArg scalar_arg(const char* op, const char* what, const OptTensor& t, doubl
   return {t->data_ptr(), t->scalar_type() == at::kDouble ? 1 : 0, 0.0};
 }
 
-StepArgs step_args(const char* op, const OptTensor& mask, const OptTensor& lr_tensor, double lr,
-                   const OptTensor& grad_scale, const OptTensor& found_inf, std::vector<at::Tensor>& keep) {
+// A CPU lr tensor is a host value; a CUDA one is read by the kernels, and
+// the hyper-parameter checks do not see it.
+double host_lr(const OptTensor& lr_tensor, double lr) {
+  if (!lr_tensor.has_value()) return lr;
+  return lr_tensor->is_cpu() ? lr_tensor->item<double>() : 0.0;
+}
+
+StepArgs step_args(const char* op, double lr, const OptionalTensors& opt, std::vector<at::Tensor>& keep) {
   StepArgs a{};
-  if (mask.has_value()) {
-    at::Tensor m = mask->contiguous();  // bool and uint8 are both one byte per entry
+  if (opt.mask.has_value()) {
+    at::Tensor m = opt.mask->contiguous();  // bool and uint8 are both one byte per entry
     keep.push_back(m);
     a.mask = static_cast<const uint8_t*>(m.data_ptr());
   }
-  a.found_inf = scalar_arg(op, "found_inf", found_inf, 0.0);
-  a.grad_scale = scalar_arg(op, "grad_scale", grad_scale, 1.0);
-  a.lr = scalar_arg(op, "lr", lr_tensor, lr);
+  a.found_inf = scalar_arg(op, "found_inf", opt.found_inf, 0.0);
+  a.grad_scale = scalar_arg(op, "grad_scale", opt.grad_scale, 1.0);
+  a.lr = scalar_arg(op, "lr", opt.lr, lr);
   return a;
 }
 
@@ -133,55 +139,26 @@ void in_waves(at::TensorList params, const Add& add, const Launch& launch) {
 
 void* stream_of(const at::Device& device) { return c10::cuda::getCurrentCUDAStream(device.index()).stream(); }
 
-// A CPU lr tensor is a host value; a CUDA one is read by the kernels.
-double host_lr(const OptTensor& lr_tensor, double lr) {
-  return lr_tensor.has_value() && lr_tensor->is_cpu() ? lr_tensor->item<double>() : lr;
-}
-bool lr_on_device(const OptTensor& lr_tensor) { return lr_tensor.has_value() && !lr_tensor->is_cpu(); }
-
 }  // namespace
 
-SGDArgs sgd_args(const char* op, const OptTensor& mask, double lr, const OptTensor& lr_tensor, double momentum,
-                 double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
-                 const OptTensor& grad_scale, const OptTensor& found_inf, std::vector<at::Tensor>& keep) {
-  lr = host_lr(lr_tensor, lr);
-  check_sgd_hyper(lr_on_device(lr_tensor) ? 0.0 : lr, momentum, dampening, weight_decay, nesterov);
-  SGDArgs args{};
-  args.common = step_args(op, mask, lr_tensor, lr, grad_scale, found_inf, keep);
-  args.momentum = momentum;
-  args.dampening = dampening;
-  args.weight_decay = weight_decay;
-  args.nesterov = nesterov;
-  args.maximize = maximize;
-  args.first_step = first_step;
-  return args;
+SGDArgs launch_args(const char* op, double lr, const math::SGDHyper& hyper, const OptionalTensors& opt,
+                    std::vector<at::Tensor>& keep) {
+  check_hyper(host_lr(opt.lr, lr), hyper);
+  return {step_args(op, lr, opt, keep), hyper};
 }
 
-AdamArgs adam_args(const char* op, const OptTensor& mask, double lr, const OptTensor& lr_tensor, double beta1,
-                   double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
-                   bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf,
-                   std::vector<at::Tensor>& keep) {
-  lr = host_lr(lr_tensor, lr);
-  check_adam_hyper(lr_on_device(lr_tensor) ? 0.0 : lr, beta1, beta2, weight_decay, eps);
-  AdamArgs args{};
-  args.common = step_args(op, mask, lr_tensor, lr, grad_scale, found_inf, keep);
-  args.beta1 = beta1;
-  args.beta2 = beta2;
-  args.eps = eps;
-  args.weight_decay = weight_decay;
-  args.amsgrad = amsgrad;
-  args.maximize = maximize;
-  args.decoupled_weight_decay = decoupled_weight_decay;
-  return args;
+AdamArgs launch_args(const char* op, double lr, const math::AdamHyper& hyper, const OptionalTensors& opt,
+                     std::vector<at::Tensor>& keep) {
+  check_hyper(host_lr(opt.lr, lr), hyper);
+  return {step_args(op, lr, opt, keep), /*tensor_scalars=*/nullptr, hyper};
 }
 
-void launch_sgd_rows(const std::vector<OpTensor>& rows, const SGDArgs& args, bool has_momentum,
-                     const at::Device& device) {
+void launch_rows(const std::vector<OpTensor>& rows, const SGDArgs& args, const at::Device& device) {
   c10::cuda::CUDAGuard guard(device);
-  launch_sgd(rows, args, has_momentum, kernel_arg_budget(device.index()), stream_of(device));
+  launch_sgd(rows, args, kernel_arg_budget(device.index()), stream_of(device));
 }
 
-void launch_adam_rows(const std::vector<OpTensor>& rows, AdamArgs args, const at::Device& device) {
+void launch_rows(const std::vector<OpTensor>& rows, AdamArgs args, const at::Device& device) {
   c10::cuda::CUDAGuard guard(device);
   // Filled by the step launch, read by the element launches; the caching
   // allocator reuses it only for work queued after them on this stream.
@@ -199,67 +176,36 @@ OptTensor wave_mask(const OptTensor& mask, size_t first, size_t count) {
   return mask->narrow(0, static_cast<int64_t>(first), static_cast<int64_t>(count));
 }
 
-void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const OptTensor& mask,
-              double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool maximize, bool is_first_step, const OptTensor& grad_scale,
-              const OptTensor& found_inf) {
-  constexpr const char* op = "frozenopt::sgd_";
-  const bool has_momentum = momentum != 0.0;
-  check_step_args(op, params, grads,
-                  has_momentum ? std::initializer_list<NamedList>{{"momentum_buffers", momentum_buffers}}
-                               : std::initializer_list<NamedList>{},
-                  mask, lr_tensor, grad_scale, found_inf);
+// The body of a CUDA op: the hyper-parameter checks before anything moves,
+// then the params wave by wave (add(rows, i) adds param i's row), each wave
+// launched with its part of the mask.
+template <typename Tensors, typename Hyper, typename Add>
+void step(const char* op, const Tensors& t, const OptionalTensors& opt, double lr, const Hyper& hyper, const Add& add) {
   std::vector<at::Tensor> keep;
-  sgd_args(op, std::nullopt, lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize, is_first_step,
-           grad_scale, found_inf, keep);  // the hyper-parameter checks, before anything moves
-  if (params.empty()) return;
-  c10::cuda::CUDAGuard guard(params[0].device());
-  in_waves(
-      params,
-      [&](Rows& rows, size_t i) { rows.add(params[i], grads[i], {has_momentum ? momentum_buffers[i] : at::Tensor()}); },
-      [&](Rows& rows, size_t first) {
-        const SGDArgs args = sgd_args(op, wave_mask(mask, first, rows.tensors().size()), lr, lr_tensor, momentum,
-                                      dampening, weight_decay, nesterov, maximize, is_first_step, grad_scale,
-                                      found_inf, keep);
-        launch_sgd_rows(rows.tensors(), args, has_momentum, params[0].device());
-      });
+  launch_args(op, lr, hyper, opt, keep);
+  if (t.params.empty()) return;
+  const at::Device device = t.params[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  in_waves(t.params, add, [&](Rows& rows, size_t first) {
+    const OptTensor wave = wave_mask(opt.mask, first, rows.tensors().size());
+    launch_rows(rows.tensors(), launch_args(op, lr, hyper, {wave, opt.lr, opt.grad_scale, opt.found_inf}, keep),
+                device);
+  });
 }
 
-void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const OptTensor& mask, double lr,
-               const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps, bool amsgrad,
-               bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  constexpr const char* op = "frozenopt::adam_";
-  if (amsgrad) {
-    check_step_args(op, params, grads,
-                    {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs}},
-                    mask, lr_tensor, grad_scale, found_inf);
-  } else {
-    check_step_args(op, params, grads, {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}}, mask, lr_tensor,
-                    grad_scale, found_inf);
-  }
-  check_steps(op, params, state_steps);
-  std::vector<at::Tensor> keep;
-  adam_args(op, std::nullopt, lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize,
-            decoupled_weight_decay, grad_scale, found_inf, keep);  // the hyper-parameter checks
-  if (params.empty()) return;
-  c10::cuda::CUDAGuard guard(params[0].device());
-  // The launchers advance every unfrozen tensor's step (empty tensors' too, as
-  // torch.optim) in a launch of their own, on the device, before the Adam
-  // launches read it.
-  in_waves(
-      params,
-      [&](Rows& rows, size_t i) {
-        rows.add(params[i], grads[i],
-                 {exp_avgs[i], exp_avg_sqs[i], at::Tensor(), amsgrad ? max_exp_avg_sqs[i] : at::Tensor()});
-        rows.tensors().back().rows[row::kStep] = state_steps[i].data_ptr<float>();
-      },
-      [&](Rows& rows, size_t first) {
-        const AdamArgs args = adam_args(op, wave_mask(mask, first, rows.tensors().size()), lr, lr_tensor, beta1,
-                                        beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay,
-                                        grad_scale, found_inf, keep);
-        launch_adam_rows(rows.tensors(), args, params[0].device());
-      });
+void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper) {
+  step(kSGDOp, t, opt, lr, hyper,
+       [&](Rows& rows, size_t i) { rows.add(t.params[i], t.grads[i], {t.momentum_buffer(i)}); });
+}
+
+// The launchers advance every unfrozen tensor's step (empty tensors' too, as
+// torch.optim) in a launch of their own, on the device, before the Adam
+// launches read it.
+void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper) {
+  step(kAdamOp, t, opt, lr, hyper, [&](Rows& rows, size_t i) {
+    rows.add(t.params[i], t.grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], at::Tensor(), t.max_exp_avg_sq(i)});
+    rows.tensors().back().rows[row::kStep] = t.state_steps[i].data_ptr<float>();
+  });
 }
 
 }  // namespace
@@ -267,6 +213,6 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 }  // namespace frozenopt
 
 TORCH_LIBRARY_IMPL(frozenopt, CUDA, m) {
-  m.impl("sgd_", &frozenopt::cuda::sgd_cuda);
-  m.impl("adam_", &frozenopt::cuda::adam_cuda);
+  m.impl("sgd_", &frozenopt::sgd_op<frozenopt::cuda::sgd>);
+  m.impl("adam_", &frozenopt::adam_op<frozenopt::cuda::adam>);
 }

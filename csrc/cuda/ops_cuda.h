@@ -10,32 +10,27 @@
 #include <optional>
 #include <vector>
 
-#include "kernel_args.h"
+#include "../checks.h"
+#include "../multi_tensor/kernel_args.h"
 
 namespace frozenopt {
 namespace cuda {
-
-using OptTensor = std::optional<at::Tensor>;
 
 // The kernels' element type of a param (complex: its real type, two per element).
 DType dtype_of(at::ScalarType t);
 
 // Checks the hyper-parameters (a CUDA lr is not read) and builds the
 // arguments; `keep` holds what the arguments point into until the launch.
-SGDArgs sgd_args(const char* op, const OptTensor& mask, double lr, const OptTensor& lr_tensor, double momentum,
-                 double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
-                 const OptTensor& grad_scale, const OptTensor& found_inf, std::vector<at::Tensor>& keep);
-AdamArgs adam_args(const char* op, const OptTensor& mask, double lr, const OptTensor& lr_tensor, double beta1,
-                   double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
-                   bool decoupled_weight_decay, const OptTensor& grad_scale, const OptTensor& found_inf,
-                   std::vector<at::Tensor>& keep);
+SGDArgs launch_args(const char* op, double lr, const math::SGDHyper& hyper, const OptionalTensors& opt,
+                    std::vector<at::Tensor>& keep);
+AdamArgs launch_args(const char* op, double lr, const math::AdamHyper& hyper, const OptionalTensors& opt,
+                     std::vector<at::Tensor>& keep);
 
 // One step over `rows` (tensor id = index) on `device`'s current stream, with
 // the kernel-argument budget the driver and device allow. Adam's rows carry
 // their step counters (row::kStep), which the launch advances on the device.
-void launch_sgd_rows(const std::vector<OpTensor>& rows, const SGDArgs& args, bool has_momentum,
-                     const at::Device& device);
-void launch_adam_rows(const std::vector<OpTensor>& rows, AdamArgs args, const at::Device& device);
+void launch_rows(const std::vector<OpTensor>& rows, const SGDArgs& args, const at::Device& device);
+void launch_rows(const std::vector<OpTensor>& rows, AdamArgs args, const at::Device& device);
 
 }  // namespace cuda
 }  // namespace frozenopt

@@ -1,14 +1,12 @@
 // What launch_sgd.cu and launch_adam.cu share: the launcher that issues
 // kernels.cuh's kernels on a stream and checks each launch (no
-// synchronisation), and the dispatch from a run-time budget to the kernels
-// compiled for it.
+// synchronisation).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "kernels.cuh"
 
@@ -31,16 +29,6 @@ struct StreamLauncher {
     }
   }
 };
-
-// run(std::integral_constant<size_t, Budget>) with the kernels of `budget`;
-// 4 KB where the 32 KB kernels are not built.
-template <typename Run>
-int with_budget(size_t budget, Run&& run) {
-#if !defined(FROZENOPT_SMALL_KERNEL_ARGS)
-  if (budget == mt::kLargeArgBytes) return run(std::integral_constant<size_t, mt::kLargeArgBytes>{});
-#endif
-  return run(std::integral_constant<size_t, mt::kSmallArgBytes>{});
-}
 
 }  // namespace cuda
 }  // namespace frozenopt

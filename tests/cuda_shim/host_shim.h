@@ -221,8 +221,8 @@ class Block {
   void reserve(int n) {
     if (n <= capacity_) return;
     if (stacks_ != nullptr) munmap(stacks_, size_t(capacity_) * kStack);
-    void* mem = mmap(nullptr, size_t(n) * kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                     -1, 0);
+    void* mem =
+        mmap(nullptr, size_t(n) * kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mem == MAP_FAILED) throw std::runtime_error("shim: cannot map fiber stacks");
     stacks_ = static_cast<char*>(mem);
     capacity_ = n;

@@ -75,7 +75,9 @@ DType dtype_of() {
   return DType::kBFloat16;
 }
 
-StepArgs step_args(const uint8_t* mask) { return {mask, host_scalar(0.0), host_scalar(2.0), host_scalar(0.05)}; }
+constexpr double kLr = 0.05, kGradScale = 2.0;
+
+StepArgs step_args(const uint8_t* mask) { return {mask, host_scalar(0.0), host_scalar(kGradScale), host_scalar(kLr)}; }
 
 enum class Op { kSgd, kSgdMomentum, kAdam, kAdamAmsgrad };
 
@@ -92,7 +94,7 @@ const char* name_of(Op op) {
 // loop; returns false (after printing why) when any bit differs.
 template <typename S>
 bool check(Op op, int offset) {
-  using M = typename MathOf<S>::type;
+  using M = math::MathType<S>;
   const bool adam = op == Op::kAdam || op == Op::kAdamAmsgrad;
   const int rows = adam ? (op == Op::kAdamAmsgrad ? 5 : 4) : (op == Op::kSgdMomentum ? 3 : 2);  // element rows
   const size_t n = kSizes.size();
@@ -114,17 +116,15 @@ bool check(Op op, int offset) {
 
   SGDArgs sgd{};
   sgd.common = step_args(mask.data());
-  sgd.momentum = 0.9;
-  sgd.dampening = 0.1;
-  sgd.weight_decay = 0.01;
+  sgd.hyper = {.momentum = op == Op::kSgdMomentum ? 0.9 : 0.0, .dampening = 0.1, .weight_decay = 0.01};
   AdamArgs adam_args{};
   adam_args.common = step_args(mask.data());
-  adam_args.beta1 = 0.9;
-  adam_args.beta2 = 0.999;
-  adam_args.eps = 1e-8;
-  adam_args.weight_decay = 0.1;
-  adam_args.amsgrad = op == Op::kAdamAmsgrad;
-  adam_args.decoupled_weight_decay = true;
+  adam_args.hyper = {.beta1 = 0.9,
+                     .beta2 = 0.999,
+                     .eps = 1e-8,
+                     .weight_decay = 0.1,
+                     .amsgrad = op == Op::kAdamAmsgrad,
+                     .decoupled_weight_decay = true};
   std::vector<AdamTensorScalars> scratch(n);
   adam_args.tensor_scalars = scratch.data();
 
@@ -146,8 +146,8 @@ bool check(Op op, int offset) {
     if (adam) {
       run_adam<mt::kSmallArgBytes>(tensors, adam_args, launcher, kLimits);
     } else {
-      sgd.first_step = step == 0;
-      run_sgd<mt::kSmallArgBytes>(tensors, sgd, op == Op::kSgdMomentum, launcher, kLimits);
+      sgd.hyper.first_step = step == 0;
+      run_sgd<mt::kSmallArgBytes>(tensors, sgd, launcher, kLimits);
     }
     // The reference: the same math, one element at a time.
     for (size_t t = 0; t < n; ++t) {
@@ -156,7 +156,7 @@ bool check(Op op, int offset) {
       S* p = d[0]->data;
       const S* g = d[1]->data;
       if (!adam) {
-        const math::SGDCoef<M> c = sgd_coef<M>(sgd, op == Op::kSgdMomentum);
+        const math::SGDCoef<M> c = math::sgd_coef<M>(sgd.hyper, kLr, kGradScale);
         for (int64_t e = 0; e < kSizes[t]; ++e) {
           M vp = M(p[e]);
           M vb = op == Op::kSgdMomentum && step > 0 ? M(d[2]->data[e]) : M(0);
@@ -167,26 +167,17 @@ bool check(Op op, int offset) {
         continue;
       }
       steps[1][t] += 1.0f;
-      math::AdamCoef<M> c;
-      c.lr = M(0.05);
-      c.beta1 = M(adam_args.beta1);
-      c.beta2 = M(adam_args.beta2);
-      c.eps = M(adam_args.eps);
-      c.weight_decay = M(adam_args.weight_decay);
-      c.inv_grad_scale = M(1.0 / 2.0);
-      c.has_weight_decay = true;
-      c.decoupled_weight_decay = true;
-      c.amsgrad = adam_args.amsgrad;
-      c.maximize = false;
-      math::adam_step_scalars(c, 0.05, adam_args.beta1, adam_args.beta2, double(steps[1][t]));
+      const math::AdamHyper& h = adam_args.hyper;
+      const math::AdamCoef<M> c =
+          math::adam_coef<M>(h, kLr, kGradScale, math::adam_step_scalars(kLr, h, double(steps[1][t])));
       for (int64_t e = 0; e < kSizes[t]; ++e) {
         M vp = M(p[e]), vm = M(d[2]->data[e]), vv = M(d[3]->data[e]);
-        M vx = adam_args.amsgrad ? M(d[4]->data[e]) : M(0);
+        M vx = adam_args.hyper.amsgrad ? M(d[4]->data[e]) : M(0);
         math::adam_update(vp, M(g[e]), vm, vv, &vx, c);
         p[e] = S(vp);
         d[2]->data[e] = S(vm);
         d[3]->data[e] = S(vv);
-        if (adam_args.amsgrad) d[4]->data[e] = S(vx);
+        if (adam_args.hyper.amsgrad) d[4]->data[e] = S(vx);
       }
     }
   }

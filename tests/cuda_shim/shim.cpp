@@ -35,15 +35,13 @@ std::vector<OpTensor> op_tensors(const std::vector<std::vector<uintptr_t>>& rows
 }
 
 // (address or 0, is_double, host value)
-ScalarArg scalar(const py::tuple& t) {
-  return {ptr(t[0].cast<uintptr_t>()), t[1].cast<int>(), t[2].cast<double>()};
-}
+ScalarArg scalar(const py::tuple& t) { return {ptr(t[0].cast<uintptr_t>()), t[1].cast<int>(), t[2].cast<double>()}; }
 
 StepArgs step_args(uintptr_t mask, const py::tuple& found_inf, const py::tuple& grad_scale, const py::tuple& lr) {
   return {static_cast<const uint8_t*>(ptr(mask)), scalar(found_inf), scalar(grad_scale), scalar(lr)};
 }
 
-LimitOverride limits(int max_tensors, int max_blocks, int max_steps) { return {max_tensors, max_blocks, max_steps}; }
+size_t budget(bool small) { return small ? frozenopt::mt::kSmallArgBytes : frozenopt::mt::kLargeArgBytes; }
 
 py::dict stats_dict() {
   py::dict d;
@@ -65,19 +63,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const std::vector<int>& dtypes, uintptr_t mask, py::tuple found_inf, py::tuple grad_scale, py::tuple lr,
          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, bool first_step,
          int max_tensors, int max_blocks, bool small_budget) {
-        SGDArgs a{};
-        a.common = step_args(mask, found_inf, grad_scale, lr);
-        a.momentum = momentum;
-        a.dampening = dampening;
-        a.weight_decay = weight_decay;
-        a.nesterov = nesterov;
-        a.maximize = maximize;
-        a.first_step = first_step;
-        shim::Launcher launcher;
+        const SGDArgs args{step_args(mask, found_inf, grad_scale, lr),
+                           {momentum, dampening, weight_decay, nesterov, maximize, first_step}};
         const auto tensors = op_tensors(rows, numels, dtypes);
-        const auto lim = limits(max_tensors, max_blocks, 0);
-        if (small_budget) return run_sgd<frozenopt::mt::kSmallArgBytes>(tensors, a, momentum != 0.0, launcher, lim);
-        return run_sgd<frozenopt::mt::kLargeArgBytes>(tensors, a, momentum != 0.0, launcher, lim);
+        shim::Launcher launcher;
+        return with_budget(budget(small_budget), [&](auto b) {
+          return run_sgd<decltype(b)::value>(tensors, args, launcher, LimitOverride{max_tensors, max_blocks, 0});
+        });
       },
       py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
       py::arg("grad_scale"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),
@@ -89,28 +81,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
          const std::vector<int>& dtypes, uintptr_t mask, py::tuple found_inf, py::tuple grad_scale, py::tuple lr,
          double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
          int max_tensors, int max_blocks, int max_steps, bool small_budget) {
-        AdamArgs a{};
-        a.common = step_args(mask, found_inf, grad_scale, lr);
-        a.beta1 = beta1;
-        a.beta2 = beta2;
-        a.eps = eps;
-        a.weight_decay = weight_decay;
-        a.amsgrad = amsgrad;
-        a.maximize = maximize;
-        a.decoupled_weight_decay = decoupled;
-        shim::Launcher launcher;
         const auto tensors = op_tensors(rows, numels, dtypes);
         std::vector<AdamTensorScalars> scratch(tensors.size());
-        a.tensor_scalars = scratch.data();
-        const auto lim = limits(max_tensors, max_blocks, max_steps);
-        if (small_budget) return run_adam<frozenopt::mt::kSmallArgBytes>(tensors, a, launcher, lim);
-        return run_adam<frozenopt::mt::kLargeArgBytes>(tensors, a, launcher, lim);
+        const AdamArgs args{step_args(mask, found_inf, grad_scale, lr),
+                            scratch.data(),
+                            {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled}};
+        shim::Launcher launcher;
+        return with_budget(budget(small_budget), [&](auto b) {
+          return run_adam<decltype(b)::value>(tensors, args, launcher,
+                                              LimitOverride{max_tensors, max_blocks, max_steps});
+        });
       },
       py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
-      py::arg("grad_scale"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-      py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"),
-      py::arg("max_tensors") = 0, py::arg("max_blocks") = 0, py::arg("max_steps") = 0,
-      py::arg("small_budget") = false);
+      py::arg("grad_scale"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+      py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"), py::arg("max_tensors") = 0,
+      py::arg("max_blocks") = 0, py::arg("max_steps") = 0, py::arg("small_budget") = false);
   m.def(
       "pack_alignment",
       [](int dtype) {

@@ -12,7 +12,7 @@
 #include "kernel_args.h"
 #include "launch_plan.h"
 #if defined(FROZENOPT_WITH_CUDA)
-#include "launch.h"
+#include "../cuda/launch.h"
 #endif
 
 namespace py = pybind11;
@@ -48,7 +48,8 @@ py::list plan_with(const std::vector<int64_t>& numels, int max_tensors, int max_
           for (int d = 0; d < M::kDepth; ++d) addresses[d] = reinterpret_cast<uintptr_t>(meta.addresses[d][s]);
           slots.append(py::make_tuple(meta.tensor_id[s], meta.numel[s], addresses));
         }
-        for (int b = 0; b < meta.num_blocks; ++b) blocks.append(py::make_tuple(int(meta.block_slot[b]), meta.block_chunk[b]));
+        for (int b = 0; b < meta.num_blocks; ++b)
+          blocks.append(py::make_tuple(int(meta.block_slot[b]), meta.block_chunk[b]));
         py::dict launch;
         launch["slots"] = slots;
         launch["blocks"] = blocks;
@@ -131,7 +132,8 @@ void bind_launch_plan(py::module_& parent) {
   m.def(
       "plan",
       [](int depth, const std::vector<int64_t>& numels, const std::string& budget, int max_tensors, int max_blocks) {
-        if (budget_of(budget) == mt::kLargeArgBytes) return plan_budget<mt::kLargeArgBytes>(depth, numels, max_tensors, max_blocks);
+        if (budget_of(budget) == mt::kLargeArgBytes)
+          return plan_budget<mt::kLargeArgBytes>(depth, numels, max_tensors, max_blocks);
         return plan_budget<mt::kSmallArgBytes>(depth, numels, max_tensors, max_blocks);
       },
       py::arg("depth"), py::arg("numels"), py::arg("budget") = "large", py::arg("max_tensors") = 0,

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../update_math.h"
 #include "launch_plan.h"
 
 namespace frozenopt {
@@ -26,50 +27,36 @@ inline ScalarArg host_scalar(double v) { return {nullptr, 0, v}; }
 
 // What every step launch needs besides the tensor addresses.
 struct StepArgs {
-  const uint8_t* mask;  // one byte per tensor id, non-zero = frozen; nullptr = none frozen
-  ScalarArg found_inf;  // non-zero: skip everything (AMP overflow)
+  const uint8_t* mask;   // one byte per tensor id, non-zero = frozen; nullptr = none frozen
+  ScalarArg found_inf;   // non-zero: skip everything (AMP overflow)
   ScalarArg grad_scale;  // the grads are divided by it
   ScalarArg lr;
 };
 
 struct SGDArgs {
   StepArgs common;
-  double momentum;
-  double dampening;
-  double weight_decay;
-  bool nesterov;
-  bool maximize;
-  bool first_step;
+  math::SGDHyper hyper;
 };
 
 // What Adam's step launch works out once per tensor for the element launches
 // that follow it: whether the tensor is skipped (frozen, or found_inf), and the
-// step-dependent scalars of math::adam_step_scalars, in double (each element
-// kernel narrows them to its math type, as adam_step_scalars would).
+// step-dependent scalars, in double (each element kernel narrows them to its
+// math type through math::adam_coef).
 struct AdamTensorScalars {
-  double step_size;
-  double bias_correction2_sqrt;
-  double one_minus_beta1;
-  double one_minus_beta2;
+  math::AdamStepScalars step;
   int32_t skip;
 };
 
 struct AdamArgs {
   StepArgs common;
   AdamTensorScalars* tensor_scalars;  // one per tensor of the op: device memory the caller provides
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
-  bool amsgrad;
-  bool maximize;
-  bool decoupled_weight_decay;
+  math::AdamHyper hyper;
 };
 
 // Address rows of the metadata, per op.
 namespace row {
 constexpr int kParam = 0, kGrad = 1;
-constexpr int kMomentum = 2;                                  // sgd with momentum: depth 3, else 2
+constexpr int kMomentum = 2;                                            // sgd with momentum: depth 3, else 2
 constexpr int kExpAvg = 2, kExpAvgSq = 3, kStep = 4, kMaxExpAvgSq = 5;  // adam: depth 5, 6 with amsgrad
 }  // namespace row
 
