@@ -33,7 +33,7 @@ TESTS = Path(__file__).resolve().parent
 CSRC = Path(os.environ.get("FROZENOPT_CSRC", TESTS.parent / "csrc"))
 SHIM_DIR = TESTS / "cuda_shim"
 KERNEL_SOURCES = [SHIM_DIR / "host_shim.h", CSRC / "update_math.h", CSRC / "cuda" / "kernels.cuh",
-                  CSRC / "cuda" / "kernel_args.h", CSRC / "cuda" / "launch_plan.h"]
+                  CSRC / "multi_tensor" / "kernel_args.h", CSRC / "multi_tensor" / "launch_plan.h"]
 SHIM_SOURCES = [SHIM_DIR / "shim.cpp"] + KERNEL_SOURCES
 RACE_SOURCES = [SHIM_DIR / "race_check.cpp"] + KERNEL_SOURCES
 CHUNK = 65536

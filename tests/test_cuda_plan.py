@@ -1,4 +1,4 @@
-"""The CUDA multi-tensor launch planner (csrc/cuda/launch_plan.h), run on the CPU.
+"""The CUDA multi-tensor launch planner (csrc/multi_tensor/launch_plan.h), run on the CPU.
 
 The planner is plain host code compiled into every build of frozenopt._C and
 exposed as ``frozenopt._C.cuda_plan``; the CUDA ops call the very same
