@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv}
 py="$(cd "$venv" && pwd)/bin/python"
-"$py" -c "import build" 2>/dev/null || "$py" -m pip install -q "build>=1"
+# Looked up by its installed metadata: with an editable install in compat mode the
+# checkout's own build/ folder would pass for an importable "build".
+"$py" -c "from importlib.metadata import version; version('build')" 2>/dev/null || "$py" -m pip install -q "build>=1"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$py" -m build --sdist --no-isolation -o "$work/dist" . >/dev/null
