@@ -20,9 +20,11 @@ echo "sdist_check: $(basename "$sdist"), $(tar tzf "$sdist" | grep -c '^[^/]*/cs
 tar xzf "$sdist" -C "$work"
 MAX_JOBS=${MAX_JOBS:-2} "$py" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" "$work"/frozenopt-*/
 "$py" -m venv --system-site-packages --without-pip "$work/venv"
+site_of() { "$1" -c "import site; print(site.getsitepackages()[0])"; }
+throwaway_site=$(site_of "$work/venv/bin/python")
 # The throwaway venv sees $venv's packages (torch) through a .pth, and its own frozenopt first.
-"$py" -c "import site; print(site.getsitepackages()[0])" >"$("$work/venv/bin/python" -c "import site; print(site.getsitepackages()[0])")/base.pth"
-"$py" -m pip install -q --no-deps --target "$("$work/venv/bin/python" -c "import site; print(site.getsitepackages()[0])")" "$work"/dist/frozenopt-*.whl
+site_of "$py" >"$throwaway_site/base.pth"
+"$py" -m pip install -q --no-deps --target "$throwaway_site" "$work"/dist/frozenopt-*.whl
 mkdir -p "$work/clone-parent/frozenopt"
 cd "$work/clone-parent"
 "$work/venv/bin/python" -c '

@@ -13,7 +13,7 @@ def _model():
     return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
 
 
-def test_named_params_in_optimizer_order_with_tied_params_once():
+def test_named_params_in_optimizer_order():
     model = _model()
     opt = frozenopt.AdamW(model, lr=0.1)
     assert [n for n, _ in opt.named_params()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
