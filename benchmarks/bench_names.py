@@ -1,5 +1,6 @@
-"""Cost of the freezing API by name on a 20,000-param optimizer: the cached name index against
-rebuilding it at every call (what each call did before the index was cached).
+"""Cost of the freezing API by name on a 20,000-param optimizer: the cached name index (and, for
+is_frozen(p), the cached positions of the params) against rebuilding them at every call (what
+each call did before they were cached).
 
     python benchmarks/bench_names.py                # 20,000 params, 9 repeats
     python benchmarks/bench_names.py --params 2000 --repeats 3
@@ -45,6 +46,7 @@ def per_call_ms(call, cached: bool, opt, min_measure_s: float) -> float:
         for _ in range(n):
             if not cached:
                 opt._invalidate_names()
+                opt._positions = None
             call()
         spent = time.perf_counter() - start
         if spent >= min_measure_s:

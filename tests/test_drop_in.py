@@ -216,6 +216,32 @@ def test_groups_deleted_and_appended_directly(name):
     twin.step(2)
 
 
+@pytest.mark.parametrize("mask_only", [False, True])
+def test_is_frozen_of_a_param_follows_group_edits(mask_only):
+    # is_frozen(p) answers from p itself when p is where the optimizer last saw it:
+    # every other edit must still give what a full look at the groups would.
+    model = make_model()
+    opt = frozenopt.AdamW(model, mask_only=mask_only)
+    opt.freeze("0.weight")
+    w0, b0, w2, b2 = model[0].weight, model[0].bias, model[2].weight, model[2].bias
+    assert opt.is_frozen(w0) and not opt.is_frozen(b0)
+    group = opt.param_groups[0]
+    params, names = group["params"], group["param_names"]
+    del params[1], names[1]  # 0.bias taken out is no param of the optimizer any more
+    with pytest.raises(ValueError, match="is not a parameter of this optimizer"):
+        opt.is_frozen(b0)
+    params[0], params[1] = params[1], params[0]  # moved: found again where it is now
+    names[0], names[1] = names[1], names[0]
+    assert opt.is_frozen(w0) and not opt.is_frozen(w2)
+    extra = nn.Parameter(torch.zeros(3), requires_grad=False)
+    params.append(extra)  # new to the optimizer: frozen because it does not require grad
+    names.append("extra")
+    assert opt.is_frozen(extra)
+    if not mask_only:  # the default mode follows requires_grad at once
+        b2.requires_grad_(False)
+        assert opt.is_frozen(b2)
+
+
 def test_a_group_appended_without_its_hyper_parameters_is_refused_clearly():
     model = make_model()
     opt = frozenopt.SGD([model[0].weight], lr=0.1)

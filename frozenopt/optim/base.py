@@ -397,10 +397,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
     def is_param_frozen(self, p: Tensor) -> bool:
         """Whether ``p``, a param of this optimizer, is frozen, in O(1): for hooks that run at every forward.
 
-        ``is_frozen`` first takes in what user code changed since the optimizer
-        last looked, which costs time in proportion to the number of params; this
-        reads what decides it directly: ``requires_grad`` in the default mode, the
-        optimizer's mask in ``mask_only`` mode.
+        It reads what decides it directly: ``requires_grad`` in the default mode,
+        the optimizer's mask in ``mask_only`` mode, without checking that ``p`` is
+        still in a param group (``is_frozen(p)`` checks that, also in O(1) unless
+        the groups were edited since the last step).
         """
         return p in self._frozen if self._mask_only else not p.requires_grad
 
@@ -409,9 +409,37 @@ class FreezableOptimizer(torch.optim.Optimizer):
         """True when freezing leaves ``requires_grad`` alone (DDP, compiled graphs)."""
         return self._mask_only
 
-    @_synced
     def is_frozen(self, *targets: Any) -> bool:
-        """True when every param the targets match is frozen."""
+        """True when every param the targets match is frozen.
+
+        ``is_frozen(p)`` for one param that sits where the optimizer last saw it
+        answers in O(1) from ``p`` itself; other edits of the groups are taken in at
+        the next step or freezing call, as ever.
+        """
+        if len(targets) == 1 and isinstance(targets[0], Tensor) and self._in_place_since_sync(targets[0]):
+            return self.is_param_frozen(targets[0])
+        return self._is_frozen_synced(*targets)
+
+    def _in_place_since_sync(self, p: Tensor) -> bool:
+        """Whether ``p`` was a param at the last sync and still sits at the same place in its group."""
+        if self._positions is None:
+            # Only params at the flat position they had at the last sync: one added
+            # since then (mask_only: frozen or not by its requires_grad) is left to the sync.
+            self._positions, k = {}, 0
+            for gi, group in enumerate(self.param_groups):
+                for i, q in enumerate(group["params"]):
+                    if k < len(self._params) and self._params[k] is q:
+                        self._positions[id(q)] = (gi, i)
+                    k += 1
+        where = self._positions.get(id(p))
+        if where is None:
+            return False
+        gi, i = where
+        params = self.param_groups[gi]["params"] if gi < len(self.param_groups) else ()
+        return i < len(params) and params[i] is p
+
+    @_synced
+    def _is_frozen_synced(self, *targets: Any) -> bool:
         if not targets:
             raise TypeError("is_frozen() needs a target: a name, glob, regex, Module or Parameter, "
                             "e.g. is_frozen('encoder'); opt.frozen lists every frozen param")
@@ -545,6 +573,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         for gi in range(len(self._plans)) if groups is None else groups:
             self._plans[gi] = None
         self._params = self._all_params()
+        self._positions: dict[int, tuple[int, int]] | None = None  # built on demand by _in_place_since_sync
         self._snapshot()
 
     # ------------------------------------------------------------------- state
