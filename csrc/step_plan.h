@@ -87,6 +87,12 @@ class StepPlan {
   bool entry_unchanged(size_t i) const;
   bool grad_unchanged(const Entry& e, const c10::TensorImpl& p, const c10::TensorImpl& g) const;
   bool refresh(bool from_check_grads);
+  // refresh's staged prefetches, kAhead entries apart.
+  static constexpr int64_t kAhead = 4;
+  void prefetch_tensors(size_t i) const;
+  void prefetch_storages(size_t i) const;
+  void prefetch_grad(size_t i) const;
+  void prefetch_grad_storage(size_t i) const;
   void drop_grad(Entry& e);
   void validate(size_t i, const at::Tensor& grad, bool from_check_grads);
   template <typename StateList>
