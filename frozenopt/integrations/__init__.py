@@ -50,14 +50,18 @@ def find_optimizer(obj: Any) -> FreezableOptimizer:
             continue
         seen.add(id(current))
         walked.append(type(current).__name__)
-        if isinstance(current, FreezableOptimizer):
-            found.append(current)
-        elif isinstance(current, (list, tuple)):
+        if isinstance(current, (list, tuple)):
             todo += list(current)
-        else:
-            inner = getattr(current, "optimizers", None)
-            todo += list(inner) if isinstance(inner, (list, tuple)) else []
-            todo.append(getattr(current, "optimizer", None))
+            continue
+        inner = getattr(current, "optimizer", None)
+        # A LightningOptimizer is an instance of a subclass of the class it wraps, with a
+        # copy of its attributes: the optimizer is the one it wraps, not the wrapper.
+        if inner is None and isinstance(current, FreezableOptimizer):
+            found.append(current)
+            continue
+        many = getattr(current, "optimizers", None)
+        todo += list(many) if isinstance(many, (list, tuple)) else []
+        todo.append(inner)
     if not found:
         raise TypeError(
             f"no frozenopt optimizer behind {type(obj).__name__} (looked at: {', '.join(walked)}); build the "
