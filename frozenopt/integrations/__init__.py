@@ -65,7 +65,8 @@ def find_optimizer(obj: Any) -> FreezableOptimizer:
     if not found:
         raise TypeError(
             f"no frozenopt optimizer behind {type(obj).__name__} (looked at: {', '.join(walked)}); build the "
-            "optimizer with frozenopt (e.g. frozenopt.AdamW(model, lr=...)) and hand it to the framework")
+            "optimizer with frozenopt (e.g. frozenopt.AdamW(model, lr=...)) and hand it to the framework "
+            "(HF Trainer: optimizers=(opt, None); Lightning: return it from configure_optimizers)")
     if len({id(o) for o in found}) > 1:
         raise ValueError(f"{len(found)} frozenopt optimizers behind {type(obj).__name__}; pass the one you mean "
                          "(e.g. trainer.optimizers[i])")
@@ -150,6 +151,7 @@ class FreezeSchedule:
             if self._unfreeze is not None:
                 self._unfreeze.load_state_dict(self._loaded or {
                     "last": -1, "applied": [t for t in self.schedule if t < done]})
+            self._loaded = None  # used up: a later start() without a new load is a fresh run
             return []
         return (tuner or opt).freeze(*self.freeze) if self.freeze else []
 
