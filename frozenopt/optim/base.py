@@ -454,7 +454,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
         Their state resumes where it stopped; ``reset_state=True`` starts it
         afresh, as fastai does (only for the params this call unfreezes: the
-        state of params that were training already is kept).
+        state of params that were training already is kept). With no target, a
+        warning says when params frozen since the optimizer was built thaw (PEFT's
+        base weights); ``reset_frozen`` goes back.
         """
         index = self._name_index()
         indices = resolve_targets(index, targets) if targets else range(len(index))
@@ -533,9 +535,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
                                    self._frozen_elements, self._state_bytes)
 
     def _frozen_elements(self, p: Tensor) -> int:
-        """How many of p's elements are frozen, as ``summary`` counts them. Whole tensors freeze
-        today; a freeze of part of a tensor (rows) reports its count here, and ``summary`` then
-        shows the param split between its trainable and frozen columns."""
+        """How many of p's elements are frozen, as ``summary`` counts them: all or none when the
+        whole tensor freezes. A freeze of part of a tensor (rows) reports its count here, and
+        ``summary`` shows such a param split between its trainable and frozen columns."""
         return p.numel() if p in self._frozen else 0
 
     def _state_bytes(self, p: Tensor) -> int:
