@@ -136,6 +136,8 @@ def test_decay_param_groups_keep_params_that_start_frozen():
     opt = frozenopt.AdamW(groups)
     assert opt.frozen == ["0.weight", "0.bias"]
     assert decay_param_groups(nn.LayerNorm(3), 0.1)[0]["weight_decay"] == 0.1  # the root's type is not looked at
+    with pytest.raises(TypeError, match=r"takes the model \(an nn.Module\), got generator"):
+        decay_param_groups(model.named_parameters(), 0.1)
 
 
 # ------------------------------------------------------------------------- a real HF Trainer run
@@ -218,6 +220,19 @@ def test_hf_trainer_resume_keeps_the_frozen_set(tmp_path):
     resumed, opt2, _, moved = hf_run(tmp_path / "again", 8, save_steps=4,
                                      resume=str(tmp_path / "whole" / "checkpoint-4"))
     assert moved[1] == [True] * 4 and moved[0] == [False] * 2 + [True] * 2  # the 4 steps run after the resume
+    assert opt2.frozen == opt.frozen
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+@needs("transformers", "accelerate")
+def test_hf_trainer_resume_by_epoch_in_the_middle_of_an_epoch(tmp_path):
+    """Resumed at step 6, halfway through epoch 1 (4 steps an epoch): the entry for epoch 1 ran
+    before the checkpoint and does not run again; the run ends bitwise as the uninterrupted one."""
+    whole, opt, _, _ = hf_run(tmp_path / "whole", 8, by="epoch", save_steps=6)
+    resumed, opt2, _, moved = hf_run(tmp_path / "again", 8, by="epoch", save_steps=6,
+                                     resume=str(tmp_path / "whole" / "checkpoint-6"))
+    assert moved[1] == [True] * 2 and moved[0] == [False] * 2
     assert opt2.frozen == opt.frozen
     for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name

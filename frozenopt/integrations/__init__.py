@@ -96,6 +96,8 @@ def decay_param_groups(model: nn.Module, weight_decay: float, **group_options: A
     left out. The groups carry names (and a tied param's other names), so freezing by
     name works. ``group_options`` (``lr``, ...) go into both groups.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"decay_param_groups takes the model (an nn.Module), got {type(model).__name__}")
     named = _as_param_groups(model)
     aliases: dict[str, list[str]] = {}
     if isinstance(named, list) and named and isinstance(named[0], dict):
