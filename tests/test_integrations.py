@@ -59,6 +59,10 @@ def test_freeze_schedule_without_a_framework():
         plan.advance(0)
     assert plan.start(Wrapper(opt)) == ["0.weight", "0.bias", "1.weight", "1.bias"]
     assert [plan.advance(t) for t in range(4)] == [[], [], ["0.weight", "0.bias"], ["1.weight", "1.bias"]]
+    assert plan.state_dict() == {"last": 3, "applied": [2, 3]}
+    restored = FreezeSchedule({2: "0", 3: "1"}, freeze=["0", "1"])
+    restored.load_state_dict({"last": 2, "applied": [2]})  # what a checkpoint taken during epoch 2 holds
+    assert restored.start(opt) == [] and restored.resumed and restored.advance(2) == []
     # resumed after 2.5 epochs without a saved schedule state: nothing frozen again, the entry at 2 counts as run
     opt2 = frozenopt.SGD(model, lr=0.1)
     opt2.freeze("1")  # what the resumed optimizer's checkpoint would restore
