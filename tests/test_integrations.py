@@ -2,7 +2,10 @@
 schedules run by real HF Trainer and Lightning fits (resumed ones too), and PEFT's LoRA."""
 
 import importlib.util
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,14 @@ from frozenopt.integrations import FreezeSchedule, decay_param_groups, find_opti
 def needs(*modules):
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (pip install {' '.join(missing)})")
+
+
+def test_no_framework_is_imported_until_its_callbacks_are():
+    code = ("import sys, frozenopt, frozenopt.integrations; "
+            "print(sorted(m for m in ('transformers', 'lightning', 'accelerate', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------ find_optimizer
