@@ -577,6 +577,8 @@ def _edit_state(opt, ref: Reference, params, i: int, how: str) -> None:
                 ref.opt.state[w][key] = ref.opt.state[w][key] * 0.5  # exact: a power of two
 
 
+# Programs thaw params frozen from the start with a bare unfreeze() on purpose: the warning that says so is expected.
+@pytest.mark.filterwarnings("ignore:frozenopt. unfreeze with no target")
 @_PROFILE
 @given(prog=programs())
 def test_differential_fuzz(prog: Program) -> None:

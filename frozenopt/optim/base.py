@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from frozenopt import ops
 from frozenopt.names import NameIndex, describe, resolve_targets
 from frozenopt.optim.state_dict import PARAM_KEYS, check_loadable, hooks_held, loaded_frozen
+from frozenopt.report import FreezeSummary
 
 __all__ = ["FreezableOptimizer"]
 
@@ -194,6 +195,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         super().__init__(_as_param_groups(params), defaults)
         self._check_params()
         self._derive({p for p in self._all_params() if not p.requires_grad})
+        self._frozen_at_start = set(self._frozen)  # what reset_frozen() goes back to
         self._ready = True
 
     def _derive(self, frozen: set) -> None:
@@ -221,7 +223,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        self._frozen |= {p for p in self.param_groups[-1]["params"] if not p.requires_grad}
+        joined_frozen = {p for p in self.param_groups[-1]["params"] if not p.requires_grad}
+        self._frozen |= joined_frozen
+        self._frozen_at_start |= joined_frozen
         self._refresh_masks()
 
     def _check_params(self, groups: Iterable[int] | None = None) -> None:
@@ -266,11 +270,13 @@ class FreezableOptimizer(torch.optim.Optimizer):
         state = super().__getstate__()
         state["mask_only"] = self._mask_only
         state["frozen_flags"] = [p in self._frozen for p in self._all_params()]
+        state["frozen_at_start_flags"] = [p in self._frozen_at_start for p in self._all_params()]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         flags = state.pop("frozen_flags", None)
+        at_start = state.pop("frozen_at_start_flags", None)
         mask_only = state.pop("mask_only", False)
         super().__setstate__(state)
         if "_watch" in self.__dict__:
@@ -280,6 +286,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
         flags = flags if flags is not None and len(flags) == len(params) else [not p.requires_grad for p in params]
         self._check_params()
         self._derive({p for p, frozen in zip(params, flags) if frozen})
+        at_start = at_start if at_start is not None and len(at_start) == len(params) else flags
+        self._frozen_at_start = {p for p, frozen in zip(params, at_start) if frozen}
         self._ready = True
 
     # ------------------------------------------------------------ keeping in step with Python
@@ -474,10 +482,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
         Their state resumes where it stopped; ``reset_state=True`` starts it
         afresh, as fastai does (only for the params this call unfreezes: the
-        state of params that were training already is kept).
+        state of params that were training already is kept). With no target, a
+        warning says when params frozen since the optimizer was built thaw (PEFT's
+        base weights); ``reset_frozen`` goes back.
         """
         index = self._name_index()
         indices = resolve_targets(index, targets) if targets else range(len(index))
+        if not targets:
+            self._warn_thawing_start_set(index)
         return self._set_frozen(indices, False, drop_state=reset_state)
 
     @_synced
@@ -509,6 +521,55 @@ class FreezableOptimizer(torch.optim.Optimizer):
             raise ValueError(f"max_norm must be a number >= 0 (inf measures without clipping), got {max_norm}")
         params = [p for p in self._all_params() if p.grad is not None and p not in self._frozen]
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+
+    @_synced
+    def reset_frozen(self) -> list[str]:
+        """Go back to the frozen set the optimizer started with; return the names that changed.
+
+        That set is the params that did not require grad when the optimizer was built
+        (or when their group was added): the base weights PEFT froze, for instance, which
+        a bare ``unfreeze()`` thaws. State is kept, as with ``freeze``/``unfreeze``.
+        ``load_state_dict`` restores the frozen set of the checkpoint and leaves this one
+        as it is (an optimizer built the same way in a resumed run has the same one);
+        ``copy.deepcopy`` and pickling carry it.
+        """
+        params = self._all_params()
+        start = self._frozen_at_start
+        return (self._set_frozen([i for i, p in enumerate(params) if p in start], True)
+                + self._set_frozen([i for i, p in enumerate(params) if p not in start], False))
+
+    def _warn_thawing_start_set(self, index: NameIndex) -> None:
+        """A bare unfreeze() about to thaw params frozen from the start (PEFT's base weights) says so."""
+        thawed = [i for i, p in enumerate(index.params) if p in self._frozen and p in self._frozen_at_start]
+        if thawed:
+            warnings.warn(
+                f"frozenopt: unfreeze with no target thaws {len(thawed)} param(s) that were frozen when the "
+                f"optimizer was built (e.g. {index.name_of(thawed[0])!r}); with PEFT (LoRA) these are the base "
+                "weights, and training them is full fine-tuning. Name what to unfreeze, call "
+                "opt.reset_frozen() to go back to the set the optimizer started with, or write "
+                "unfreeze('*') to mean every named param.", stacklevel=4)
+
+    @_synced
+    def summary(self, depth: int = 1) -> FreezeSummary:
+        """Trainable and frozen element counts, trainable share and optimizer-state bytes per module.
+
+        One row per module ``depth`` levels down (module levels that hold every param,
+        such as PEFT's ``base_model.model``, are not counted), a total, and notes.
+        ``print(opt.summary())`` shows the table; ``.rows`` and ``.total`` hold the numbers.
+        A tied param is counted once, under its first name.
+        """
+        index = self._name_index()
+        return FreezeSummary.build(index.names, [index.name_of(i) for i in range(len(index))], index.params, depth,
+                                   self._frozen_elements, self._state_bytes)
+
+    def _frozen_elements(self, p: Tensor) -> int:
+        """How many of p's elements are frozen, as ``summary`` counts them: all or none when the
+        whole tensor freezes. A freeze of part of a tensor (rows) reports its count here, and
+        ``summary`` shows such a param split between its trainable and frozen columns."""
+        return p.numel() if p in self._frozen else 0
+
+    def _state_bytes(self, p: Tensor) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.get(p, {}).values() if isinstance(t, Tensor))
 
     def _group_indices(self, groups: slice) -> list[int]:
         start, indices = 0, []
