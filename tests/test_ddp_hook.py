@@ -3,10 +3,12 @@
 Each model trains side by side with a plain DDP copy (same batches, same freeze schedule):
 at every step the unfrozen grads equal plain DDP's bitwise, frozen grads are zero, params are
 bitwise equal across ranks and to the plain copy's, and the bytes handed to all_reduce are
-exactly the unfrozen params' (counted by wrapping ``torch.distributed.all_reduce``).
+exactly the unfrozen params' plus the 16-byte frozen-set check (counted by wrapping
+``torch.distributed.all_reduce``).
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -34,6 +36,7 @@ SCHEDULE = {
     11: ("load", None),  # the checkpoint taken at step 3: its frozen set (90%) comes back
 }
 STEPS = 14
+CHECK_BYTES = 16  # each step: the ranks' frozen sets compared (two int64)
 
 
 def make_model():
@@ -115,8 +118,8 @@ def check_schedule(rank, world, sent, as_view):
 
         unfrozen = [p for p in hooked_model.parameters() if not opt.is_param_frozen(p)]
         assert plain_bytes == sum(p.numel() * 4 for p in plain_model.parameters())
-        assert sent_bytes == sum(p.numel() * 4 for p in unfrozen), (step, sent_bytes)
-        assert calls == sum(has_unfrozen for _, has_unfrozen in buckets[-1]), step  # all-frozen buckets: no call
+        assert sent_bytes == CHECK_BYTES + sum(p.numel() * 4 for p in unfrozen), (step, sent_bytes)
+        assert calls == 1 + sum(has_unfrozen for _, has_unfrozen in buckets[-1]), step  # all-frozen buckets: no call
         for (n, p), q in zip(hooked_model.named_parameters(), plain_model.parameters()):
             if opt.is_param_frozen(p):
                 assert torch.count_nonzero(p.grad) == 0, f"{n}: a frozen grad is not zero at step {step}"
@@ -157,7 +160,7 @@ def check_errors_and_registration(rank, world, sent):
         nn.functional.mse_loss(ddp(x), y).backward()
         opt.step()
         opt.zero_grad()
-        assert sent.take()[1] == LAYER_BYTES
+        assert sent.take()[1] == CHECK_BYTES + LAYER_BYTES
         assert in_sync(flat(model), world)
 
 
@@ -174,6 +177,36 @@ def worker(rank, world):
 
 def test_hook_sends_only_unfrozen_grads_and_matches_plain_ddp():
     run_distributed(worker, timeout=150)
+
+
+def disagree_worker(rank, world, out_dir):
+    """Rank 0 alone freezes a layer at step 2; each rank writes down what it got, then exits at once
+    (a barrier on the way out would meet the other rank's pending all-reduce)."""
+    model = make_model()
+    ddp = DDP(model)
+    opt = frozenopt.SGD(ddp, lr=0.1)
+    register_unfrozen_allreduce(ddp, opt)
+    got = "no error"
+    try:
+        for step in range(4):
+            if step == 2 and rank == 0:
+                opt.freeze("0")
+            x, y = batch(step, rank)
+            nn.functional.mse_loss(ddp(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    except RuntimeError as e:
+        got = f"{step}: {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
+        fh.write(got)
+    os._exit(0)
+
+
+def test_ranks_that_freeze_differently_get_an_error_not_an_abort(tmp_path):
+    run_distributed(disagree_worker, str(tmp_path), timeout=90)
+    first, other = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    assert first.startswith("2: the ranks disagree on which params are frozen"), first
+    assert other.startswith("2: "), other  # its all-reduce lost its peer: an error, not an abort
 
 
 class FakeBucket:

@@ -21,9 +21,13 @@ After the hook, on every rank:
 - params the optimizer does not hold (trained by another optimizer, say) are sent as usual.
 
 Every rank must freeze and unfreeze the same params at the same step, as with any change
-to a DDP model.
+to a DDP model. Ranks that disagree would hand all_reduce tensors of different sizes (gloo
+aborts the process on that), so each step starts with a 16-byte all-reduce of a fingerprint
+of the frozen set: a rank whose frozen set changed waits for it and raises a RuntimeError if
+the ranks disagree (the others then fail at their next collective, or time out).
 """
 
+import hashlib
 import operator
 from typing import Any, NamedTuple
 
@@ -76,6 +80,8 @@ class UnfrozenAllreduceState:
         self.optimizer = optimizer
         self.process_group = process_group
         self._layouts: dict[int, _BucketLayout] = {}
+        self._fingerprint: tuple[int, int, Tensor] | None = None  # frozen_version, its hash, [hash, -hash]
+        self._agreed: int | None = None  # the last hash every rank was seen to have
 
     def layout(self, bucket: dist.GradBucket) -> _BucketLayout:
         """The bucket's layout for the current frozen set (cached)."""
@@ -94,6 +100,33 @@ class UnfrozenAllreduceState:
         layout = _BucketLayout(params, version, sent, zeroed)
         self._layouts[bucket.index()] = layout
         return layout
+
+
+    def check_ranks_agree(self, device: torch.device, group: dist.ProcessGroup) -> None:
+        """Raise if the ranks' frozen sets differ; run by every rank once a step, before anything is sent.
+
+        The fingerprint is all-reduced at every step, so that every rank issues the same
+        collectives; only a rank whose frozen set changed since the ranks last agreed waits
+        for it (a host sync on a GPU), so a steady run never waits.
+        """
+        version = self.optimizer.frozen_version
+        if self._fingerprint is None or self._fingerprint[0] != version:
+            flags = bytes(self.optimizer.is_param_frozen(p) for _, p in self.optimizer.named_params())
+            digest = int.from_bytes(hashlib.blake2b(flags, digest_size=7).digest(), "little")
+            self._fingerprint = (version, digest, torch.tensor([digest, -digest], device=device))
+        _, digest, both = self._fingerprint
+        reduced = both.clone()
+        work = dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group, async_op=True)
+        if digest == self._agreed:
+            return
+        work.wait()
+        highest, minus_lowest = reduced.tolist()
+        if highest != -minus_lowest:
+            raise RuntimeError(
+                "the ranks disagree on which params are frozen: every rank must call freeze/unfreeze "
+                "(and load_state_dict) the same way at the same step, as with any change to a DDP model "
+                "(was one called on rank 0 only, e.g. in a rank-zero-only callback?)")
+        self._agreed = digest
 
 
 def _average(tensor: Tensor, group: dist.ProcessGroup) -> torch.futures.Future:
@@ -115,6 +148,8 @@ def unfrozen_allreduce_hook(state: UnfrozenAllreduceState, bucket: dist.GradBuck
     group = dist.group.WORLD if state.process_group is None else state.process_group
     if buffer.layout != torch.strided:  # a sparse grad's bucket holds that param alone: sent as DDP would
         return _average(buffer, group).then(lambda fut: fut.value()[0])
+    if bucket.index() == 0:  # DDP reduces its buckets in index order: this is the step's first call
+        state.check_ranks_agree(buffer.device, group)
     layout = state.layout(bucket)
     if layout.zeroed:
         torch._foreach_zero_(_views(buffer, layout.zeroed))
