@@ -121,7 +121,7 @@ def report(args: argparse.Namespace, sent: dict, times: dict) -> None:
     print(f"{args.layers} layers of {args.width}x{args.width} ({elements:,} elements, "
           f"{elements * 4 / 2**20:.1f} MiB of fp32 grads), {args.frozen}/{args.layers} layers frozen, "
           f"batch {args.batch}, 2 ranks (gloo, 1 thread each), medians of {args.repeats} repeats x "
-          f"{args.steps} steps, load average {load_average()}")
+          f"{args.steps} steps, load average {args.load_average_start} at start, {load_average()} at end")
     print(f"{'configuration':<22} {'all_reduce calls':>17} {'bytes sent':>14} {'vs plain':>9} "
           f"{'step ms':>9} {'vs plain':>9}")
     rows = []
@@ -162,6 +162,7 @@ def main() -> int:
         args.frozen = round(0.9 * args.layers)
     if not 0 <= args.frozen <= args.layers:
         parser.error(f"--frozen must be between 0 and --layers ({args.layers})")
+    args.load_average_start = load_average()
     mp.spawn(worker, args=(2, free_port(), args), nprocs=2)
     return 0
 
