@@ -164,6 +164,38 @@ def check_errors_and_registration(rank, world, sent):
         assert in_sync(flat(model), world)
 
 
+class SparseModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, WIDTH, sparse=True)
+        self.head = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def check_sparse_bucket(rank, world, sent):
+    """A sparse grad's bucket (an Embedding with sparse=True, frozen here) is sent whole, as DDP sends it."""
+    plain_model, model = SparseModel(), SparseModel()
+    plain, ddp = DDP(plain_model), DDP(model)
+    opt, plain_opt = frozenopt.SGD(ddp, lr=0.1), frozenopt.SGD(plain, lr=0.1)
+    opt.freeze("emb")
+    plain_opt.freeze("emb")
+    register_unfrozen_allreduce(ddp, opt)
+    for step in range(3):
+        ids = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(10 * step + rank))
+        for m in (plain, ddp):
+            m(ids).square().mean().backward()
+        assert model.emb.weight.grad.is_sparse
+        assert torch.equal(model.emb.weight.grad.to_dense(), plain_model.emb.weight.grad.to_dense())
+        assert torch.equal(model.head.weight.grad, plain_model.head.weight.grad)
+        sent.take()
+        for o in (opt, plain_opt):
+            o.step()
+            o.zero_grad()
+
+
 def worker(rank, world):
     sent = Sent()
     dist.all_reduce = sent  # the hooks look it up at each call
@@ -171,6 +203,7 @@ def worker(rank, world):
         for as_view in (False, True):
             check_schedule(rank, world, sent, as_view)
         check_errors_and_registration(rank, world, sent)
+        check_sparse_bucket(rank, world, sent)
     finally:
         dist.all_reduce = sent._real
 

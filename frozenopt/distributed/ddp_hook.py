@@ -101,7 +101,6 @@ class UnfrozenAllreduceState:
         self._layouts[bucket.index()] = layout
         return layout
 
-
     def check_ranks_agree(self, device: torch.device, group: dist.ProcessGroup) -> None:
         """Raise if the ranks' frozen sets differ; run by every rank once a step, before anything is sent.
 
@@ -146,10 +145,10 @@ def unfrozen_allreduce_hook(state: UnfrozenAllreduceState, bucket: dist.GradBuck
     """
     buffer = bucket.buffer()
     group = dist.group.WORLD if state.process_group is None else state.process_group
-    if buffer.layout != torch.strided:  # a sparse grad's bucket holds that param alone: sent as DDP would
-        return _average(buffer, group).then(lambda fut: fut.value()[0])
     if bucket.index() == 0:  # DDP reduces its buckets in index order: this is the step's first call
         state.check_ranks_agree(buffer.device, group)
+    if buffer.layout != torch.strided:  # a sparse grad's bucket holds that param alone: sent as DDP would
+        return _average(buffer, group).then(lambda fut: fut.value()[0])
     layout = state.layout(bucket)
     if layout.zeroed:
         torch._foreach_zero_(_views(buffer, layout.zeroed))
