@@ -108,11 +108,11 @@ class UnfrozenAllreduceState:
         collectives; only a rank whose frozen set changed since the ranks last agreed waits
         for it (a host sync on a GPU), so a steady run never waits.
         """
-        version = self.optimizer.frozen_version
-        if self._fingerprint is None or self._fingerprint[0] != version:
+        if self._fingerprint is None or self._fingerprint[0] != self.optimizer.frozen_version:
             flags = bytes(self.optimizer.is_param_frozen(p) for _, p in self.optimizer.named_params())
             digest = int.from_bytes(hashlib.blake2b(flags, digest_size=7).digest(), "little")
-            self._fingerprint = (version, digest, torch.tensor([digest, -digest], device=device))
+            # the version read after named_params(), which takes in edits of the groups first
+            self._fingerprint = (self.optimizer.frozen_version, digest, torch.tensor([digest, -digest], device=device))
         _, digest, both = self._fingerprint
         reduced = both.clone()
         work = dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group, async_op=True)
