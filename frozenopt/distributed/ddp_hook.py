@@ -27,6 +27,8 @@ of the frozen set: a rank whose frozen set changed waits for it and raises a Run
 the ranks disagree (the others then fail at their next collective, or time out).
 """
 
+from __future__ import annotations
+
 import hashlib
 import operator
 from typing import Any, NamedTuple
@@ -134,8 +136,12 @@ def _average(tensor: Tensor, group: dist.ProcessGroup) -> torch.futures.Future:
     return dist.all_reduce(tensor, group=group, async_op=True).get_future()
 
 
-def unfrozen_allreduce_hook(state: UnfrozenAllreduceState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+# Unannotated: DDP compares a hook's annotations with the classes themselves, not with strings.
+def unfrozen_allreduce_hook(state, bucket):
     """DDP communication hook: averages the unfrozen params' grads, zeroes the frozen ones'.
+
+    ``state`` is an :class:`UnfrozenAllreduceState`, ``bucket`` a ``dist.GradBucket``;
+    returns a ``torch.futures.Future[Tensor]`` of the bucket's buffer.
 
     Register it with ``ddp.register_comm_hook(UnfrozenAllreduceState(opt), unfrozen_allreduce_hook)``
     or :func:`register_unfrozen_allreduce`. A bucket with one unfrozen run of params is
