@@ -8,6 +8,7 @@ round trip keeps the state of params that were trained and later frozen.
 
 import pytest
 import torch
+import torch.distributed as dist
 from dist_helpers import needs_gloo, run_distributed
 from torch import nn
 
@@ -118,3 +119,47 @@ def check_fsdp(rank, world, ckpt_dir, mask_only):
 def test_fsdp2_steps_local_shards_and_checkpoints(tmp_path):
     """Default mode (requires_grad flips, which FSDP2 follows) and mask_only, one after the other."""
     run_distributed(fsdp_worker, str(tmp_path / "ckpt"), timeout=150)
+
+
+def comm_worker(rank, world):
+    """What FSDP2 communicates for frozen params, counted by wrapping its two collectives."""
+    real_rs, real_ag = dist.reduce_scatter_single, dist.all_gather_single
+    sent = {"reduce_scatter": 0, "all_gather": 0}
+
+    def reduce_scatter(output, input, **kwargs):
+        sent["reduce_scatter"] += 1
+        return real_rs(output=output, input=input, **kwargs)
+
+    def all_gather(output, input, *args, **kwargs):
+        sent["all_gather"] += 1
+        return real_ag(output, input, *args, **kwargs)
+
+    dist.reduce_scatter_single, dist.all_gather_single = reduce_scatter, all_gather
+    per_mode = {}
+    try:
+        for mask_only in (False, True):
+            model = shard(make_model())
+            opt = frozenopt.AdamW(model, lr=1e-2, mask_only=mask_only)
+            opt.freeze("0", "2")  # after fully_shard; layer 4 trains
+            for step in range(2):
+                sent.update(reduce_scatter=0, all_gather=0)
+                x, y = batch(step, rank)
+                nn.functional.mse_loss(model(x), y).backward()
+                with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
+                opt.step()
+                opt.zero_grad()
+            per_mode[mask_only] = (dict(sent), with_grad)
+    finally:
+        dist.reduce_scatter_single, dist.all_gather_single = real_rs, real_ag
+    # default mode: FSDP2 copies requires_grad to the unsharded param at each all-gather, so the
+    # frozen layers get no grad and their groups no reduce-scatter; they are still all-gathered
+    # for the forward (and layer 2 again in backward: FSDP2 prefetches the module that ran
+    # before layer 4, whose backward then does not run)
+    assert per_mode[False] == ({"reduce_scatter": 1, "all_gather": 5}, ["4.weight", "4.bias"])
+    # mask_only: every param has a grad, every group is reduce-scattered, layer 0 gathered again
+    assert per_mode[True] == ({"reduce_scatter": 3, "all_gather": 6}, [n for n, _ in model.named_parameters()])
+
+
+@pytest.mark.skipif(fully_shard is None, reason="this torch has no torch.distributed.fsdp.fully_shard")
+def test_fsdp2_does_not_reduce_frozen_grads_in_default_mode():
+    run_distributed(comm_worker, timeout=120)

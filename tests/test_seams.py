@@ -87,3 +87,32 @@ def test_init_state_keeps_existing_state_and_refuses_unknown_targets():
     assert torch.equal(opt.state[model[0].weight]["exp_avg"], exp_avg)
     with pytest.raises(ValueError, match="no parameter matches"):
         opt.init_state("nothing.here")
+
+
+@pytest.mark.parametrize("mask_only", [False, True])
+def test_frozen_version_goes_up_when_the_frozen_set_may_change_and_not_at_steps(mask_only):
+    model = _model()
+    opt = frozenopt.AdamW(model, lr=0.1, mask_only=mask_only)
+    seen = [opt.frozen_version]
+
+    def changed():
+        seen.append(opt.frozen_version)
+        return seen[-1] != seen[-2]
+
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    assert opt.frozen == [] and not opt.is_frozen("0")
+    assert not changed()  # steps and questions: caches keyed on it stay valid
+    opt.freeze("0")
+    assert changed()
+    checkpoint = opt.state_dict()
+    opt.unfreeze()
+    assert changed()
+    opt.load_state_dict(checkpoint)
+    assert changed() and opt.frozen == ["0.weight", "0.bias"]
+    opt.add_param_group({"params": [("extra", nn.Parameter(torch.zeros(2)))]})
+    assert changed()
+    del opt.param_groups[1]  # an edit the optimizer sees at its next look
+    assert opt.frozen == ["0.weight", "0.bias"] and changed()

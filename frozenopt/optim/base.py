@@ -210,6 +210,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._masks: list[Tensor] = []
         self._mask_subsets: dict[tuple, Tensor] = {}
         self._captured = False  # a CUDA graph has captured a step
+        self._frozen_version = 0
         self._refresh_masks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -413,6 +414,15 @@ class FreezableOptimizer(torch.optim.Optimizer):
         return p in self._frozen if self._mask_only else not p.requires_grad
 
     @property
+    def frozen_version(self) -> int:
+        """A number that goes up whenever the frozen set may have changed (freeze, unfreeze,
+        load_state_dict, param groups edited): code that caches what ``is_param_frozen``
+        says compares it, in O(1), to know when to look again. In the default mode
+        ``is_param_frozen`` reads ``requires_grad``, which a flip outside the optimizer
+        changes before this number does (at the optimizer's next step or freezing call)."""
+        return self._frozen_version
+
+    @property
     def mask_only(self) -> bool:
         """True when freezing leaves ``requires_grad`` alone (DDP, compiled graphs)."""
         return self._mask_only
@@ -611,6 +621,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         A mask is rewritten in place when its size and device allow it, so a
         compiled step or a captured graph that reads it sees the change.
         """
+        self._frozen_version += 1
         count = len(self.param_groups)
         if len(self._plans) != count:  # groups appended or deleted: everything is derived again
             self._plans, self._pending, self._plan_keys = [None] * count, [[] for _ in range(count)], {}
