@@ -120,10 +120,6 @@ def _as_param_groups(params: Any) -> Any:
     return params
 
 
-def _is_capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _write_mask(mask: Tensor, flags: Tensor) -> None:
     """Rewrites a mask in place. On a GPU, steps or graph replays queued on any stream
     may still read it: the write waits for them, and is done before anything queued
@@ -301,7 +297,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         stale = self._watch.stale(self.param_groups, self.state)
         if not stale:
             return
-        if any(_is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
+        if self._capturing():
             raise RuntimeError(
                 "the optimizer's param groups, state or params' requires_grad changed since its last "
                 "step, and it cannot take that in during a CUDA graph capture: run one eager step "
@@ -318,6 +314,12 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._mask_subsets.clear()
         self._invalidate_names()
         self._refresh_masks(stale)
+
+    def _capturing(self) -> bool:
+        """Whether a CUDA graph is capturing on the current stream and some group holds CUDA params
+        (the device scan only during a capture: a step reads this at every call)."""
+        return (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+                and any(g["params"] and g["params"][0].device.type == "cuda" for g in self.param_groups))
 
     def _snapshot(self) -> None:
         self._watch.snapshot(self.param_groups, self.state, not self._mask_only)
@@ -629,7 +631,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
             return loss
         try:
             self._sync()
-            if any(_is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
+            if self._capturing():
                 self._step_traced(grad_scale, found_inf)
                 return loss
             if self._sharded:
@@ -648,12 +650,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _step_eager(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         rows = self._plan_rows()  # a bad group fails the step before any group moves
-        for gi, group in enumerate(self.param_groups):
-            if self._plan_keys.get(gi) != self._plan_key(group):
-                self._plans[gi] = None  # momentum turned on or off, amsgrad toggled: other state lists
         built = None in self._plans
         plan_sets = self._current_plan_sets()
-        fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending]
+        fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending] \
+            if any(self._pending) else [[]] * len(self._pending)
         # Every grad is checked before anything is allocated or moves, so a bad
         # grad in any group leaves the optimizer as it was.
         for fresh in fresh_by_group:
@@ -684,7 +684,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
     def _plan_rows(self) -> list[tuple]:
         """Each group's ``_plan_row``. A group is checked (``_check_hyper``) when its row
         differs from the one checked at the last step, or it has a tensor lr (whose
-        value may change in place), so a bad group fails before anything moves."""
+        value may change in place), so a bad group fails before anything moves; its plan
+        is dropped then if its ``_plan_key`` changed (momentum turned on or off, amsgrad
+        toggled: other state lists)."""
         rows = []
         checked = self._checked_rows
         for gi, group in enumerate(self.param_groups):
@@ -695,6 +697,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 raise
             if row[1] is not None or gi >= len(checked) or checked[gi] != row:
                 self._check_hyper(group)
+                if self._plan_keys.get(gi) != self._plan_key(group):
+                    self._plans[gi] = None
             rows.append(row)
         self._checked_rows = rows
         return rows
@@ -749,8 +753,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         return self._extension.StepPlan(self._op, params, states, group_of)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        capturing = not torch.compiler.is_compiling() and any(
-            _is_capturing(g["params"][0].device) for g in self.param_groups if g["params"])
+        capturing = not torch.compiler.is_compiling() and self._capturing()
         for gi, group in enumerate(self.param_groups):
             # In default mode frozen means requires_grad=False, read here as it is
             # now (a compiled step has no sync); in mask_only mode the mask says.
@@ -910,7 +913,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _plan_key(self, group: dict[str, Any]) -> Any:
         """What decides a group's state layout (a change rebuilds its plan); only groups
-        with the same key (and device) share a plan."""
+        with the same key (and device) share a plan. A function of ``_hyper``'s values:
+        a group whose values did not change keeps its key."""
         return None
 
     # The fused update this optimizer runs: the StepPlan kind and the plan's method ("sgd", "adam").
