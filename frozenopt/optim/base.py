@@ -132,6 +132,10 @@ def _write_mask(mask: Tensor, flags: Tensor) -> None:
     torch.cuda.current_stream(mask.device).synchronize()
 
 
+def _is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def on_device_of(group: dict[str, Any], *tensors: Any) -> list[Any]:
     """The tensors, copied to the group's GPU when they are on another one (GradScaler's
     found_inf/grad_scale, a tensor lr), as torch.optim's fused optimizers do; CPU
@@ -262,6 +266,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"param {self._name_of(p)} is not a dense (strided) tensor")
         if groups is not None and len({id(p) for p in self._all_params()}) != len(self._all_params()):
             raise ValueError("some parameters appear in more than one parameter group")
+        self._devices = {g["params"][0].device for g in self.param_groups if g["params"]}
 
     # Copies and pickles carry what torch.optim's do, plus the mode and the frozen set.
     def __getstate__(self) -> dict[str, Any]:
@@ -316,10 +321,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._refresh_masks(stale)
 
     def _capturing(self) -> bool:
-        """Whether a CUDA graph is capturing on the current stream and some group holds CUDA params
-        (the device scan only during a capture: a step reads this at every call)."""
-        return (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-                and any(g["params"] and g["params"][0].device.type == "cuda" for g in self.param_groups))
+        """Whether a CUDA graph is capturing on a device of the groups (known since the last
+        check of the params: a step asks at every call, whatever the number of groups)."""
+        return any(_is_capturing(device) for device in self._devices)
 
     def _snapshot(self) -> None:
         self._watch.snapshot(self.param_groups, self.state, not self._mask_only)
