@@ -320,3 +320,26 @@ def test_a_bad_value_in_one_group_moves_no_group():
         opt.param_groups[4].clear()
         opt.param_groups[4].update(saved)
     opt.step()  # the group put back steps again
+
+
+def test_released_state_is_freed_when_its_plan_steps_other_groups_too():
+    """freeze(..., release_state=True) frees the state tensors of one group even though
+    the plan that held them also steps the other groups."""
+    import gc
+    import weakref
+
+    ours = make_params(count=12)
+    opt = frozenopt.AdamW(split(ours, adam_hypers(3)))
+    for step in range(3):
+        set_grads(step, ours)
+        opt.step()
+    first = opt.param_groups[0]["params"]
+    refs = [weakref.ref(t) for p in first for t in opt.state[p].values()]
+    opt.freeze(*first, release_state=True)
+    gc.collect()
+    assert all(r() is None for r in refs), "released state tensors are still alive"
+    before = [p.detach().clone() for p in ours]
+    set_grads(3, ours)
+    assert plan_launches(opt) == 1  # the other groups, still in one launch
+    assert all(torch.equal(p, b) for p, b in zip(first, before))
+    assert not any(torch.equal(p, b) for p, b in zip(ours[4:], before[4:]) if p.numel())

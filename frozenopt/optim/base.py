@@ -537,6 +537,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         count = len(self.param_groups)
         if len(self._plans) != count:  # groups appended or deleted: everything is derived again
             self._plans, self._pending, self._plan_keys = [None] * count, [[] for _ in range(count)], {}
+            self._plan_sets = []
             del self._masks[count:]
             groups = None
         for gi in range(count) if groups is None else groups:
@@ -553,9 +554,12 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _invalidate(self, groups: Iterable[int] | None = None) -> None:
         """After a change of ours: the plans of those groups (all by default) are built
-        again at the next step, and the watch records what Python holds now."""
-        for gi in range(len(self._plans)) if groups is None else groups:
-            self._plans[gi] = None
+        again at the next step, and the watch records what Python holds now. A plan shared
+        with other groups is dropped for them too, so nothing keeps its tensors alive."""
+        dropped = {id(self._plans[gi]) for gi in (range(len(self._plans)) if groups is None else groups)}
+        if dropped:
+            self._plans = [None if id(plan) in dropped else plan for plan in self._plans]
+            self._plan_sets = [(gis, plan) for gis, plan in self._plan_sets if id(plan) not in dropped]
         self._params = self._all_params()
         self._snapshot()
 
