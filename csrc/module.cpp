@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "checks.h"
@@ -30,15 +31,40 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         frozenopt::check_grads(frozenopt::kStepCheck, params, grads);
       },
       py::arg("params"), py::arg("grads"), "Raises the step ops' error for a bad grad, changing nothing.");
+  // A step's group entries come as tuples, in the order of the op's arguments:
+  // sgd (lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize);
+  // adam (lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize,
+  // decoupled_weight_decay).
+  using SGDTuple = std::tuple<double, frozenopt::OptTensor, double, double, double, bool, bool>;
+  using AdamTuple = std::tuple<double, frozenopt::OptTensor, double, double, double, double, bool, bool, bool>;
   py::class_<StepPlan>(m, "StepPlan")
-      .def(py::init<const std::string&, std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>>(),
-           py::arg("kind"), py::arg("params"), py::arg("states"))
+      .def(py::init<const std::string&, std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>,
+                    std::vector<int32_t>>(),
+           py::arg("kind"), py::arg("params"), py::arg("states"), py::arg("groups") = std::vector<int32_t>())
       .def("__len__", &StepPlan::size)
       .def("check_grads", &StepPlan::check_grads)
-      .def("sgd", &StepPlan::sgd, py::arg("lr"), py::arg("lr_tensor"), py::arg("momentum"), py::arg("dampening"),
-           py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("grad_scale"),
-           py::arg("found_inf"))
-      .def("adam", &StepPlan::adam, py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"), py::arg("beta2"),
-           py::arg("weight_decay"), py::arg("eps"), py::arg("amsgrad"), py::arg("maximize"),
-           py::arg("decoupled_weight_decay"), py::arg("grad_scale"), py::arg("found_inf"));
+      .def(
+          "sgd",
+          [](StepPlan& plan, const std::vector<SGDTuple>& groups, const frozenopt::OptTensor& grad_scale,
+             const frozenopt::OptTensor& found_inf) {
+            std::vector<frozenopt::SGDGroup> entries;
+            entries.reserve(groups.size());
+            for (const auto& [lr, lr_tensor, momentum, dampening, weight_decay, nesterov, maximize] : groups) {
+              entries.push_back({lr, lr_tensor, {momentum, dampening, weight_decay, nesterov, maximize, false}});
+            }
+            plan.sgd(entries, grad_scale, found_inf);
+          },
+          py::arg("groups"), py::arg("grad_scale"), py::arg("found_inf"))
+      .def(
+          "adam",
+          [](StepPlan& plan, const std::vector<AdamTuple>& groups, const frozenopt::OptTensor& grad_scale,
+             const frozenopt::OptTensor& found_inf) {
+            std::vector<frozenopt::AdamGroup> entries;
+            entries.reserve(groups.size());
+            for (const auto& [lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad, maximize, decoupled] : groups) {
+              entries.push_back({lr, lr_tensor, {beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled}});
+            }
+            plan.adam(entries, grad_scale, found_inf);
+          },
+          py::arg("groups"), py::arg("grad_scale"), py::arg("found_inf"));
 }

@@ -5,6 +5,7 @@
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
+#include <algorithm>
 #include <utility>
 
 #include "cpu/ops_cpu.h"
@@ -63,14 +64,22 @@ constexpr size_t kTensorImplLines = (sizeof(c10::TensorImpl) + 63) / 64;
 
 }  // namespace
 
-StepPlan::StepPlan(const std::string& kind, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states)
-    : params_(std::move(params)), states_(std::move(states)) {
+StepPlan::StepPlan(const std::string& kind, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
+                   std::vector<int32_t> groups)
+    : params_(std::move(params)), states_(std::move(states)), group_of_(std::move(groups)) {
   const size_t lists = kind == "sgd" ? 1 : kind == "adam" ? 4 : 0;
   TORCH_CHECK(lists > 0, "StepPlan: unknown optimizer kind '", kind, "'");
   TORCH_CHECK(states_.size() == lists, "StepPlan: ", kind, " takes ", lists, " state lists, got ", states_.size());
   for (const auto& list : states_) {
     TORCH_CHECK(list.empty() || list.size() == params_.size(), "StepPlan: a state list has ", list.size(),
                 " entries for ", params_.size(), " params");
+  }
+  if (group_of_.empty()) group_of_.assign(params_.size(), 0);
+  TORCH_CHECK(group_of_.size() == params_.size(), "StepPlan: ", group_of_.size(), " group indices for ", params_.size(),
+              " params");
+  for (const int32_t g : group_of_) {
+    TORCH_CHECK(g >= 0, "StepPlan: a negative group index");
+    group_count_ = std::max(group_count_, static_cast<size_t>(g) + 1);
   }
   adam_ = lists == 4;
   op_name_ = adam_ ? kAdamOp : kSGDOp;
@@ -96,67 +105,125 @@ void StepPlan::check_grads() {
   frozenopt::check_grads(kStepCheck, g.params, g.grads);
 }
 
-void StepPlan::sgd(double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay,
-                   bool nesterov, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf) {
-  const math::SGDHyper hyper{momentum, dampening, weight_decay, nesterov, maximize, /*first_step=*/false};
-  const OptionalTensors opt{.lr = lr_tensor, .grad_scale = grad_scale, .found_inf = found_inf};
-  // momentum without buffers is the op's error to give.
-  if (use_direct() && !(momentum != 0.0 && states_[0].empty()) && refresh(false)) {
-    if (active_.empty()) return;
-    RECORD_FUNCTION("frozenopt::sgd_ (step plan)", std::vector<c10::IValue>());
-    check_scalars(op_name_, &params_[active_.front()], opt);
-#ifdef FROZENOPT_WITH_CUDA
-    if (device_ == c10::DeviceType::CUDA) {
-      std::vector<at::Tensor> keep;
-      cuda::launch_rows(rows_, cuda::launch_args(op_name_, lr, hyper, opt, keep), params_[active_.front()].device());
-      return;
-    }
-#endif
-    if (cpu::prepare_step(sgd_launch_, lr, hyper, opt)) run_on_cpu(sgd_launch_, cpu::run_sgd_best);
-    return;
+// One entry per group, and the groups agree on what decides the state
+// layout (layout(hyper)): the kernels step every tensor of a launch with it.
+template <typename Group, typename Layout>
+void StepPlan::check_groups(const std::vector<Group>& groups, const Layout& layout) const {
+  TORCH_CHECK(!groups.empty() && groups.size() >= group_count_, "StepPlan: the plan's params name ", group_count_,
+              " param groups, the step got ", groups.size(), " entries");
+  for (const Group& g : groups) {
+    TORCH_CHECK(layout(g.hyper) == layout(groups.front().hyper),
+                "StepPlan: the param groups of one plan must agree on ", adam_ ? "amsgrad" : "momentum on or off");
   }
-  const Gathered g = gather();
-  if (g.params.empty()) return;
-  call_op<decltype(sgd_op<cpu::sgd>)>(kSGDOp, g.params, g.grads, g.states[0], /*mask=*/kNoTensor, lr, lr_tensor,
-                                      momentum, dampening, weight_decay, nesterov, maximize, /*is_first_step=*/false,
-                                      grad_scale, found_inf);
 }
 
-void StepPlan::adam(double lr, const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps,
-                    bool amsgrad, bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale,
-                    const OptTensor& found_inf) {
-  const math::AdamHyper hyper{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay};
-  const OptionalTensors opt{.lr = lr_tensor, .grad_scale = grad_scale, .found_inf = found_inf};
-  // amsgrad without max_exp_avg_sqs is the op's error to give.
-  if (use_direct() && !(amsgrad && states_[2].empty()) && refresh(false)) {
+void StepPlan::sgd(const std::vector<SGDGroup>& groups, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  check_groups(groups, [](const math::SGDHyper& h) { return h.momentum != 0.0; });
+  const bool momentum = groups.front().hyper.momentum != 0.0;
+  // momentum without buffers is the op's error to give.
+  if (use_direct() && !(momentum && states_[0].empty()) && refresh(false)) {
     if (active_.empty()) return;
-    RECORD_FUNCTION("frozenopt::adam_ (step plan)", std::vector<c10::IValue>());
-    check_scalars(op_name_, &params_[active_.front()], opt);
+    RECORD_FUNCTION("frozenopt::sgd_ (step plan)", std::vector<c10::IValue>());
+    check_scalars(op_name_, &params_[active_.front()], {.grad_scale = grad_scale, .found_inf = found_inf});
+    for (const SGDGroup& g : groups) {
+      if (g.lr_tensor.has_value()) check_scalars(op_name_, &params_[active_.front()], {.lr = g.lr_tensor});
+    }
 #ifdef FROZENOPT_WITH_CUDA
-    if (device_ == c10::DeviceType::CUDA) {  // the launch advances the step counters on the device
-      std::vector<at::Tensor> keep;
-      cuda::launch_rows(rows_, cuda::launch_args(op_name_, lr, hyper, opt, keep), params_[active_.front()].device());
+    if (device_ == c10::DeviceType::CUDA) {
+      launch_on_gpu(groups, sgd_table_, grad_scale, found_inf);
       return;
     }
 #endif
-    if (!cpu::prepare_step(adam_launch_, lr, hyper, opt)) return;
+    sgd_launch_.groups.clear();
+    for (const SGDGroup& g : groups) cpu::add_group(sgd_launch_, g.lr, g.lr_tensor, g.hyper);
+    if (cpu::prepare_scale(sgd_launch_, grad_scale, found_inf)) run_on_cpu(sgd_launch_, cpu::run_sgd_best);
+    return;
+  }
+  run_ops(groups, [&](const Gathered& g, const SGDGroup& group) {
+    const math::SGDHyper& h = group.hyper;
+    call_op<decltype(sgd_op<cpu::sgd>)>(kSGDOp, g.params, g.grads, g.states[0], /*mask=*/kNoTensor, group.lr,
+                                        group.lr_tensor, h.momentum, h.dampening, h.weight_decay, h.nesterov,
+                                        h.maximize, /*is_first_step=*/false, grad_scale, found_inf);
+  });
+}
+
+void StepPlan::adam(const std::vector<AdamGroup>& groups, const OptTensor& grad_scale, const OptTensor& found_inf) {
+  check_groups(groups, [](const math::AdamHyper& h) { return h.amsgrad; });
+  // amsgrad without max_exp_avg_sqs is the op's error to give.
+  if (use_direct() && !(groups.front().hyper.amsgrad && states_[2].empty()) && refresh(false)) {
+    if (active_.empty()) return;
+    RECORD_FUNCTION("frozenopt::adam_ (step plan)", std::vector<c10::IValue>());
+    check_scalars(op_name_, &params_[active_.front()], {.grad_scale = grad_scale, .found_inf = found_inf});
+    for (const AdamGroup& g : groups) {
+      if (g.lr_tensor.has_value()) check_scalars(op_name_, &params_[active_.front()], {.lr = g.lr_tensor});
+    }
+#ifdef FROZENOPT_WITH_CUDA
+    if (device_ == c10::DeviceType::CUDA) {  // the launch advances the step counters on the device
+      launch_on_gpu(groups, adam_table_, grad_scale, found_inf);
+      return;
+    }
+#endif
+    adam_launch_.groups.clear();
+    for (const AdamGroup& g : groups) cpu::add_group(adam_launch_, g.lr, g.lr_tensor, g.hyper);
+    if (!cpu::prepare_scale(adam_launch_, grad_scale, found_inf)) return;
     // The step counter advances for every param with a grad, empty ones too,
     // as in torch.optim.
     for (const int32_t i : active_) *entries_[i].step += 1.0f;
     cpu::StepScalarCache step_scalars;
     adam_launch_.steps.resize(slots_.size());
     for (size_t k = 0; k < slots_.size(); ++k) {
-      adam_launch_.steps[k] = step_scalars.get(adam_launch_, *entries_[slot_entry_[k]].step);
+      adam_launch_.steps[k] = step_scalars.get(adam_launch_, *entries_[slot_entry_[k]].step, slots_[k].group);
     }
     run_on_cpu(adam_launch_, cpu::run_adam_best);
     return;
   }
-  const Gathered g = gather();
-  if (g.params.empty()) return;
-  call_op<decltype(adam_op<cpu::adam>)>(kAdamOp, g.params, g.grads, g.states[0], g.states[1], g.states[2], g.states[3],
-                                        /*mask=*/kNoTensor, lr, lr_tensor, beta1, beta2, weight_decay, eps, amsgrad,
-                                        maximize, decoupled_weight_decay, grad_scale, found_inf);
+  run_ops(groups, [&](const Gathered& g, const AdamGroup& group) {
+    const math::AdamHyper& h = group.hyper;
+    call_op<decltype(adam_op<cpu::adam>)>(kAdamOp, g.params, g.grads, g.states[0], g.states[1], g.states[2],
+                                          g.states[3], /*mask=*/kNoTensor, group.lr, group.lr_tensor, h.beta1, h.beta2,
+                                          h.weight_decay, h.eps, h.amsgrad, h.maximize, h.decoupled_weight_decay,
+                                          grad_scale, found_inf);
+  });
 }
+
+// The op path: one op call per group, call(gathered, group), for the groups
+// with a grad. With several groups, what the ops would refuse (a group's
+// hyper-parameters, any grad) is checked first, so nothing moves then.
+template <typename Group, typename Call>
+void StepPlan::run_ops(const std::vector<Group>& groups, const Call& call) const {
+  if (groups.size() > 1) {
+    for (const Group& g : groups) {
+      const bool host_lr = !g.lr_tensor.has_value() || g.lr_tensor->is_cpu();
+      if (host_lr) check_hyper(g.lr_tensor.has_value() ? g.lr_tensor->template item<double>() : g.lr, g.hyper);
+    }
+    const Gathered all = gather();
+    frozenopt::check_grads(kStepCheck, all.params, all.grads);
+  }
+  for (size_t k = 0; k < groups.size(); ++k) {
+    const Gathered g = gather(static_cast<int32_t>(k));
+    if (!g.params.empty()) call(g, groups[k]);
+  }
+}
+
+#ifdef FROZENOPT_WITH_CUDA
+// The rows in one launch on the current stream. With several groups, each
+// tensor reads its group's entry from the plan's table on the device (sent
+// again only when an entry changed); one group is the op's own arguments.
+template <typename Group, typename Hyper>
+void StepPlan::launch_on_gpu(const std::vector<Group>& groups, cuda::DeviceGroupTable<Hyper>& table,
+                             const OptTensor& grad_scale, const OptTensor& found_inf) {
+  std::vector<cuda::GroupEntry<Hyper>> entries;
+  entries.reserve(groups.size());
+  for (const Group& g : groups) entries.push_back(cuda::group_entry(op_name_, g.lr, g.lr_tensor, g.hyper));
+  const Group& first = groups.front();
+  const at::Device device = params_[active_.front()].device();
+  std::vector<at::Tensor> keep;
+  auto args = cuda::launch_args(op_name_, first.lr, first.hyper,
+                                {.lr = first.lr_tensor, .grad_scale = grad_scale, .found_inf = found_inf}, keep);
+  if (groups.size() > 1) args.table = table.upload(row_group_, entries, device);
+  cuda::launch_rows(rows_, args, device);
+}
+#endif
 
 // Runs the cached slots through the CPU kernels: they are lent to the launch
 // (a swap, no copy) and taken back, also when the kernels throw.
@@ -335,7 +402,8 @@ void StepPlan::validate(size_t i, const at::Tensor& grad, bool from_check_grads)
       return k < states_.size() && !is_step_list(k) && !states_[k].empty() ? states_[k][i].data_ptr() : nullptr;
     };
     const int64_t lanes = p.is_complex() ? 2 : 1;
-    e.slot = {p.data_ptr(), nullptr, ptr(0), ptr(1), ptr(2), p.numel() * lanes, c10::toRealValueType(p.scalar_type())};
+    e.slot = {p.data_ptr(), nullptr, ptr(0), ptr(1), ptr(2), p.numel() * lanes, c10::toRealValueType(p.scalar_type()),
+              group_of_[i]};
     if (adam_) e.step = states_[3][i].data_ptr<float>();
   }
   e.param_data = raw_data(&pi);
@@ -410,6 +478,7 @@ void StepPlan::rebuild_slots() {
 // launch advances their step counters), in order.
 void StepPlan::rebuild_rows() {
   rows_.clear();
+  row_group_.clear();
   for (const int32_t i : active_) {
     const Entry& e = entries_[i];
     if (!e.direct) continue;  // refresh() sends the plan to the op path then
@@ -429,17 +498,20 @@ void StepPlan::rebuild_rows() {
     }
     if (adam_) t.rows[cuda::row::kStep] = e.step;
     rows_.push_back(t);
+    row_group_.push_back(group_of_[i]);
   }
 }
 #endif
 
-StepPlan::Gathered StepPlan::gather() const {
+// The params of `group` (every group: -1) that have a grad, and theirs.
+StepPlan::Gathered StepPlan::gather(int32_t group) const {
   Gathered g;
   g.states.resize(states_.size());
   const size_t n = params_.size();
   g.params.reserve(n);
   g.grads.reserve(n);
   for (size_t i = 0; i < n; ++i) {
+    if (group >= 0 && group_of_[i] != group) continue;
     const at::Tensor& grad = params_[i].grad();
     if (!grad.defined()) continue;
     g.params.push_back(params_[i]);

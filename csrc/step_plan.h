@@ -1,8 +1,13 @@
-// The step plan: the eager fast path of one param group's step.
+// The step plan: the eager fast path of a step of one or more param groups.
 //
-// It holds the group's params and, for those whose state exists, the state
-// tensors, in group order. Python rebuilds a plan when the frozen set, the
-// state or the group changes (its watch notices edits made by user code).
+// It holds the groups' params and, for those whose state exists, the state
+// tensors, in order, and the group of each param. A step takes one entry of
+// hyper-parameters per group and steps every group in one launch, each
+// tensor with its group's entry (on a GPU, from a table in device memory that
+// is sent again only when an entry changes). The groups of one plan share the
+// layout of their state (SGD: momentum on or off; Adam: amsgrad or not).
+// Python rebuilds a plan when the frozen set, the state or the groups change
+// (its watch notices edits made by user code).
 //
 // On the CPU, and on a GPU in CUDA builds, a step does not go through the
 // dispatcher: the plan keeps, per param, the raw pointers the kernels need (a
@@ -32,26 +37,40 @@
 
 namespace frozenopt {
 
+// One param group's hyper-parameters as a plan's step takes them: the lr as
+// a number, or a one-element tensor read where it lies (lr_tensor).
+template <typename Hyper>
+struct PlanGroup {
+  double lr;
+  OptTensor lr_tensor;
+  Hyper hyper;
+};
+
+using SGDGroup = PlanGroup<math::SGDHyper>;
+using AdamGroup = PlanGroup<math::AdamHyper>;
+
 class StepPlan {
  public:
   // kind: "sgd" or "adam". states: the op's state lists in its order (sgd:
   // momentum_buffers; adam: exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
   // state_steps), each parallel to params, or empty where the op takes none
-  // (no momentum, no amsgrad).
-  StepPlan(const std::string& kind, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states);
+  // (no momentum, no amsgrad). groups: each param's group, 0, 1, ... in
+  // the order of the entries a step takes (empty: every param in group 0).
+  StepPlan(const std::string& kind, std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> states,
+           std::vector<int32_t> groups);
 
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
 
-  // The op's checks, without stepping: lets a step over several groups fail
+  // The op's checks, without stepping: lets a step over several plans fail
   // before any of them has moved.
   void check_grads();
 
-  // One step of the params that have a grad, like torch.optim's grad-is-None skip.
-  void sgd(double lr, const OptTensor& lr_tensor, double momentum, double dampening, double weight_decay, bool nesterov,
-           bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf);
-  void adam(double lr, const OptTensor& lr_tensor, double beta1, double beta2, double weight_decay, double eps,
-            bool amsgrad, bool maximize, bool decoupled_weight_decay, const OptTensor& grad_scale,
-            const OptTensor& found_inf);
+  // One step of the params that have a grad, like torch.optim's grad-is-None
+  // skip; `groups`: one entry per group, by group index (a group whose
+  // params all wait for state has an entry too). Every group's
+  // hyper-parameters are checked before anything moves.
+  void sgd(const std::vector<SGDGroup>& groups, const OptTensor& grad_scale, const OptTensor& found_inf);
+  void adam(const std::vector<AdamGroup>& groups, const OptTensor& grad_scale, const OptTensor& found_inf);
 
  private:
   // The params that have a grad, their grads and their state lists.
@@ -80,6 +99,8 @@ class StepPlan {
     float* step = nullptr;  // adam's step counter
   };
 
+  template <typename Group, typename Layout>
+  void check_groups(const std::vector<Group>& groups, const Layout& layout) const;
   bool plain(const at::Tensor& t) const;
   bool use_direct() const;
   bool is_step_list(size_t k) const { return adam_ && k == 3; }
@@ -101,13 +122,20 @@ class StepPlan {
   void rebuild_slots();
   template <typename Launch, typename Run>
   void run_on_cpu(Launch& launch, const Run& run);
+  template <typename Group, typename Call>
+  void run_ops(const std::vector<Group>& groups, const Call& call) const;
 #ifdef FROZENOPT_WITH_CUDA
   void rebuild_rows();
+  template <typename Group, typename Hyper>
+  void launch_on_gpu(const std::vector<Group>& groups, cuda::DeviceGroupTable<Hyper>& table,
+                     const OptTensor& grad_scale, const OptTensor& found_inf);
 #endif
-  Gathered gather() const;
+  Gathered gather(int32_t group = -1) const;
 
   std::vector<at::Tensor> params_;
   std::vector<std::vector<at::Tensor>> states_;
+  std::vector<int32_t> group_of_;  // parallel to params_
+  size_t group_count_ = 1;         // the entries a step needs at least: the highest group index + 1
   bool adam_ = false;
   const char* op_name_ = "";
   c10::DeviceType device_;           // the params' device type
@@ -123,6 +151,9 @@ class StepPlan {
   std::vector<uint8_t> unchanged_;   // refresh's scratch: entry i needs no new check
 #ifdef FROZENOPT_WITH_CUDA
   std::vector<cuda::OpTensor> rows_;  // on a GPU: what the launchers take, from the entries
+  std::vector<int32_t> row_group_;    // ... and the group of each row
+  cuda::DeviceGroupTable<math::SGDHyper> sgd_table_;
+  cuda::DeviceGroupTable<math::AdamHyper> adam_table_;
 #endif
   cpu::SGDLaunch sgd_launch_;
   cpu::AdamLaunch adam_launch_;

@@ -63,6 +63,8 @@ struct SGDHyper {
   bool nesterov;
   bool maximize;
   bool first_step;  // the momentum buffer is filled with the grad, not blended
+
+  bool operator==(const SGDHyper&) const = default;
 };
 
 // Hyper-parameters of one SGD step, already in the math type T.
@@ -124,6 +126,8 @@ struct AdamHyper {
   bool amsgrad;
   bool maximize;
   bool decoupled_weight_decay;  // AdamW
+
+  bool operator==(const AdamHyper&) const = default;
 };
 
 // What depends on the step count: worked out in double once per tensor and

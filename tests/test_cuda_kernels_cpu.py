@@ -569,3 +569,57 @@ def test_thread_sanitizer_reports_a_missing_barrier(race_check):
     run = subprocess.run([race_check, "--drop-barriers"], capture_output=True, text=True, timeout=600,
                          env={**os.environ, **TSAN_ENV})
     assert run.returncode == 66 and "WARNING: ThreadSanitizer: data race" in run.stderr, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_group_table_gives_each_tensor_its_groups_values(shim, kind):
+    """A step plan's launch over several param groups: each tensor reads its group's
+    entry of the table (its lr, by value or from device memory, and its
+    hyper-parameters). Bitwise the same as one launch per group with the op's own
+    arguments, also when tiny launch limits carry slots over between launches."""
+    sizes = [5, 3 * CHUNK + 17, 0, 64, 1000, 1, 4096, 33]
+    group_of = [0, 1, 2, 1, 0, 2, 2, 1]
+    lrs = [0.1, torch.tensor(0.05), torch.tensor(0.2, dtype=torch.float64)]
+    if kind == "sgd":
+        hypers = [dict(momentum=0.9, weight_decay=0.01), dict(momentum=0.5, dampening=0.3, maximize=True),
+                  dict(momentum=0.9, weight_decay=0.1, nesterov=True)]
+    else:
+        hypers = [dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True),
+                  dict(beta1=0.8, beta2=0.99, eps=1e-3, maximize=True),
+                  dict(beta1=0.5, beta2=0.9, eps=1e-6, weight_decay=0.2)]
+    merged, alone = make_params(torch.float32, sizes), make_params(torch.float32, sizes)
+
+    def state(params):
+        return [[torch.zeros_like(p) for p in params] for _ in range(2)], [torch.zeros(()) for _ in params]
+
+    (bufs_m, sqs_m), steps_m = state(merged)
+    (bufs_a, sqs_a), steps_a = state(alone)
+    for step in range(3):
+        grads = make_grads(merged, step)
+        for g in range(3):
+            ids = [i for i, k in enumerate(group_of) if k == g]
+            pick = lambda xs, ids=ids: [xs[i] for i in ids]  # noqa: E731
+            if kind == "sgd":
+                run_sgd(shim, pick(alone), pick(grads), pick(bufs_a), None, lr=lrs[g], first_step=False,
+                        **hypers[g])
+            else:
+                run_adam(shim, pick(alone), pick(grads), pick(bufs_a), pick(sqs_a), [], pick(steps_a), None,
+                         lr=lrs[g], **hypers[g])
+        numels, dtypes = [p.numel() for p in merged], [DTYPE_CODE[p.dtype] for p in merged]
+        limits = dict(max_tensors=3, max_blocks=2)
+        if kind == "sgd":
+            rows = [[p.data_ptr(), g.data_ptr(), b.data_ptr()] for p, g, b in zip(merged, grads, bufs_m)]
+            table = [(scalar(lrs[g], 0.0), h["momentum"], h.get("dampening", 0.0), h.get("weight_decay", 0.0),
+                      h.get("nesterov", False), h.get("maximize", False)) for g, h in enumerate(hypers)]
+            shim.sgd_table(rows, numels, dtypes, 0, (0, 0, 0.0), (0, 0, 1.0), table, group_of, **limits)
+        else:
+            rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr()]
+                    for p, g, m, v, s in zip(merged, grads, bufs_m, sqs_m, steps_m)]
+            table = [(scalar(lrs[g], 0.0), h["beta1"], h["beta2"], h["eps"], h.get("weight_decay", 0.0), False,
+                      h.get("maximize", False), h.get("decoupled", False)) for g, h in enumerate(hypers)]
+            shim.adam_table(rows, numels, dtypes, 0, (0, 0, 0.0), (0, 0, 1.0), table, group_of, **limits)
+        for i, (p, q) in enumerate(zip(merged, alone)):
+            assert torch.equal(p, q), (step, i)
+            assert torch.equal(bufs_m[i], bufs_a[i]) and torch.equal(sqs_m[i], sqs_a[i]), (step, i)
+            assert torch.equal(steps_m[i], steps_a[i]), (step, i)
+        assert all(torch.isfinite(p).all() for p in merged)  # the op's own lr (NaN) was never read

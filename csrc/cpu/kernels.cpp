@@ -221,15 +221,16 @@ void for_each_typed_piece(const Launch& launch, const Body& body) {
 void run_sgd(const SGDLaunch& launch) {
   for_each_typed_piece(launch, [&](auto tag, size_t t, int64_t lo, int64_t hi) {
     using S = decltype(tag);
-    sgd_range<S>(launch.slots[t], lo, hi,
-                 math::sgd_coef<math::MathType<S>>(launch.hyper, launch.lr, launch.grad_scale));
+    const auto& group = launch.groups[launch.slots[t].group];
+    sgd_range<S>(launch.slots[t], lo, hi, math::sgd_coef<math::MathType<S>>(group.hyper, group.lr, launch.grad_scale));
   });
 }
 
 void run_adam(const AdamLaunch& launch) {
   for_each_typed_piece(launch, [&](auto tag, size_t t, int64_t lo, int64_t hi) {
     using S = decltype(tag);
-    const auto c = math::adam_coef<math::MathType<S>>(launch.hyper, launch.lr, launch.grad_scale, launch.steps[t]);
+    const auto& group = launch.groups[launch.slots[t].group];
+    const auto c = math::adam_coef<math::MathType<S>>(group.hyper, group.lr, launch.grad_scale, launch.steps[t]);
     adam_range<S>(launch.slots[t], lo, hi, c);
   });
 }

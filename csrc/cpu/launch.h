@@ -1,7 +1,8 @@
 // What the CPU op bodies and the step plan hand to the vectorised kernels: raw
 // pointers of the unfrozen, non-empty tensors only (frozen ones never get
 // here, so none of their memory is read), plus what the update coefficients
-// are built from (update_math.h).
+// are built from (update_math.h): one entry per param group, which each slot
+// names, so the step plan steps many groups in one launch.
 //
 // kernels.cpp is compiled once per CPU capability (DEFAULT, AVX2, AVX512),
 // each copy in its own namespace; run_*_best below picks one at run time.
@@ -28,17 +29,25 @@ struct Slot {
   void* state2;  // max_exp_avg_sq (amsgrad)
   int64_t numel;
   at::ScalarType dtype;
+  int32_t group;  // the launch's entry in `groups` this tensor steps with
+};
+
+// One param group's hyper-parameters and lr (a tensor lr already read).
+template <typename Hyper>
+struct GroupHyper {
+  Hyper hyper;
+  double lr;
 };
 
 // One step's work for the kernels: the slots, run in consecutive waves ending
 // at wave_ends (see layout.h's wave_ends; empty: one wave of all slots), and
-// what the coefficients are built from.
+// what the coefficients are built from: each slot's group entry, and the AMP
+// scale all of them share.
 template <typename Hyper>
 struct Launch {
   std::vector<Slot> slots;
   std::vector<size_t> wave_ends;
-  Hyper hyper;
-  double lr;
+  std::vector<GroupHyper<Hyper>> groups;
   double grad_scale;
 };
 

@@ -39,7 +39,7 @@ class SlotBuilder {
     const void* grad = in_place ? g.data_ptr() : grads_.emplace_back(g.contiguous()).data_ptr();
     void* param = in_place ? p.data_ptr() : keep(p).data_ptr();
     const int64_t lanes = p.is_complex() ? 2 : 1;
-    return {param, grad, ptrs[0], ptrs[1], ptrs[2], p.numel() * lanes, c10::toRealValueType(p.scalar_type())};
+    return {param, grad, ptrs[0], ptrs[1], ptrs[2], p.numel() * lanes, c10::toRealValueType(p.scalar_type()), 0};
   }
 
   void write_back() {
@@ -108,7 +108,7 @@ void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const mat
       [&](size_t i) { *t.state_steps[i].data_ptr<float>() += 1.0f; },
       [&](AdamLaunch& launch, SlotBuilder& b, size_t i) {
         if (launch.slots.empty()) launch.steps.clear();  // a new wave
-        launch.steps.push_back(step_scalars.get(launch, *t.state_steps[i].data_ptr<float>()));
+        launch.steps.push_back(step_scalars.get(launch, *t.state_steps[i].data_ptr<float>(), 0));
         return b.add(t.params[i], t.grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], t.max_exp_avg_sq(i)});
       },
       run_adam_best);

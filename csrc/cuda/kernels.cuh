@@ -53,6 +53,16 @@ FROZENOPT_DEVICE bool skip_tensor(const StepArgs& a, int32_t tensor_id) {
   return frozen | overflow;
 }
 
+// The hyper-parameters and lr tensor `tensor_id` steps with (kernel_args.h's
+// GroupTable): the op's own, or its group's entry of a step plan's table (two
+// dependent loads, the group id then the entry).
+template <typename Hyper>
+FROZENOPT_DEVICE GroupEntry<Hyper> tensor_hyper(const Hyper& hyper, const ScalarArg& lr, const GroupTable<Hyper>& table,
+                                                int32_t tensor_id) {
+  if (table.groups == nullptr) return {hyper, lr};
+  return table.groups[table.tensor_group[tensor_id]];
+}
+
 // ---------------------------------------------------------------- element access
 
 // kILP consecutive elements as one aligned access: 16 bytes at most (float32
@@ -218,11 +228,14 @@ __global__ void __launch_bounds__(mt::kBlockThreads) sgd_kernel(MetaT meta, SGDA
   const BlockSpan span = block_span(meta);
   math::SGDCoef<M> c;
   // Mask, found_inf, lr and grad_scale are independent loads of memory that
-  // is always readable: one round trip, then the block's decision.
+  // is always readable: one round trip (after the group's entry, when the
+  // hyper-parameters come from a table), then the block's decision.
   const bool steps = block_coef(c, [&] {
+    const int32_t id = meta.tensor_id[span.slot];
+    const auto h = tensor_hyper(args.hyper, args.common.lr, args.table, id);
     return Decided<math::SGDCoef<M>>{
-        skip_tensor(args.common, meta.tensor_id[span.slot]),
-        math::sgd_coef<M>(args.hyper, read_scalar(args.common.lr), read_scalar(args.common.grad_scale))};
+        skip_tensor(args.common, id),
+        math::sgd_coef<M>(h.hyper, read_scalar(h.lr), read_scalar(args.common.grad_scale))};
   });
   if (!steps) return;
   const int rows[] = {row::kParam, row::kGrad, row::kMomentum};
@@ -243,9 +256,11 @@ __global__ void __launch_bounds__(mt::kBlockThreads) adam_kernel(MetaT meta, Ada
   math::AdamCoef<M> c;
   // The tensor's scalars, lr and grad_scale: independent loads, one round trip.
   const bool steps = block_coef(c, [&] {
-    const AdamTensorScalars s = args.tensor_scalars[meta.tensor_id[span.slot]];
-    const double lr = read_scalar(args.common.lr), grad_scale = read_scalar(args.common.grad_scale);
-    return Decided<math::AdamCoef<M>>{s.skip, math::adam_coef<M>(args.hyper, lr, grad_scale, s.step)};
+    const int32_t id = meta.tensor_id[span.slot];
+    const AdamTensorScalars s = args.tensor_scalars[id];
+    const auto h = tensor_hyper(args.hyper, args.common.lr, args.table, id);
+    const double lr = read_scalar(h.lr), grad_scale = read_scalar(args.common.grad_scale);
+    return Decided<math::AdamCoef<M>>{s.skip, math::adam_coef<M>(h.hyper, lr, grad_scale, s.step)};
   });
   if (!steps) return;
   const int rows[] = {row::kParam, row::kGrad, row::kExpAvg, row::kExpAvgSq, row::kMaxExpAvgSq};
@@ -271,7 +286,8 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(StepMetaT meta, Adam
   if (out.skip) return;  // a frozen tensor's step counter is not touched
   const float step = *meta.step[i] + 1.0f;
   *meta.step[i] = step;
-  out.step = math::adam_step_scalars(read_scalar(args.common.lr), args.hyper, double(step));
+  const auto h = tensor_hyper(args.hyper, args.common.lr, args.table, id);
+  out.step = math::adam_step_scalars(read_scalar(h.lr), h.hyper, double(step));
 }
 
 // ---------------------------------------------------------------- launchers

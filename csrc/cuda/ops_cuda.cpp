@@ -16,6 +16,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "ops_cuda.h"
@@ -152,6 +153,58 @@ AdamArgs launch_args(const char* op, double lr, const math::AdamHyper& hyper, co
   check_hyper(host_lr(opt.lr, lr), hyper);
   return {step_args(op, lr, opt, keep), /*tensor_scalars=*/nullptr, hyper};
 }
+
+GroupEntry<math::SGDHyper> group_entry(const char* op, double lr, const OptTensor& lr_tensor,
+                                       const math::SGDHyper& hyper) {
+  check_hyper(host_lr(lr_tensor, lr), hyper);
+  return {hyper, scalar_arg(op, "lr", lr_tensor, lr)};
+}
+
+GroupEntry<math::AdamHyper> group_entry(const char* op, double lr, const OptTensor& lr_tensor,
+                                        const math::AdamHyper& hyper) {
+  check_hyper(host_lr(lr_tensor, lr), hyper);
+  return {hyper, scalar_arg(op, "lr", lr_tensor, lr)};
+}
+
+namespace {
+
+// A copy of host memory in a new device buffer, sent on the current stream
+// without waiting: from pinned memory, which the host allocator keeps until
+// the copy has run. Kernels queued earlier keep reading the old buffer, which
+// the caching allocator reuses only for work queued after them.
+at::Tensor to_device(const void* data, size_t bytes, const at::Device& device) {
+  const at::Tensor host =
+      at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), data, bytes);
+  at::Tensor out = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
+  out.copy_(host, /*non_blocking=*/true);
+  return out;
+}
+
+}  // namespace
+
+template <typename Hyper>
+GroupTable<Hyper> DeviceGroupTable<Hyper>::upload(const std::vector<int32_t>& tensor_group,
+                                                  const std::vector<GroupEntry<Hyper>>& groups,
+                                                  const at::Device& device) {
+  c10::cuda::CUDAGuard guard(device);
+  void* stream = stream_of(device);
+  const bool new_stream = stream != stream_ || !groups_on_device_.defined();
+  if (new_stream || tensor_group != tensor_group_) {
+    tensor_group_on_device_ = to_device(tensor_group.data(), tensor_group.size() * sizeof(int32_t), device);
+    tensor_group_ = tensor_group;
+  }
+  if (new_stream || groups != groups_) {
+    groups_on_device_ = to_device(groups.data(), groups.size() * sizeof(GroupEntry<Hyper>), device);
+    groups_ = groups;
+  }
+  stream_ = stream;
+  return {static_cast<const GroupEntry<Hyper>*>(groups_on_device_.data_ptr()),
+          static_cast<const int32_t*>(tensor_group_on_device_.data_ptr())};
+}
+
+template class DeviceGroupTable<math::SGDHyper>;
+template class DeviceGroupTable<math::AdamHyper>;
 
 void launch_rows(const std::vector<OpTensor>& rows, const SGDArgs& args, const at::Device& device) {
   c10::cuda::CUDAGuard guard(device);

@@ -26,6 +26,31 @@ SGDArgs launch_args(const char* op, double lr, const math::SGDHyper& hyper, cons
 AdamArgs launch_args(const char* op, double lr, const math::AdamHyper& hyper, const OptionalTensors& opt,
                      std::vector<at::Tensor>& keep);
 
+// A step plan's param group, checked, as the kernels read it: a CUDA lr
+// tensor by its address (it must stay alive until the launch has run).
+GroupEntry<math::SGDHyper> group_entry(const char* op, double lr, const OptTensor& lr_tensor,
+                                       const math::SGDHyper& hyper);
+GroupEntry<math::AdamHyper> group_entry(const char* op, double lr, const OptTensor& lr_tensor,
+                                        const math::AdamHyper& hyper);
+
+// A step plan's group table in device memory: the group of each row (by
+// tensor id) and each group's entry. upload() sends them on `device`'s
+// current stream, asynchronously, only when they differ from what it sent
+// last or the stream changed (LR schedulers change an entry; a param group
+// whose values stay costs nothing per step).
+template <typename Hyper>
+class DeviceGroupTable {
+ public:
+  GroupTable<Hyper> upload(const std::vector<int32_t>& tensor_group, const std::vector<GroupEntry<Hyper>>& groups,
+                           const at::Device& device);
+
+ private:
+  std::vector<int32_t> tensor_group_;
+  std::vector<GroupEntry<Hyper>> groups_;
+  at::Tensor tensor_group_on_device_, groups_on_device_;
+  void* stream_ = nullptr;
+};
+
 // One step over `rows` (tensor id = index) on `device`'s current stream, with
 // the kernel-argument budget the driver and device allow. Adam's rows carry
 // their step counters (row::kStep), which the launch advances on the device.

@@ -21,6 +21,8 @@ struct ScalarArg {
   const void* ptr;
   int32_t is_double;  // the pointee is double (else float)
   double value;
+
+  bool operator==(const ScalarArg&) const = default;
 };
 
 inline ScalarArg host_scalar(double v) { return {nullptr, 0, v}; }
@@ -33,9 +35,32 @@ struct StepArgs {
   ScalarArg lr;
 };
 
+// One param group's hyper-parameters and lr, as a step plan's group table
+// holds them on the device.
+template <typename Hyper>
+struct GroupEntry {
+  Hyper hyper;
+  ScalarArg lr;
+
+  bool operator==(const GroupEntry&) const = default;
+};
+
+// Where each tensor's hyper-parameters come from: with `groups` unset, the
+// op's own (`hyper` and common.lr); with it set, the group table entry
+// groups[tensor_group[tensor id]] (device memory: a step plan steps many
+// param groups in one launch this way). Either way, `hyper` decides the
+// kernels' layout (momentum on or off, amsgrad), which every group of a
+// table shares.
+template <typename Hyper>
+struct GroupTable {
+  const GroupEntry<Hyper>* groups;
+  const int32_t* tensor_group;
+};
+
 struct SGDArgs {
   StepArgs common;
   math::SGDHyper hyper;
+  GroupTable<math::SGDHyper> table;
 };
 
 // What Adam's step launch works out once per tensor for the element launches
@@ -51,6 +76,7 @@ struct AdamArgs {
   StepArgs common;
   AdamTensorScalars* tensor_scalars;  // one per tensor of the op: device memory the caller provides
   math::AdamHyper hyper;
+  GroupTable<math::AdamHyper> table;
 };
 
 // Address rows of the metadata, per op.

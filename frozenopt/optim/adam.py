@@ -93,11 +93,12 @@ class Adam(FreezableOptimizer):
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
                 [s["step"] for s in states]]
 
-    def _kwargs(self, group):
+    _hyper_names = ("beta1", "beta2", "weight_decay", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
+
+    def _hyper(self, group):
         beta1, beta2 = group["betas"]
-        return dict(beta1=float(beta1), beta2=float(beta2), weight_decay=float(group["weight_decay"]),
-                    eps=float(group["eps"]), amsgrad=group["amsgrad"], maximize=group["maximize"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"])
+        return (float(beta1), float(beta2), float(group["weight_decay"]), float(group["eps"]),
+                bool(group["amsgrad"]), bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
 
     def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
         lr, grad_scale, found_inf = on_device_of(group, group["lr"], grad_scale, found_inf)

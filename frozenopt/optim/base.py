@@ -6,9 +6,11 @@ and the fused op it runs). A frozen param is treated exactly as if its grad were
 None: its value and its state are not touched, its step does not advance.
 
 Two step paths share the same ops (``frozenopt.ops``):
-- eager (the usual case): one compiled ``StepPlan`` per param group holds the
-  unfrozen params that have state and reads their grads in C++; it is rebuilt
-  only when the frozen set, the state or the groups change;
+- eager (the usual case): one compiled ``StepPlan`` per device and state layout
+  holds the unfrozen params that have state, of every param group that shares
+  them, reads their grads in C++ and steps them in one launch, each with its
+  group's hyper-parameters; it is rebuilt only when the frozen set, the state
+  or the groups change;
 - traced (``torch.compile``, CUDA graph capture): every param with a grad goes
   to the op with the group's mask tensor, so flipping the mask in
   ``mask_only`` mode changes no graph.
@@ -119,10 +121,6 @@ def _as_param_groups(params: Any) -> Any:
     return params
 
 
-def _is_capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _write_mask(mask: Tensor, flags: Tensor) -> None:
     """Rewrites a mask in place. On a GPU, steps or graph replays queued on any stream
     may still read it: the write waits for them, and is done before anything queued
@@ -133,6 +131,10 @@ def _write_mask(mask: Tensor, flags: Tensor) -> None:
     torch.cuda.synchronize(mask.device)
     mask.copy_(flags)
     torch.cuda.current_stream(mask.device).synchronize()
+
+
+def _is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def on_device_of(group: dict[str, Any], *tensors: Any) -> list[Any]:
@@ -204,9 +206,13 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._watch = self._extension.Watch()
         self._frozen: set[Tensor] = frozen
         self._params: list[Tensor] = []  # every group's params at the last sync
-        self._plans: list = []  # one StepPlan per group, None when it must be built again
+        # Per group: the StepPlan that steps it (shared by the groups of one plan), None when
+        # it must be built again, False for a group with no params.
+        self._plans: list = []
+        self._plan_sets: list[tuple[list[int], Any]] = []  # each plan with its groups, in order
         self._pending: list[list[Tensor]] = []  # per group: unfrozen params with no state yet
         self._plan_keys: dict[int, Any] = {}  # per group: the _plan_key its plan was built for
+        self._checked_rows: list[tuple] = []  # per group: the _plan_row checked at the last step
         self._masks: list[Tensor] = []
         self._mask_subsets: dict[tuple, Tensor] = {}
         self._captured = False  # a CUDA graph has captured a step
@@ -265,6 +271,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"param {self._name_of(p)} is not a dense (strided) tensor")
         if groups is not None and len({id(p) for p in self._all_params()}) != len(self._all_params()):
             raise ValueError("some parameters appear in more than one parameter group")
+        self._devices = {g["params"][0].device for g in self.param_groups if g["params"]}
 
     # Copies and pickles carry what torch.optim's do, plus the mode and the frozen set.
     def __getstate__(self) -> dict[str, Any]:
@@ -304,7 +311,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         stale = self._watch.stale(self.param_groups, self.state)
         if not stale:
             return
-        if any(_is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
+        if self._capturing():
             raise RuntimeError(
                 "the optimizer's param groups, state or params' requires_grad changed since its last "
                 "step, and it cannot take that in during a CUDA graph capture: run one eager step "
@@ -321,6 +328,11 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._mask_subsets.clear()
         self._invalidate_names()
         self._refresh_masks(stale)
+
+    def _capturing(self) -> bool:
+        """Whether a CUDA graph is capturing on a device of the groups (known since the last
+        check of the params: a step asks at every call, whatever the number of groups)."""
+        return any(_is_capturing(device) for device in self._devices)
 
     def _snapshot(self) -> None:
         self._watch.snapshot(self.param_groups, self.state, not self._mask_only)
@@ -625,6 +637,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         count = len(self.param_groups)
         if len(self._plans) != count:  # groups appended or deleted: everything is derived again
             self._plans, self._pending, self._plan_keys = [None] * count, [[] for _ in range(count)], {}
+            self._plan_sets = []
             del self._masks[count:]
             groups = None
         for gi in range(count) if groups is None else groups:
@@ -641,9 +654,12 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _invalidate(self, groups: Iterable[int] | None = None) -> None:
         """After a change of ours: the plans of those groups (all by default) are built
-        again at the next step, and the watch records what Python holds now."""
-        for gi in range(len(self._plans)) if groups is None else groups:
-            self._plans[gi] = None
+        again at the next step, and the watch records what Python holds now. A plan shared
+        with other groups is dropped for them too, so nothing keeps its tensors alive."""
+        dropped = {id(self._plans[gi]) for gi in (range(len(self._plans)) if groups is None else groups)}
+        if dropped:
+            self._plans = [None if id(plan) in dropped else plan for plan in self._plans]
+            self._plan_sets = [(gis, plan) for gis, plan in self._plan_sets if id(plan) not in dropped]
         self._params = self._all_params()
         self._positions: dict[int, tuple[int, int]] | None = None  # built on demand by _in_place_since_sync
         self._snapshot()
@@ -724,12 +740,12 @@ class FreezableOptimizer(torch.optim.Optimizer):
             return loss
         try:
             self._sync()
-            if any(_is_capturing(g["params"][0].device) for g in self.param_groups if g["params"]):
+            if self._capturing():
                 self._step_traced(grad_scale, found_inf)
                 return loss
-            for group in self.param_groups:  # a bad group fails the step before any group moves
-                self._check_hyper(group)
             if self._sharded:
+                for group in self.param_groups:  # a bad group fails the step before any group moves
+                    self._check_hyper(group)
                 self._step_sharded(grad_scale, found_inf)
             else:
                 self._step_eager(grad_scale, found_inf)
@@ -742,18 +758,18 @@ class FreezableOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_eager(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        for gi, group in enumerate(self.param_groups):
-            if self._plan_keys.get(gi) != self._plan_key(group):
-                self._plans[gi] = None  # momentum turned on or off, amsgrad toggled: other state lists
-        built = [gi for gi, plan in enumerate(self._plans) if plan is None]
-        plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
-        fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending]
+        rows = self._plan_rows()  # a bad group fails the step before any group moves
+        built = None in self._plans
+        plan_sets = self._current_plan_sets()
+        fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending] \
+            if any(self._pending) else [[]] * len(self._pending)
         # Every grad is checked before anything is allocated or moves, so a bad
         # grad in any group leaves the optimizer as it was.
-        for plan, fresh in zip(plans, fresh_by_group):
+        for fresh in fresh_by_group:
             if fresh:
                 self._extension.check_grads(fresh, [p.grad for p in fresh])
-            if len(plans) > 1 or fresh:
+        if len(plan_sets) > 1 or any(fresh_by_group):
+            for _, plan in plan_sets:
                 plan.check_grads()
         for gi, group in enumerate(self.param_groups):
             fresh = fresh_by_group[gi]
@@ -766,25 +782,87 @@ class FreezableOptimizer(torch.optim.Optimizer):
                     # (where the optimizer says a kept zero state would change the next step).
                     for p in fresh:
                         self.state.pop(p, None)
-            self._run_plan(plans[gi], group, grad_scale, found_inf)
+        for gis, plan in plan_sets:
+            scale = on_device_of(self.param_groups[gis[0]], grad_scale, found_inf)
+            getattr(plan, self._op)([rows[gi] for gi in gis], *scale)
         # Building a plan may have normalised loaded state, and fresh params now
-        # have state (they join their group's plan at the next step).
+        # have state (they join their plan at the next step).
         if built or any(fresh_by_group):
             self._invalidate([gi for gi, fresh in enumerate(fresh_by_group) if fresh])
 
-    def _plan(self, gi: int, group: dict[str, Any]):
-        """The group's StepPlan; also notes its pending params (unfrozen, no state yet)."""
-        if self._plans[gi] is None:
+    def _plan_rows(self) -> list[tuple]:
+        """Each group's ``_plan_row``. A group is checked (``_check_hyper``) when its row
+        differs from the one checked at the last step, or it has a tensor lr (whose
+        value may change in place), so a bad group fails before anything moves; its plan
+        is dropped then if its ``_plan_key`` changed (momentum turned on or off, amsgrad
+        toggled: other state lists)."""
+        rows = []
+        checked = self._checked_rows
+        for gi, group in enumerate(self.param_groups):
+            try:
+                row = self._plan_row(group)
+            except Exception:
+                self._check_hyper(group)  # raises the checks' message, where they see the problem
+                raise
+            if row[1] is not None or gi >= len(checked) or checked[gi] != row:
+                self._check_hyper(group)
+                if self._plan_keys.get(gi) != self._plan_key(group):
+                    self._plans[gi] = None
+            rows.append(row)
+        self._checked_rows = rows
+        return rows
+
+    def _plan_row(self, group: dict[str, Any]) -> tuple:
+        """The group's entry of a plan's step: (lr, tensor lr or None, *``_hyper(group)``)."""
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            return (0.0, on_device_of(group, lr)[0] if group["params"] else lr, *self._hyper(group))
+        return (float(lr), None, *self._hyper(group))
+
+    def _current_plan_sets(self) -> list[tuple[list[int], Any]]:
+        """The step plans with the groups each steps: one plan for all the groups with params
+        that share a device and a ``_plan_key`` (the state layout). The plan of a set in which
+        some group's plan was dropped is built again; building notes each group's pending
+        params (unfrozen, no state yet)."""
+        if None not in self._plans:
+            return self._plan_sets
+        by_key: dict[Any, list[int]] = {}
+        for gi, group in enumerate(self.param_groups):
+            if group["params"]:
+                by_key.setdefault((group["params"][0].device, self._plan_key(group)), []).append(gi)
+            else:
+                self._plans[gi], self._pending[gi], self._plan_keys[gi] = False, [], self._plan_key(group)
+        old = {tuple(gis): plan for gis, plan in self._plan_sets}
+        self._plan_sets = []
+        for gis in by_key.values():
+            plan = old.get(tuple(gis))
+            if plan is None or any(self._plans[gi] is not plan for gi in gis):
+                plan = self._build_plan(gis)
+                for gi in gis:
+                    self._plans[gi] = plan
+                    self._plan_keys[gi] = self._plan_key(self.param_groups[gi])
+            self._plan_sets.append((gis, plan))
+        return self._plan_sets
+
+    def _build_plan(self, gis: list[int]) -> Any:
+        """A StepPlan over the unfrozen params with state of these groups (which share a
+        device and a state layout); also notes each group's pending params."""
+        params: list[Tensor] = []
+        group_of: list[int] = []
+        states: list[list[Tensor]] | None = None
+        for k, gi in enumerate(gis):
+            group = self.param_groups[gi]
             unfrozen = [p for p in group["params"] if p not in self._frozen]
-            params = [p for p in unfrozen if self._has_state(p, group)]
+            ready = [p for p in unfrozen if self._has_state(p, group)]
             self._pending[gi] = [p for p in unfrozen if not self._has_state(p, group)]
-            self._plans[gi] = self._build_plan(params, group)
-            self._plan_keys[gi] = self._plan_key(group)
-        return self._plans[gi]
+            lists = self._state_lists(ready, group)
+            states = lists if states is None else [a + b for a, b in zip(states, lists)]
+            params += ready
+            group_of += [k] * len(ready)
+        return self._extension.StepPlan(self._op, params, states, group_of)
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        capturing = not torch.compiler.is_compiling() and any(
-            _is_capturing(g["params"][0].device) for g in self.param_groups if g["params"])
+        capturing = not torch.compiler.is_compiling() and self._capturing()
         for gi, group in enumerate(self.param_groups):
             # In default mode frozen means requires_grad=False, read here as it is
             # now (a compiled step has no sync); in mask_only mode the mask says.
@@ -943,27 +1021,24 @@ class FreezableOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _plan_key(self, group: dict[str, Any]) -> Any:
-        """What a group's plan depends on besides its params (a change rebuilds the plan)."""
+        """What decides a group's state layout (a change rebuilds its plan); only groups
+        with the same key (and device) share a plan. A function of ``_hyper``'s values:
+        a group whose values did not change keeps its key."""
         return None
 
     # The fused update this optimizer runs: the StepPlan kind and the plan's method ("sgd", "adam").
     _op: str
 
-    def _kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
-        """The group's hyper-parameters as the fused update takes them (lr apart)."""
+    # The names of ``_hyper``'s values, as the fused update takes them.
+    _hyper_names: tuple[str, ...]
+
+    def _hyper(self, group: dict[str, Any]) -> tuple:
+        """The group's hyper-parameters (lr apart) as numbers and flags, in ``_hyper_names``' order."""
         raise NotImplementedError
 
-    def _build_plan(self, params: list[Tensor], group: dict[str, Any]) -> Any:
-        """A StepPlan over these params (unfrozen, with state) for this group."""
-        return self._extension.StepPlan(self._op, params, self._state_lists(params, group))
-
-    def _run_plan(self, plan: Any, group: dict[str, Any], grad_scale: Tensor | None,
-                  found_inf: Tensor | None) -> None:
-        """One step of the group's plan: the params it holds that have a grad."""
-        lr, grad_scale, found_inf = on_device_of(group, group["lr"], grad_scale, found_inf)
-        lr, lr_tensor = ops.split_lr(lr)
-        update = getattr(plan, self._op)
-        update(lr=lr, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
+    def _kwargs(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's hyper-parameters as the fused op takes them (lr apart)."""
+        return dict(zip(self._hyper_names, self._hyper(group)))
 
     def _run_op(self, group: dict[str, Any], params: list[Tensor], mask: Tensor | None, fresh: list[Tensor],
                 grad_scale: Tensor | None, found_inf: Tensor | None) -> None:

@@ -71,10 +71,11 @@ class SGD(FreezableOptimizer):
             return [[]]
         return [[self.state[p]["momentum_buffer"] for p in params]]
 
-    def _kwargs(self, group):
-        return dict(momentum=group["momentum"], dampening=group["dampening"],
-                    weight_decay=float(group["weight_decay"]), nesterov=group["nesterov"],
-                    maximize=group["maximize"])
+    _hyper_names = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
+
+    def _hyper(self, group):
+        return (float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
+                bool(group["nesterov"]), bool(group["maximize"]))
 
     def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
         # A new momentum buffer takes the first grad as it is (torch.optim's rule): the

@@ -8,7 +8,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <optional>
+#include <tuple>
 
 #include "cuda/kernels.cuh"
 
@@ -96,6 +98,55 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("grad_scale"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
       py::arg("amsgrad"), py::arg("maximize"), py::arg("decoupled"), py::arg("max_tensors") = 0,
       py::arg("max_blocks") = 0, py::arg("max_steps") = 0, py::arg("small_budget") = false);
+  // The same launches with a step plan's group table: each tensor takes the
+  // hyper-parameters and lr of its group (groups[tensor_group[tensor id]]).
+  // The op's own lr is NaN, so a kernel that read it would be seen.
+  m.def(
+      "sgd_table",
+      [](const std::vector<std::vector<uintptr_t>>& rows, const std::vector<int64_t>& numels,
+         const std::vector<int>& dtypes, uintptr_t mask, py::tuple found_inf, py::tuple grad_scale,
+         const std::vector<std::tuple<py::tuple, double, double, double, bool, bool>>& groups,
+         const std::vector<int32_t>& tensor_group, int max_tensors, int max_blocks) {
+        std::vector<GroupEntry<frozenopt::math::SGDHyper>> entries;
+        for (const auto& [lr, momentum, dampening, weight_decay, nesterov, maximize] : groups) {
+          entries.push_back({{momentum, dampening, weight_decay, nesterov, maximize, false}, scalar(lr)});
+        }
+        const SGDArgs args{step_args(mask, found_inf, grad_scale, py::make_tuple(0, 0, NAN)),
+                           entries.at(0).hyper,
+                           {entries.data(), tensor_group.data()}};
+        const auto tensors = op_tensors(rows, numels, dtypes);
+        if (tensor_group.size() != tensors.size()) throw py::value_error("one group index per tensor");
+        shim::Launcher launcher;
+        return run_sgd<frozenopt::mt::kLargeArgBytes>(tensors, args, launcher,
+                                                      LimitOverride{max_tensors, max_blocks, 0});
+      },
+      py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
+      py::arg("grad_scale"), py::arg("groups"), py::arg("tensor_group"), py::arg("max_tensors") = 0,
+      py::arg("max_blocks") = 0);
+  m.def(
+      "adam_table",
+      [](const std::vector<std::vector<uintptr_t>>& rows, const std::vector<int64_t>& numels,
+         const std::vector<int>& dtypes, uintptr_t mask, py::tuple found_inf, py::tuple grad_scale,
+         const std::vector<std::tuple<py::tuple, double, double, double, double, bool, bool, bool>>& groups,
+         const std::vector<int32_t>& tensor_group, int max_tensors, int max_blocks) {
+        std::vector<GroupEntry<frozenopt::math::AdamHyper>> entries;
+        for (const auto& [lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled] : groups) {
+          entries.push_back({{beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled}, scalar(lr)});
+        }
+        const auto tensors = op_tensors(rows, numels, dtypes);
+        if (tensor_group.size() != tensors.size()) throw py::value_error("one group index per tensor");
+        std::vector<AdamTensorScalars> scratch(tensors.size());
+        const AdamArgs args{step_args(mask, found_inf, grad_scale, py::make_tuple(0, 0, NAN)),
+                            scratch.data(),
+                            entries.at(0).hyper,
+                            {entries.data(), tensor_group.data()}};
+        shim::Launcher launcher;
+        return run_adam<frozenopt::mt::kLargeArgBytes>(tensors, args, launcher,
+                                                       LimitOverride{max_tensors, max_blocks, 0});
+      },
+      py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
+      py::arg("grad_scale"), py::arg("groups"), py::arg("tensor_group"), py::arg("max_tensors") = 0,
+      py::arg("max_blocks") = 0);
   m.def(
       "pack_alignment",
       [](int dtype) {
