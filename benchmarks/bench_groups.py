@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from bench_step import Contender, run_repeat, warm_up
+from bench_step import Contender, add_timing_args, check_timing_args, run_repeat, warm_up, write_report
 
 import frozenopt
 from frozenopt.bench.machine import load_average, machine_info
@@ -157,16 +156,10 @@ def format_table(results: list[dict], groups: list[int]) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=7, help="timed repeats per contender (default 7)")
-    ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run, figures not meaningful")
+    add_timing_args(ap, DEFAULT_OUT)
     ap.add_argument("--groups", default=",".join(map(str, GROUP_COUNTS)),
                     help=f"comma-separated group counts, ascending (default {','.join(map(str, GROUP_COUNTS))})")
     ap.add_argument("--optimizers", default="adamw,sgd", help="comma-separated subset of adamw,sgd")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    ap.add_argument("--min-measure-ms", type=float, default=None,
-                    help="least time per measurement (default 200, 5 with --quick)")
-    ap.add_argument("--max-inner", type=int, default=200, help="most steps per measurement (default 200)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     args = ap.parse_args(argv)
     try:
         args.groups = [int(g) for g in args.groups.split(",") if g.strip()]
@@ -178,11 +171,7 @@ def parse_args(argv=None):
     bad = [o for o in args.optimizers if o not in ("adamw", "sgd")]
     if bad or not args.optimizers:
         ap.error(f"unknown or empty --optimizers: {bad}")
-    if args.repeats < 1:
-        ap.error("--repeats must be at least 1")
-    if args.min_measure_ms is None:
-        args.min_measure_ms = 5.0 if args.quick else 200.0
-    args.min_measure_s = args.min_measure_ms / 1e3
+    check_timing_args(ap, args)
     return args
 
 
@@ -208,7 +197,6 @@ def main(argv=None) -> int:
     machine["load_average_end"] = load_average()
     report = {
         "tool": "benchmarks/bench_groups.py",
-        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
         "quick": args.quick,
         "repeats": args.repeats,
         "groups": args.groups,
@@ -219,8 +207,7 @@ def main(argv=None) -> int:
         "results": results,
         "all_targets_met": all(r["target"]["met"] for r in results),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(report, args.out, argv)
     m = report["machine"]
     load = "/".join(f"{x:.1f}" for x in m["load_average"]) if m["load_average"] else "?"
     end = "/".join(f"{x:.1f}" for x in m["load_average_end"]) if m["load_average_end"] else "?"

@@ -324,30 +324,47 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_timing_args(ap: argparse.ArgumentParser, default_out: Path) -> None:
+    """The options of every benchmark timed with these helpers: repeats, size, output, measurement, threads."""
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per contender (default 7)")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run, figures not meaningful")
-    ap.add_argument("--cases", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e (default all)")
-    ap.add_argument("--optimizers", default="adamw,sgd", help="comma-separated subset of adamw,sgd")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=default_out, help=f"JSON output (default {default_out})")
     ap.add_argument("--min-measure-ms", type=float, default=None,
                     help="least time per measurement (default 200, 5 with --quick)")
     ap.add_argument("--max-inner", type=int, default=200, help="most steps per measurement (default 200)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for every contender (default: torch's own choice)")
+
+
+def check_timing_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses bad timing options and fills in the measurement time (min_measure_s)."""
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    if args.min_measure_ms is None:
+        args.min_measure_ms = 5.0 if args.quick else 200.0
+    args.min_measure_s = args.min_measure_ms / 1e3
+
+
+def write_report(report: dict, out: Path, argv) -> None:
+    """Writes the report as JSON, with the command line that made it."""
+    report["command"] = " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_timing_args(ap, DEFAULT_OUT)
+    ap.add_argument("--cases", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e (default all)")
+    ap.add_argument("--optimizers", default="adamw,sgd", help="comma-separated subset of adamw,sgd")
     args = ap.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     args.optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
     bad = [c for c in args.cases if c not in SIZES] + [o for o in args.optimizers if o not in ("adamw", "sgd")]
     if bad or not args.cases or not args.optimizers:
         ap.error(f"unknown or empty --cases/--optimizers: {bad}")
-    if args.repeats < 1:
-        ap.error("--repeats must be at least 1")
-    if args.min_measure_ms is None:
-        args.min_measure_ms = 5.0 if args.quick else 200.0
-    args.min_measure_s = args.min_measure_ms / 1e3
+    check_timing_args(ap, args)
     return args
 
 
@@ -369,7 +386,6 @@ def main(argv=None) -> int:
     machine["load_average_end"] = load_average()
     report = {
         "tool": "benchmarks/bench_step.py",
-        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
         "quick": args.quick,
         "repeats": args.repeats,
         "machine": machine,
@@ -377,8 +393,7 @@ def main(argv=None) -> int:
         "results": results,
         "all_targets_met": all(r["target"]["met"] for r in results),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(report, args.out, argv)
     m = report["machine"]
     load = "/".join(f"{x:.1f}" for x in m["load_average"]) if m["load_average"] else "?"
     print(f"{m['cpu']} ({m['cpu_count']} logical CPUs, load average {load} at start), "
