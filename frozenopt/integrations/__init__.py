@@ -120,7 +120,8 @@ class FreezeSchedule:
 
     ``freeze``: what to freeze at the start (a name, glob, regex, module, param or a list).
     ``schedule``: ``{t: targets}`` as ``GradualUnfreeze`` takes it (an int value is fastai's
-    ``freeze_to(n)``); the entry for ``t`` applies before step or epoch ``t`` (from 0) runs.
+    ``freeze_to(n)``); the entry for ``t`` applies before step or epoch ``t`` (from 0) runs,
+    as ``by`` (``"step"`` or ``"epoch"``) says.
     ``keep_norm=True`` keeps normalization layers inside frozen targets trainable
     (``FineTuner``). Resuming: ``load_state_dict`` restores which entries ran; without it, a
     run that starts at ``done > 0`` steps or epochs counts the entries due before ``done`` as
@@ -128,8 +129,11 @@ class FreezeSchedule:
     holds the frozen set.
     """
 
-    def __init__(self, schedule: Mapping[int, Any] | None = None, *, freeze: Any = (), keep_norm: bool = False,
-                 reset_state: bool = False) -> None:
+    def __init__(self, schedule: Mapping[int, Any] | None = None, *, freeze: Any = (), by: str = "step",
+                 keep_norm: bool = False, reset_state: bool = False) -> None:
+        if by not in ("step", "epoch"):
+            raise ValueError(f"by must be 'step' or 'epoch', got {by!r}")
+        self.by = by  # what t counts: optimizer steps or epochs
         self.schedule = dict(schedule or {})
         self.freeze = freeze if isinstance(freeze, (list, tuple)) else (freeze,)
         self.keep_norm = keep_norm

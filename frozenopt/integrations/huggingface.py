@@ -34,15 +34,12 @@ class FreezeCallback(TrainerCallback):
 
     def __init__(self, schedule: Mapping[int, Any] | None = None, *, freeze: Any = (), by: str = "step",
                  keep_norm: bool = False, reset_state: bool = False) -> None:
-        if by not in ("step", "epoch"):
-            raise ValueError(f"by must be 'step' or 'epoch', got {by!r}")
-        self.by = by
-        self.schedule = FreezeSchedule(schedule, freeze=freeze, keep_norm=keep_norm, reset_state=reset_state)
+        self.schedule = FreezeSchedule(schedule, freeze=freeze, by=by, keep_norm=keep_norm, reset_state=reset_state)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        done = state.global_step if self.by == "step" else state.epoch or 0
+        done = state.global_step if self.schedule.by == "step" else state.epoch or 0
         self.schedule.start(optimizer, model, done=done)
 
     def on_step_begin(self, args, state, control, **kwargs):
         # state.epoch: epochs done, as a fraction (2.5 is halfway through epoch 2, counted from 0)
-        self.schedule.advance(state.global_step if self.by == "step" else math.floor(state.epoch or 0))
+        self.schedule.advance(state.global_step if self.schedule.by == "step" else math.floor(state.epoch or 0))

@@ -34,10 +34,7 @@ class FreezeCallback(Callback):
 
     def __init__(self, schedule: Mapping[int, Any] | None = None, *, freeze: Any = (), by: str = "epoch",
                  keep_norm: bool = False, reset_state: bool = False) -> None:
-        if by not in ("step", "epoch"):
-            raise ValueError(f"by must be 'step' or 'epoch', got {by!r}")
-        self.by = by
-        self.schedule = FreezeSchedule(schedule, freeze=freeze, keep_norm=keep_norm, reset_state=reset_state)
+        self.schedule = FreezeSchedule(schedule, freeze=freeze, by=by, keep_norm=keep_norm, reset_state=reset_state)
 
     def freeze_before_training(self, pl_module, optimizer) -> None:
         """At the start of a fit that is not resumed (after ``configure_optimizers``)."""
@@ -52,12 +49,12 @@ class FreezeCallback(Callback):
             self.freeze_before_training(pl_module, self.schedule.optimizer)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.by == "epoch":
+        if self.schedule.by == "epoch":
             self.schedule.advance(trainer.current_epoch)
         self.finetune_function(pl_module, trainer.current_epoch, self.schedule.optimizer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.by == "step":
+        if self.schedule.by == "step":
             self.schedule.advance(trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
