@@ -117,6 +117,18 @@ void StepPlan::check_groups(const std::vector<Group>& groups, const Layout& layo
   }
 }
 
+// The op's checks of a direct launch's scalar tensors: AMP's grad_scale and
+// found_inf, and each group's tensor lr.
+template <typename Group>
+void StepPlan::check_launch_scalars(const std::vector<Group>& groups, const OptTensor& grad_scale,
+                                    const OptTensor& found_inf) const {
+  const at::Tensor* first = &params_[active_.front()];
+  check_scalars(op_name_, first, {.grad_scale = grad_scale, .found_inf = found_inf});
+  for (const Group& g : groups) {
+    if (g.lr_tensor.has_value()) check_scalars(op_name_, first, {.lr = g.lr_tensor});
+  }
+}
+
 void StepPlan::sgd(const std::vector<SGDGroup>& groups, const OptTensor& grad_scale, const OptTensor& found_inf) {
   check_groups(groups, [](const math::SGDHyper& h) { return h.momentum != 0.0; });
   const bool momentum = groups.front().hyper.momentum != 0.0;
@@ -124,10 +136,7 @@ void StepPlan::sgd(const std::vector<SGDGroup>& groups, const OptTensor& grad_sc
   if (use_direct() && !(momentum && states_[0].empty()) && refresh(false)) {
     if (active_.empty()) return;
     RECORD_FUNCTION("frozenopt::sgd_ (step plan)", std::vector<c10::IValue>());
-    check_scalars(op_name_, &params_[active_.front()], {.grad_scale = grad_scale, .found_inf = found_inf});
-    for (const SGDGroup& g : groups) {
-      if (g.lr_tensor.has_value()) check_scalars(op_name_, &params_[active_.front()], {.lr = g.lr_tensor});
-    }
+    check_launch_scalars(groups, grad_scale, found_inf);
 #ifdef FROZENOPT_WITH_CUDA
     if (device_ == c10::DeviceType::CUDA) {
       launch_on_gpu(groups, sgd_table_, grad_scale, found_inf);
@@ -153,10 +162,7 @@ void StepPlan::adam(const std::vector<AdamGroup>& groups, const OptTensor& grad_
   if (use_direct() && !(groups.front().hyper.amsgrad && states_[2].empty()) && refresh(false)) {
     if (active_.empty()) return;
     RECORD_FUNCTION("frozenopt::adam_ (step plan)", std::vector<c10::IValue>());
-    check_scalars(op_name_, &params_[active_.front()], {.grad_scale = grad_scale, .found_inf = found_inf});
-    for (const AdamGroup& g : groups) {
-      if (g.lr_tensor.has_value()) check_scalars(op_name_, &params_[active_.front()], {.lr = g.lr_tensor});
-    }
+    check_launch_scalars(groups, grad_scale, found_inf);
 #ifdef FROZENOPT_WITH_CUDA
     if (device_ == c10::DeviceType::CUDA) {  // the launch advances the step counters on the device
       launch_on_gpu(groups, adam_table_, grad_scale, found_inf);

@@ -101,6 +101,9 @@ class StepPlan {
 
   template <typename Group, typename Layout>
   void check_groups(const std::vector<Group>& groups, const Layout& layout) const;
+  template <typename Group>
+  void check_launch_scalars(const std::vector<Group>& groups, const OptTensor& grad_scale,
+                            const OptTensor& found_inf) const;
   bool plain(const at::Tensor& t) const;
   bool use_direct() const;
   bool is_step_list(size_t k) const { return adam_ && k == 3; }
