@@ -820,7 +820,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         ``{"params": [ids], "names": [names], "partial": {"params": [ids], "masks": [...]}}``:
         the ids are those of ``"state"`` and of the groups' ``"params"`` (unambiguous even
         when groups repeat bare names such as "weight") and decide what a load freezes;
-        the names are for reading; ``"partial"`` holds the params frozen in part with their
+        the names are for reading; ``"partial"`` (when some are) holds the params frozen in part with their
         masks (rows: ``[shape[0]]``, elements: the param's shape). The state of a param with
         row state has its rows only: see ``frozenopt.optim.partial.expand_row_state`` for
         torch.optim's layout. ``state_dict`` post-hooks see the entry.
@@ -830,8 +830,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
         index = self._name_index()
         ids = [k for group in state["param_groups"] for k in group["params"]]
         frozen = [i for i, p in enumerate(index.params) if p in self._frozen]
-        state["frozen"] = {"params": [ids[i] for i in frozen], "names": [index.param_name(i) for i in frozen],
-                           "partial": partial_entry(self)}
+        state["frozen"] = {"params": [ids[i] for i in frozen], "names": [index.param_name(i) for i in frozen]}
+        if self._partial:
+            state["frozen"]["partial"] = partial_entry(self, ids)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
             if result is not None:

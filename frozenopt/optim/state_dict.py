@@ -102,15 +102,11 @@ def loaded_frozen(optimizer: Any, state_dict: dict[str, Any]) -> set[int] | None
     return {i for n in counts for i in by_name[n]}
 
 
-def partial_entry(optimizer: Any) -> dict[str, list]:
-    """``state_dict()["frozen"]["partial"]``: the params frozen in part, by id, and their masks."""
-    ids, masks = [], []
-    for k, p in enumerate(optimizer._all_params()):
-        mask = optimizer._partial.get(p)
-        if mask is not None:
-            ids.append(k)
-            masks.append(mask.clone())
-    return {"params": ids, "masks": masks}
+def partial_entry(optimizer: Any, ids: list[int]) -> dict[str, list]:
+    """``state_dict()["frozen"]["partial"]``: the params frozen in part, by their ids in
+    ``ids`` (the state dict's, in optimizer order), and their masks."""
+    chosen = [(k, optimizer._partial[p]) for k, p in zip(ids, optimizer._all_params()) if p in optimizer._partial]
+    return {"params": [k for k, _ in chosen], "masks": [mask.clone() for _, mask in chosen]}
 
 
 def loaded_partial(optimizer: Any, state_dict: dict[str, Any]) -> dict[int, Tensor]:
