@@ -321,3 +321,27 @@ def test_compiled_step_follows_row_masks():
         eager.step()
     for p, q in zip(params, twin):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cfg_id", ["sgd_nesterov", "adamw_amsgrad"])
+def test_scattered_rows_are_gathered_and_written_back(cfg_id):
+    cfg = config(cfg_id)
+    gen = torch.Generator().manual_seed(5)
+    table = nn.Parameter(torch.randn(50, 128, generator=gen))
+    start = table.detach().clone()
+    frozen = torch.ones(50, dtype=torch.bool)
+    frozen[::7] = False
+    opt = cfg.make([table])
+    opt.freeze(table, rows=frozen)
+    rows = [nn.Parameter(start[r].clone()) for r in range(0, 50, 7)]
+    own = cfg.make(rows)
+    for _ in range(3):
+        g = torch.randn(50, 128, generator=gen)
+        table.grad = g.clone()
+        for k, r in enumerate(range(0, 50, 7)):
+            rows[k].grad = g[r].clone()
+        opt.step()
+        own.step()
+    assert torch.equal(table.detach()[frozen], start[frozen])
+    assert torch.equal(table.detach()[~frozen], torch.stack([r.detach() for r in rows]))
+    assert opt.state[table][ROWS_KEY].tolist() == list(range(0, 50, 7))
