@@ -345,3 +345,69 @@ def test_scattered_rows_are_gathered_and_written_back(cfg_id):
     assert torch.equal(table.detach()[frozen], start[frozen])
     assert torch.equal(table.detach()[~frozen], torch.stack([r.detach() for r in rows]))
     assert opt.state[table][ROWS_KEY].tolist() == list(range(0, 50, 7))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_row_programs_match_each_row_as_its_own_param(seed):
+    """Random freezes, thaws (with released or reset state), whole freezes, steps with and
+    without grads, and state_dict round trips; after each, every row and its state must be
+    bitwise those of the row held as its own param (grad None while frozen)."""
+    rng = torch.Generator().manual_seed(seed)
+    cfg = config(["adamw_amsgrad", "sgd_nesterov", "adam_l2", "sgd_dampening"][seed % 4])
+    rows_n, width = 10, 64
+    table = nn.Parameter(torch.randn(rows_n, width, generator=rng))
+    opt = cfg.make([table], mask_only=bool(seed % 2))
+    own_rows = [nn.Parameter(table.detach()[r].clone()) for r in range(rows_n)]
+    own = cfg.make(own_rows)
+    frozen = set()
+
+    def pick():
+        return sorted(set(torch.randint(0, rows_n, (int(torch.randint(1, 5, (1,), generator=rng)),),
+                                        generator=rng).tolist()))
+
+    for op in range(14):
+        kind = int(torch.randint(0, 6, (1,), generator=rng))
+        if kind == 0:
+            rows, release = pick(), bool(torch.randint(0, 2, (1,), generator=rng))
+            opt.freeze(table, rows=rows, release_state=release)
+            if release:
+                for r in rows:
+                    own.state.pop(own_rows[r], None)
+            frozen |= set(rows)
+        elif kind == 1:
+            rows, reset = pick(), bool(torch.randint(0, 2, (1,), generator=rng))
+            opt.unfreeze(table, rows=rows, reset_state=reset)
+            if reset:
+                for r in set(rows) & frozen:
+                    own.state.pop(own_rows[r], None)
+            frozen -= set(rows)
+        elif kind == 2:
+            whole = bool(torch.randint(0, 2, (1,), generator=rng))
+            (opt.freeze if whole else opt.unfreeze)(table)
+            frozen = set(range(rows_n)) if whole else set()
+        elif kind == 3:
+            saved = copy.deepcopy(opt.state_dict())
+            opt.load_state_dict(saved)
+        else:
+            g = torch.randn(rows_n, width, generator=rng)
+            with_grad = kind == 4 or op % 3 == 0
+            table.grad = g.clone() if with_grad else None
+            for r in range(rows_n):
+                own_rows[r].grad = g[r].clone() if with_grad and r not in frozen else None
+            opt.step()
+            own.step()
+        assert torch.equal(opt.frozen_mask(table)[:, 0], torch.tensor([r in frozen for r in range(rows_n)]))
+        assert torch.equal(table.detach(), torch.stack([r.detach() for r in own_rows])), f"op {op} (kind {kind})"
+        state = opt.state.get(table) or {}
+        if ROWS_KEY in state:
+            full = expand_row_state(state, table)
+            for k, r in enumerate(state[ROWS_KEY].tolist()):
+                for key, value in own.state.get(own_rows[r], {}).items():
+                    mine = state[key][k]
+                    assert torch.equal(mine, value), f"op {op}: row {r} {key}"
+            assert set(full) == {k for k in state if k != ROWS_KEY}
+        elif state:
+            for r in range(rows_n):
+                for key, value in own.state.get(own_rows[r], {}).items():
+                    mine = state[key] if key == "step" else state[key][r]
+                    assert torch.equal(mine, value), f"op {op}: row {r} {key}"

@@ -727,22 +727,22 @@ class FreezableOptimizer(torch.optim.Optimizer):
                                  f"unfreeze it whole first")
             if now is None:
                 now = torch.full(given.shape, p in self._frozen)
-            plans.append((i, p, now, now | given if frozen else now & ~given))
+            plans.append((i, p, given, now, now | given if frozen else now & ~given))
         changed = []
         try:
-            for i, p, now, new in plans:
+            for i, p, given, now, new in plans:
                 if torch.equal(now, new) and not (frozen and drop_state):
                     continue
                 changed.append(i)
+                if drop_state:  # the rows named that end frozen; those thawed now
+                    self._drop_state_of(p, given if frozen else now & ~new)
                 if bool(new.all()) or not bool(new.any()):
-                    self._set_frozen([i], bool(new.all()), drop_state=drop_state)
+                    self._set_frozen([i], bool(new.all()))
                     continue
                 self._partial[p] = new
                 self._frozen.discard(p)
                 if not self._mask_only:
                     p.requires_grad_(True)
-                if drop_state:
-                    self._drop_state_of(p, new if frozen else now & ~new)
         finally:
             self._refresh_masks()
         return [index.name_of(i) for i in changed]
