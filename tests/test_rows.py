@@ -23,9 +23,9 @@ ROWS = 12
 WIDTHS = (64, 5)
 
 
-def make_params(dtype, seed=0):
+def make_params(dtype, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(ROWS, w, generator=gen, dtype=torch.float64).to(dtype)) for w in WIDTHS]
+    return [nn.Parameter(torch.randn(ROWS, w, generator=gen, dtype=torch.float64).to(device, dtype)) for w in WIDTHS]
 
 
 def row_params(params):
@@ -33,9 +33,9 @@ def row_params(params):
     return [[nn.Parameter(p.detach()[r].clone()) for r in range(ROWS)] for p in params]
 
 
-def grads_for(step, dtype):
+def grads_for(step, dtype, device="cpu"):
     gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(ROWS, w, generator=gen, dtype=torch.float64).to(dtype) for w in WIDTHS]
+    return [torch.randn(ROWS, w, generator=gen, dtype=torch.float64).to(device, dtype) for w in WIDTHS]
 
 
 # What is frozen at each step (rows of both params), and the changes before that step:
@@ -60,9 +60,9 @@ def frozen_rows_at(step):
     return frozen
 
 
-def run_rows(cfg, dtype, mask_only):
+def run_rows(cfg, dtype, mask_only, device):
     """frozenopt with row freezes, and the two references stepped alongside."""
-    params = make_params(dtype)
+    params = make_params(dtype, device=device)
     start = [p.detach().clone() for p in params]
     opt = cfg.make([{"params": params}], mask_only=mask_only)
     per_row = row_params(params)
@@ -80,7 +80,7 @@ def run_rows(cfg, dtype, mask_only):
                         own.state.pop(rows[r], None)
                         ref.state.pop(rows[r], None)
         frozen = frozen_rows_at(step)
-        for p, rows_own, rows_ref, g in zip(params, per_row, torch_rows, grads_for(step, dtype)):
+        for p, rows_own, rows_ref, g in zip(params, per_row, torch_rows, grads_for(step, dtype, device)):
             p.grad = g.clone()
             for r in range(ROWS):
                 rows_own[r].grad = None if r in frozen else g[r].clone()
@@ -94,8 +94,8 @@ def run_rows(cfg, dtype, mask_only):
 @pytest.mark.parametrize("mask_only", [False, True], ids=["default", "mask_only"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cfg_id", KERNEL_SWEEP)
-def test_rows_step_as_their_own_params(cfg_id, dtype, mask_only):
-    opt, params, start, per_row, torch_rows = run_rows(config(cfg_id), dtype, mask_only)
+def test_rows_step_as_their_own_params(cfg_id, dtype, mask_only, device):
+    opt, params, start, per_row, torch_rows = run_rows(config(cfg_id), dtype, mask_only, device)
     always_frozen = [0, 1, 4, 5, 6, 7]
     for p, p0, rows_own, rows_ref in zip(params, start, per_row, torch_rows):
         assert torch.equal(p.detach()[always_frozen], p0[always_frozen]), "a frozen row moved"
