@@ -411,3 +411,37 @@ def test_random_row_programs_match_each_row_as_its_own_param(seed):
                 for key, value in own.state.get(own_rows[r], {}).items():
                     mine = state[key] if key == "step" else state[key][r]
                     assert torch.equal(mine, value), f"op {op}: row {r} {key}"
+
+
+@pytest.mark.parametrize("cfg_id", ["sgd_dampening", "adamw_amsgrad"])
+def test_grad_scaler_skips_and_unscales_rows_like_their_own_params(cfg_id):
+    """An overflowing step moves nothing (a row's first step included: the state made for it goes,
+    as torch.optim drops it); a finite one unscales, as for each row as its own param."""
+    cfg = config(cfg_id)
+    gen = torch.Generator().manual_seed(9)
+    table = nn.Parameter(torch.randn(8, 64, generator=gen))
+    rows = [nn.Parameter(table.detach()[r].clone()) for r in range(8)]
+    opt, own = cfg.make([table]), cfg.make(rows)
+    opt.freeze(table, rows=slice(0, 5))
+    scaler, own_scaler = torch.amp.GradScaler("cpu", init_scale=8.0), torch.amp.GradScaler("cpu", init_scale=8.0)
+    for s in (scaler, own_scaler):
+        s.scale(torch.ones(()))  # (as a loss would: the scaler starts)
+    for step in range(4):
+        g = torch.randn(8, 64, generator=gen)
+        if step == 1:
+            g[6, 3] = float("inf")  # a trainable row overflows: the whole step is skipped
+        if step == 1:
+            opt.unfreeze(table, rows=[1])  # its first step is the one that overflows
+        table.grad = g * scaler.get_scale()
+        for r in range(8):
+            trains = r >= 5 or (step >= 1 and r == 1)
+            rows[r].grad = g[r] * own_scaler.get_scale() if trains else None
+        before = table.detach().clone()
+        scaler.step(opt)
+        own_scaler.step(own)
+        scaler.update()
+        own_scaler.update()
+        if step == 1:
+            assert torch.equal(table.detach(), before)
+        assert torch.equal(table.detach(), torch.stack([r.detach() for r in rows])), f"step {step}"
+    assert opt.state[table][ROWS_KEY].tolist() == [1, 5, 6, 7]
