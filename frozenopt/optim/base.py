@@ -341,6 +341,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 "(or call opt.prepare_capture()) before capturing")
         self._check_params(stale)  # a bad edit raises here, before anything of ours changes
         params = self._all_params()
+        if self._partial:  # a param taken out of the groups leaves its partial freeze behind
+            present = set(params)
+            self._partial = {p: mask for p, mask in self._partial.items() if p in present}
         if self._mask_only:
             # The mask alone says what is frozen; params new to the optimizer
             # start frozen when they do not require grad, as at construction.
@@ -738,14 +741,18 @@ class FreezableOptimizer(torch.optim.Optimizer):
                     self._drop_state_of(p, given if frozen else now & ~new)
                 if bool(new.all()) or not bool(new.any()):
                     self._set_frozen([i], bool(new.all()))
-                    continue
-                self._partial[p] = new
-                self._frozen.discard(p)
-                if not self._mask_only:
-                    p.requires_grad_(True)
+                else:
+                    self._put_partial(p, new)
         finally:
             self._refresh_masks()
         return [index.name_of(i) for i in changed]
+
+    def _put_partial(self, p: Tensor, mask: Tensor) -> None:
+        """p is frozen in part, by ``mask``: it trains (requires grad, in the default mode)."""
+        self._partial[p] = mask
+        self._frozen.discard(p)
+        if not self._mask_only:
+            p.requires_grad_(True)
 
     def _drop_state_of(self, p: Tensor, chosen: Tensor) -> None:
         """Drops the state of p's chosen rows (elements: sets it back to zero)."""
@@ -882,10 +889,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
             self._set_frozen([i for i in everything if i not in frozen], False)
         params = self._all_params()
         for i, mask in masks.items():
-            self._partial[params[i]] = mask
-            self._frozen.discard(params[i])
-            if not self._mask_only:
-                params[i].requires_grad_(True)
+            self._put_partial(params[i], mask)
         if masks:
             self._refresh_masks()
         self._invalidate()
