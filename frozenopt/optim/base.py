@@ -1207,6 +1207,13 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         capturing = not torch.compiler.is_compiling() and self._capturing()
+        if capturing:  # refused before any group moves
+            apart = [p for p in self._all_params() if p.grad is not None and self._is_apart(p)]
+            if apart:
+                raise RuntimeError(
+                    f"param {self._name_of(apart[0])} is frozen in part (rows= or mask=) or holds per-row "
+                    "state, and such params cannot be stepped inside a CUDA graph capture: freeze or "
+                    "unfreeze it whole before capturing")
         for gi, group in enumerate(self.param_groups):
             # In default mode frozen means requires_grad=False, read here as it is
             # now (a compiled step has no sync); in mask_only mode the mask says.
@@ -1214,11 +1221,6 @@ class FreezableOptimizer(torch.optim.Optimizer):
                          if p.grad is not None and (self._mask_only or p.requires_grad)]
             apart = [group["params"][i] for i in positions if self._is_apart(group["params"][i])]
             if apart:
-                if capturing:
-                    raise RuntimeError(
-                        f"param {self._name_of(apart[0])} is frozen in part (rows= or mask=) or holds per-row "
-                        "state, and such params cannot be stepped inside a CUDA graph capture: freeze or "
-                        "unfreeze it whole before capturing")
                 # Run eagerly (not traced): the rows' masks and counts are read on the host.
                 self._step_apart_eagerly(group, [p for p in apart if p not in self._frozen], grad_scale, found_inf)
                 positions = [i for i in positions if not self._is_apart(group["params"][i])]
