@@ -104,6 +104,16 @@ def _is_dtensor(t: Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
+def _rows_stay_whole(p: Tensor) -> bool:
+    """Whether each rank's local shard of DTensor p is a block of whole rows (Shard(0), Replicate)."""
+    return all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in p.placements)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (what a step touches); any other tensor as it is."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
 def _as_param_groups(params: Any) -> Any:
     """torch.optim's params argument, with an nn.Module taken as its named parameters.
 
@@ -719,9 +729,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
         plans = []
         for i in resolve_targets(index, targets):
             p, name = index.params[i], index.name_of(i)
-            if _is_dtensor(p):
-                raise ValueError(f"param {name} is a DTensor (FSDP2, tensor parallel): freezing part of it is not "
-                                 "supported; freeze it whole")
+            if _is_dtensor(p) and (mask is not None or not _rows_stay_whole(p)):
+                raise ValueError(f"param {name} is a DTensor placed {list(p.placements)}: only its rows can be "
+                                 "frozen, and only while each rank holds whole rows (Shard(0) or Replicate "
+                                 "placements, as FSDP2 gives); freeze it whole")
             given = partial.rows_mask(rows, p, name) if rows is not None else partial.elements_mask(mask, p, name)
             now = self._partial.get(p)
             if now is not None and now.shape != given.shape:
@@ -765,15 +776,16 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 if key != "step" and isinstance(value, Tensor):
                     value[where] = 0
             return
+        local, start = self._local_rows(p)
         if not partial.is_row_state(state):
-            partial.to_row_state(state, p)
-        partial.take_state_rows(state, ~chosen[state[partial.ROWS_KEY]])
+            partial.to_row_state(state, local)
+        partial.take_state_rows(state, ~chosen[start:start + local.shape[0]][state[partial.ROWS_KEY]])
 
     def _settle_row_state(self, p: Tensor) -> None:
         """A param that trains whole again goes back to torch.optim's state layout when its
         row state covers every row with one step count (else it keeps per-row counts)."""
         state = self.state.get(p)
-        if state and partial.is_row_state(state):
+        if state and partial.is_row_state(state) and not _is_dtensor(p):  # (a DTensor's stays local)
             partial.to_plain_state(state, p.shape[0])
 
     def _refresh_masks(self, groups: Iterable[int] | None = None) -> None:
@@ -996,16 +1008,18 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 states.append(state)
                 first.append(fresh)
                 continue
-            state, new_rows = self._row_state(p, group)
+            local, start = self._local_rows(p)
+            mask = None if mask is None else mask[start:start + local.shape[0]]
+            state, new_rows = self._row_state(p, local, mask, group)
             if new_rows is not None:
                 made.append((p, new_rows))
-            grad = p.grad
-            for piece in self._pieces_of(p, state, new_rows):
+            grad = _local(p.grad)
+            for piece in self._pieces_of(p, local, mask, state, new_rows):
                 # A slice gives a view; index tensors gather a copy, written back after the step.
-                views.append(p[piece.rows])
+                views.append(local[piece.rows])
                 grads.append(grad[piece.rows])
                 if not isinstance(piece.rows, slice):
-                    written.append((p, piece.rows, views[-1]))
+                    written.append((local, piece.rows, views[-1]))
                 rows_state = {}
                 for key, value in state.items():
                     if key == partial.ROWS_KEY:
@@ -1047,9 +1061,21 @@ class FreezableOptimizer(torch.optim.Optimizer):
                             found_inf: Tensor | None) -> None:
         self._step_apart(group, params, grad_scale, found_inf)
 
-    def _row_state(self, p: Tensor, group: dict[str, Any]) -> tuple[dict[str, Any], Tensor | None]:
-        """p's state as row state with a row for each trainable row (made at zero, as a first step
-        starts, for rows that have none), and which state rows were made now (None: none)."""
+    def _local_rows(self, p: Tensor) -> tuple[Tensor, int]:
+        """The tensor whose rows a step of p touches (a DTensor's local shard: whole rows) and the
+        index of its first row among p's rows."""
+        if not _is_dtensor(p):
+            return p, 0
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return p._local_tensor, offset[0]
+
+    def _row_state(self, p: Tensor, local: Tensor, mask: Tensor | None,
+                   group: dict[str, Any]) -> tuple[dict[str, Any], Tensor | None]:
+        """p's state as row state over the rows of ``local`` (p, or its local shard) with a row for
+        each trainable row (``mask``: its frozen rows; made at zero, as a first step starts, for
+        rows that have none), and which state rows were made now (None: none)."""
         if not self._keeps_state(group):
             return _NO_STATE, None
         state = self.state.get(p, _NO_STATE)
@@ -1059,15 +1085,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             state.clear()
         elif not partial.is_row_state(state):
-            partial.to_row_state(state, p)
-        self._fill_row_state(p, group, state)
-        mask = self._partial.get(p)
-        need = torch.arange(p.shape[0]) if mask is None else (~mask).nonzero().flatten()
+            partial.to_row_state(state, local)
+        self._fill_row_state(local, group, state)
+        need = torch.arange(local.shape[0]) if mask is None else (~mask).nonzero().flatten()
         have = state.get(partial.ROWS_KEY)
         new = need if have is None else need[~torch.isin(need, have)]
         if new.numel() == 0:
             return state, None
-        partial.add_state_rows(state, new, self._fresh_rows(p, group, new.numel()))
+        partial.add_state_rows(state, new, self._fresh_rows(local, group, new.numel()))
         return state, torch.isin(state[partial.ROWS_KEY], new)
 
     def _fresh_rows(self, p: Tensor, group: dict[str, Any], count: int) -> dict[str, Tensor]:
@@ -1090,23 +1115,24 @@ class FreezableOptimizer(torch.optim.Optimizer):
         if isinstance(step, Tensor) and (step.dtype != torch.float32 or step.device != p.device):
             state["step"] = step.to(torch.float32, p.device)
 
-    def _pieces_of(self, p: Tensor, state: dict[str, Any], new_rows: Tensor | None) -> list[partial.Piece]:
-        """partial.row_pieces of p's trainable rows (index tensors on p's device); kept until p's
-        mask or state rows change."""
+    def _pieces_of(self, p: Tensor, local: Tensor, mask: Tensor | None, state: dict[str, Any],
+                   new_rows: Tensor | None) -> list[partial.Piece]:
+        """partial.row_pieces of the trainable rows of ``local`` (p or its local shard; ``mask``:
+        its frozen rows), index tensors on its device; kept until p's mask or state rows change."""
         cached = self._cached_pieces(p, state)
         if new_rows is None and cached is not None:
             return cached
-        mask, rows = self._partial.get(p), state.get(partial.ROWS_KEY)
-        trainable = torch.ones(p.shape[0], dtype=torch.bool) if mask is None else ~mask
+        rows = state.get(partial.ROWS_KEY)
+        trainable = torch.ones(local.shape[0], dtype=torch.bool) if mask is None else ~mask
         steps = state["step"].cpu() if rows is not None and "step" in state else None
-        pieces = partial.row_pieces(trainable, rows, steps, new_rows, p[0].numel())
+        pieces = partial.row_pieces(trainable, rows, steps, new_rows, math.prod(p.shape[1:]))
         for piece in pieces:
             for name in ("rows", "states"):
                 index = getattr(piece, name)
                 if isinstance(index, Tensor):
-                    setattr(piece, name, index.to(p.device))
+                    setattr(piece, name, index.to(local.device))
         if new_rows is None:
-            self._row_pieces[p] = (mask, state, rows, pieces)
+            self._row_pieces[p] = (self._partial.get(p), state, rows, pieces)
         return pieces
 
     def _cached_pieces(self, p: Tensor, state: dict[str, Any]) -> list[partial.Piece] | None:
@@ -1342,6 +1368,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
         """
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None and p not in self._frozen]
+            apart = [p for p in params if self._is_apart(p)]  # rows frozen: each rank steps its own
+            if apart:
+                params = [p for p in params if not self._is_apart(p)]
+                self._step_apart(group, apart, grad_scale, found_inf)
             if not params:
                 continue
             fresh = [p for p in params if not self._has_state(p, group)]
