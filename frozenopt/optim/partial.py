@@ -128,18 +128,15 @@ def add_state_rows(state: dict[str, Any], rows: Tensor, fresh: dict[str, Tensor]
     state[ROWS_KEY] = joined[order]
 
 
-def to_plain_state(state: dict[str, Any], n: int) -> bool:
-    """Back to torch.optim's layout when the row state covers all n rows with one step count."""
-    rows = state[ROWS_KEY]
-    if rows.numel() != n:
-        return False
+def to_plain_state(state: dict[str, Any], n: int) -> None:
+    """Back to torch.optim's layout when the row state covers all n rows with one step count
+    (else it stays as it is)."""
     step = state.get("step")
-    if isinstance(step, Tensor) and step.numel() and not bool((step == step[0]).all()):
-        return False
+    if state[ROWS_KEY].numel() != n or (isinstance(step, Tensor) and not bool((step == step[0]).all())):
+        return
     if isinstance(step, Tensor):
         state["step"] = step[0].clone()
     del state[ROWS_KEY]
-    return True
 
 
 # Rows of a multiple of this many elements step together (in a run, or gathered): the CPU
