@@ -114,6 +114,11 @@ def _local(t: Tensor) -> Tensor:
     return t._local_tensor if _is_dtensor(t) else t
 
 
+def _rows_of(t: Tensor, rows: slice | Tensor) -> Tensor:
+    """t's rows: a view for a slice, a gathered copy for an index tensor."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
 def _as_param_groups(params: Any) -> Any:
     """torch.optim's params argument, with an nn.Module taken as its named parameters.
 
@@ -1039,8 +1044,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
             grad = _local(p.grad)
             for piece in self._pieces_of(p, local, mask, state, new_rows):
                 # A slice gives a view; index tensors gather a copy, written back after the step.
-                views.append(local[piece.rows])
-                grads.append(grad[piece.rows])
+                views.append(_rows_of(local, piece.rows))
+                grads.append(_rows_of(grad, piece.rows))
                 if not isinstance(piece.rows, slice):
                     written.append((local, piece.rows, views[-1]))
                 rows_state = {}
@@ -1052,7 +1057,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
                         if piece.count > 1:
                             spread.append((value, piece.states, piece.first))
                     else:
-                        rows_state[key] = value[piece.states]
+                        rows_state[key] = _rows_of(value, piece.states)
                         if not isinstance(piece.states, slice):
                             written.append((value, piece.states, rows_state[key]))
                 states.append(rows_state)
