@@ -12,8 +12,10 @@ Two step paths share the same ops (``frozenopt.ops``):
   group's hyper-parameters; it is rebuilt only when the frozen set, the state
   or the groups change;
 - traced (``torch.compile``, CUDA graph capture): every param with a grad goes
-  to the op with the group's mask tensor, so flipping the mask in
-  ``mask_only`` mode changes no graph.
+  to a ``*_groups_`` op, one call per device and state layout, with the
+  groups' mask tensors and a table of every group's values on the device
+  (``group_table``), so flipping the mask in ``mask_only`` mode or editing a
+  group's values changes no graph.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from frozenopt import ops
 from frozenopt.names import NameIndex, describe, resolve_targets
+from frozenopt.optim.group_table import GroupTable, TracedLaunch
 from frozenopt.optim.state_dict import PARAM_KEYS, check_loadable, hooks_held, loaded_frozen
 from frozenopt.report import FreezeSummary
 
@@ -215,6 +218,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._checked_rows: list[tuple] = []  # per group: the _plan_row checked at the last step
         self._masks: list[Tensor] = []
         self._mask_subsets: dict[tuple, Tensor] = {}
+        self._group_tables: dict[tuple, GroupTable] = {}  # the traced step's, per (device, _plan_key)
         self._captured = False  # a CUDA graph has captured a step
         self._frozen_version = 0
         self._refresh_masks()
@@ -863,6 +867,18 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         capturing = not torch.compiler.is_compiling() and self._capturing()
+        for launch in self._traced_launches(capturing, grad_scale, found_inf):
+            self._run_groups_op(launch)
+
+    # Run outside the graph (a graph break before the ops): a compiled step then reads
+    # no group's values, and editing one between steps compiles nothing again.
+    @torch.compiler.disable
+    def _traced_launches(self, capturing: bool, grad_scale: Tensor | None,
+                         found_inf: Tensor | None) -> list[TracedLaunch]:
+        """The traced step's op calls: one per device and state layout (SGD's params at their
+        first momentum step apart), over the params with a grad of all its groups, with
+        their masks and the group table, brought up to date here. Makes missing state."""
+        chosen: dict[tuple, list[tuple[int, list[int]]]] = {}  # (device, layout) -> (group, positions)
         for gi, group in enumerate(self.param_groups):
             # In default mode frozen means requires_grad=False, read here as it is
             # now (a compiled step has no sync); in mask_only mode the mask says.
@@ -870,9 +886,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
                          if p.grad is not None and (self._mask_only or p.requires_grad)]
             if not positions:
                 continue
-            params = [group["params"][i] for i in positions]
-            fresh = [p for p in params if not self._has_state(p, group)]
-            if fresh and capturing:
+            if capturing and any(not self._has_state(group["params"][i], group) for i in positions):
+                fresh = [group["params"][i] for i in positions if not self._has_state(group["params"][i], group)]
                 # A state made here would be zero-filled again at every replay
                 # of the graph, and SGD's first-step rule would be baked in.
                 raise RuntimeError(
@@ -881,12 +896,78 @@ class FreezableOptimizer(torch.optim.Optimizer):
                     "created inside a CUDA graph capture. Call opt.prepare_capture() before capturing "
                     "(it creates the state of every param, frozen ones included), or run an eager "
                     "step first.")
-            for p in fresh:
-                self.state[p].update(self._new_state(p, group))
+            chosen.setdefault((group["params"][0].device, self._plan_key(group)), []).append((gi, positions))
+        tables = {key: self._group_table(*key, capturing) for key in chosen}  # checks: nothing moved yet
+        launches = []
+        for (device, layout), members in chosen.items():
+            table = tables[device, layout]
+            fresh: set[Tensor] = set()
+            for gi, positions in members:
+                group = self.param_groups[gi]
+                for p in (group["params"][i] for i in positions):
+                    if not self._has_state(p, group):
+                        self.state[p].update(self._new_state(p, group))
+                        fresh.add(p)
+                if capturing:
+                    self._note_capture(group)
+            scale = on_device_of(self.param_groups[members[0][0]], grad_scale, found_inf)
+            apart = self._first_step_apart(layout)
+            for first in (True, False) if apart else (False,):
+                params: list[Tensor] = []
+                rows: list[int] = []
+                masks: list[Tensor] = []
+                states: list[list[Tensor]] | None = None
+                for gi, positions in members:
+                    group = self.param_groups[gi]
+                    if apart:
+                        positions = [i for i in positions if (group["params"][i] in fresh) == first]
+                    if not positions:
+                        continue
+                    mine = [group["params"][i] for i in positions]
+                    lists = self._state_lists(mine, group)
+                    states = lists if states is None else [a + b for a, b in zip(states, lists)]
+                    params += mine
+                    rows += [table.groups.index(gi)] * len(mine)
+                    if self._mask_only:
+                        masks.append(self._mask_for(gi, positions, capturing))
+                if not params:
+                    continue
+                mask = None if not masks else masks[0] if len(masks) == 1 else torch.cat(masks)
+                launches.append(TracedLaunch(params, [p.grad for p in params], states, mask, table.tensor,
+                                             table.indices(tuple(rows), capturing), layout, first, *scale))
+        return launches
+
+    def _group_table(self, device: torch.device, layout: Any, capturing: bool) -> GroupTable:
+        """The group table of the groups on ``device`` with this ``_plan_key``, holding their
+        current values: rewritten in place when they changed (each changed group checked
+        first), which a CUDA graph capture cannot do."""
+        gis = [gi for gi, g in enumerate(self.param_groups)
+               if g["params"] and g["params"][0].device == device and self._plan_key(g) == layout]
+        table = self._group_tables.get((device, layout))
+        if table is None or table.groups != tuple(gis):
+            table = self._group_tables[device, layout] = GroupTable(device, gis)
+        rows, device_lrs = [], {}
+        for row, gi in enumerate(gis):
+            group = self.param_groups[gi]
+            try:
+                lr = on_device_of(group, group["lr"])[0]
+                if isinstance(lr, Tensor) and lr.device == device:
+                    device_lrs[row], lr = lr, 0.0
+                rows.append((float(lr), *(float(v) for v in self._hyper(group))))
+            except Exception:
+                self._check_hyper(group)  # raises the checks' message, where they see the problem
+                raise
+        if table.stale(rows):
             if capturing:
-                self._note_capture(group)
-            mask = self._mask_for(gi, positions, capturing) if self._mask_only else None
-            self._run_op(group, params, mask, fresh, grad_scale, found_inf)
+                raise RuntimeError(
+                    "frozenopt: the values of a param group changed since the group table that the "
+                    "traced step reads was last written, and it cannot be written inside a CUDA graph "
+                    "capture. Call opt.prepare_capture() before capturing, and again between replays "
+                    "after editing a group's values.")
+            for gi in gis:
+                self._check_hyper(self.param_groups[gi])
+        table.update(rows, device_lrs)
+        return table
 
     def _note_capture(self, group: dict[str, Any]) -> None:
         """Says, once per optimizer, what a CUDA graph of this step will not follow."""
@@ -895,8 +976,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._captured = True
         if not (isinstance(group["lr"], Tensor) and group["lr"].device.type == "cuda"):
             warnings.warn(
-                "frozenopt: a CUDA graph is capturing step() with a float (or CPU tensor) lr: the graph "
-                "keeps this value, and LR schedulers will not change it on replay. Pass "
+                "frozenopt: a CUDA graph is capturing step() with a float (or CPU tensor) lr: replays "
+                "read the lr the optimizer's group table holds, which changes only when "
+                "opt.prepare_capture() runs again, so LR schedulers will not change it on replay. Pass "
                 "lr=torch.tensor(lr, device='cuda') to have replays read the current lr.", stacklevel=4)
         if not self._mask_only:
             warnings.warn(
@@ -953,6 +1035,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
         """
         for group in self.param_groups:  # checked first: a refusal changes nothing
             self._check_capturable(group)
+        for key in {(g["params"][0].device, self._plan_key(g)) for g in self.param_groups if g["params"]}:
+            self._group_table(*key, capturing=False)
         self.init_state()
 
     @torch.no_grad()
@@ -1045,6 +1129,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
         """One step of these params (with grads and state) through the op; ``fresh``: those whose
         state was just made; ``mask``: their freeze flags, read on the device, or None."""
         raise NotImplementedError
+
+    def _run_groups_op(self, launch: TracedLaunch) -> None:
+        """One traced step of the launch's params through the ``*_groups_`` op."""
+        raise NotImplementedError
+
+    def _first_step_apart(self, layout: Any) -> bool:
+        """Whether params whose state was just made take a call of their own (``first_step``)."""
+        return False
 
     def _first_step_skip_needs_host(self, group: dict[str, Any], found_inf: Tensor | None) -> bool:
         """Whether the state made for a first step that GradScaler skipped must be dropped
