@@ -970,7 +970,11 @@ class FreezableOptimizer(torch.optim.Optimizer):
         return table
 
     def _note_capture(self, group: dict[str, Any]) -> None:
-        """Says, once per optimizer, what a CUDA graph of this step will not follow."""
+        """Says, once per optimizer, what a CUDA graph of this step will not follow.
+
+        The warnings name the user's ``step()`` call: 8 frames up, through
+        ``_traced_launches`` and its ``torch.compiler.disable`` wrapper, ``_step_traced``,
+        ``step`` and torch.optim's two wrappers of it."""
         if self._captured:
             return
         self._captured = True
@@ -979,14 +983,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 "frozenopt: a CUDA graph is capturing step() with a float (or CPU tensor) lr: replays "
                 "read the lr the optimizer's group table holds, which changes only when "
                 "opt.prepare_capture() runs again, so LR schedulers will not change it on replay. Pass "
-                "lr=torch.tensor(lr, device='cuda') to have replays read the current lr.", stacklevel=4)
+                "lr=torch.tensor(lr, device='cuda') to have replays read the current lr.", stacklevel=8)
         if not self._mask_only:
             warnings.warn(
                 "frozenopt: a CUDA graph is capturing step() of an optimizer in default mode: params that "
                 "are frozen now are not in the graph, and freeze() after the capture frees grads that "
                 "replays still read. Build the optimizer with mask_only=True to freeze and unfreeze "
                 "between replays (the graph covers every param and reads the mask on the device).",
-                stacklevel=4)
+                stacklevel=8)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none and self._captured:
