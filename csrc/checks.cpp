@@ -118,10 +118,10 @@ void check_scalars(const char* op, const at::Tensor* first_param, const Optional
 }
 
 void check_group_rows(const char* op, at::TensorList params, const GroupRows& g, int width) {
-  TORCH_CHECK(g.table.scalar_type() == at::kDouble && g.table.dim() == 2 && g.table.size(1) == width &&
-                  g.table.size(0) > 0,
-              op, ": group_table must be float64 of shape [groups, ", width, "] with at least one group, got ",
-              g.table.scalar_type(), " of shape ", g.table.sizes());
+  TORCH_CHECK(
+      g.table.scalar_type() == at::kDouble && g.table.dim() == 2 && g.table.size(1) == width && g.table.size(0) > 0, op,
+      ": group_table must be float64 of shape [groups, ", width, "] with at least one group, got ",
+      g.table.scalar_type(), " of shape ", g.table.sizes());
   TORCH_CHECK(g.tensor_group.scalar_type() == at::kInt && g.tensor_group.dim() == 1 &&
                   static_cast<size_t>(g.tensor_group.numel()) == params.size(),
               op, ": tensor_group must be int32 with one entry per param (", params.size(), "), got ",

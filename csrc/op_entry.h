@@ -39,9 +39,9 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
 // where `layout` holds only what decides the layout (momentum 1 or 0) and
 // first_step; Adam's the same with AdamTensors and math::AdamHyper (amsgrad).
 template <auto Body>
-void sgd_groups_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   const OptTensor& mask, const at::Tensor& group_table, const at::Tensor& tensor_group, bool momentum,
-                   bool is_first_step, const OptTensor& grad_scale, const OptTensor& found_inf) {
+void sgd_groups_op(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, const OptTensor& mask,
+                   const at::Tensor& group_table, const at::Tensor& tensor_group, bool momentum, bool is_first_step,
+                   const OptTensor& grad_scale, const OptTensor& found_inf) {
   const SGDTensors t{params, grads, momentum_buffers, momentum};
   const OptionalTensors opt{mask, kNoTensor, grad_scale, found_inf};
   const GroupRows rows{group_table, tensor_group};

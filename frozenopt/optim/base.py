@@ -886,13 +886,13 @@ class FreezableOptimizer(torch.optim.Optimizer):
                          if p.grad is not None and (self._mask_only or p.requires_grad)]
             if not positions:
                 continue
-            if capturing and any(not self._has_state(group["params"][i], group) for i in positions):
-                fresh = [group["params"][i] for i in positions if not self._has_state(group["params"][i], group)]
+            missing = [group["params"][i] for i in positions if not self._has_state(group["params"][i], group)]
+            if missing and capturing:
                 # A state made here would be zero-filled again at every replay
                 # of the graph, and SGD's first-step rule would be baked in.
                 raise RuntimeError(
-                    f"{len(fresh)} param(s) with a grad have no optimizer state yet (e.g. "
-                    f"{self._name_of(fresh[0])}, frozen since construction), and state cannot be "
+                    f"{len(missing)} param(s) with a grad have no optimizer state yet (e.g. "
+                    f"{self._name_of(missing[0])}, frozen since construction), and state cannot be "
                     "created inside a CUDA graph capture. Call opt.prepare_capture() before capturing "
                     "(it creates the state of every param, frozen ones included), or run an eager "
                     "step first.")
@@ -939,8 +939,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _group_table(self, device: torch.device, layout: Any, capturing: bool) -> GroupTable:
         """The group table of the groups on ``device`` with this ``_plan_key``, holding their
-        current values: rewritten in place when they changed (each changed group checked
-        first), which a CUDA graph capture cannot do."""
+        current values: rewritten in place when they changed (the groups checked first),
+        which a CUDA graph capture cannot do."""
         gis = [gi for gi, g in enumerate(self.param_groups)
                if g["params"] and g["params"][0].device == device and self._plan_key(g) == layout]
         table = self._group_tables.get((device, layout))
