@@ -117,6 +117,39 @@ void check_scalars(const char* op, const at::Tensor* first_param, const Optional
   check_scalar_tensor(op, "found_inf", opt.found_inf, first_param);
 }
 
+void check_group_rows(const char* op, at::TensorList params, const GroupRows& g, int width) {
+  TORCH_CHECK(
+      g.table.scalar_type() == at::kDouble && g.table.dim() == 2 && g.table.size(1) == width && g.table.size(0) > 0, op,
+      ": group_table must be float64 of shape [groups, ", width, "] with at least one group, got ",
+      g.table.scalar_type(), " of shape ", g.table.sizes());
+  TORCH_CHECK(g.tensor_group.scalar_type() == at::kInt && g.tensor_group.dim() == 1 &&
+                  static_cast<size_t>(g.tensor_group.numel()) == params.size(),
+              op, ": tensor_group must be int32 with one entry per param (", params.size(), "), got ",
+              g.tensor_group.scalar_type(), " of shape ", g.tensor_group.sizes());
+  if (params.empty()) return;
+  for (const auto& [what, t] : {std::pair<const char*, const at::Tensor&>{"group_table", g.table},
+                                std::pair<const char*, const at::Tensor&>{"tensor_group", g.tensor_group}}) {
+    TORCH_CHECK(t.device() == params[0].device(), op, ": ", what, " is on ", t.device(), " but the params are on ",
+                params[0].device());
+  }
+}
+
+math::SGDHyper checked_row(const char* op, int64_t row, const double* values, const math::SGDHyper& layout) {
+  TORCH_CHECK((values[1] != 0.0) == (layout.momentum != 0.0), op, ": group_table row ", row, " has momentum ",
+              values[1], " but the op was called with momentum=", layout.momentum != 0.0 ? "True" : "False");
+  const math::SGDHyper h = math::hyper_of_row(values, layout);
+  check_hyper(values[0], h);
+  return h;
+}
+
+math::AdamHyper checked_row(const char* op, int64_t row, const double* values, const math::AdamHyper& layout) {
+  TORCH_CHECK((values[5] != 0.0) == layout.amsgrad, op, ": group_table row ", row, " has amsgrad ", values[5],
+              " but the op was called with amsgrad=", layout.amsgrad ? "True" : "False");
+  const math::AdamHyper h = math::hyper_of_row(values, layout);
+  check_hyper(values[0], h);
+  return h;
+}
+
 void check_hyper(double lr, const math::SGDHyper& h) {
   TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "Invalid learning rate: ", lr);
   TORCH_CHECK(h.momentum >= 0.0, "Invalid momentum value: ", h.momentum);

@@ -18,6 +18,8 @@ inline const OptTensor kNoTensor;
 // The ops' names, as their errors give them.
 inline constexpr const char* kSGDOp = "frozenopt::sgd_";
 inline constexpr const char* kAdamOp = "frozenopt::adam_";
+inline constexpr const char* kSGDGroupsOp = "frozenopt::sgd_groups_";
+inline constexpr const char* kAdamGroupsOp = "frozenopt::adam_groups_";
 // ... and of the check of a whole step's grads before any group moves.
 inline constexpr const char* kStepCheck = "frozenopt step";
 
@@ -56,6 +58,13 @@ struct AdamTensors {
   at::Tensor max_exp_avg_sq(size_t i) const { return amsgrad ? max_exp_avg_sqs[i] : at::Tensor(); }
 };
 
+// The group table of a *_groups_ op: `table`, float64 of shape [groups, row
+// width] (update_math.h's rows), and `tensor_group`, int32, each param's row.
+struct GroupRows {
+  const at::Tensor& table;
+  const at::Tensor& tensor_group;
+};
+
 // Lengths, dtypes, shapes, devices and layouts of the lists and of the
 // optional tensors.
 void check_sgd_args(const char* op, const SGDTensors& t, const OptionalTensors& opt = {});
@@ -67,6 +76,17 @@ void check_grads(const char* op, at::TensorList params, at::TensorList grads);
 // The scalar tensors (lr, grad_scale, found_inf) alone, for params on
 // first_param's device (nullptr: no params).
 void check_scalars(const char* op, const at::Tensor* first_param, const OptionalTensors& opt);
+
+// The table's dtype, shape (`width` columns, at least one row), device (the
+// params') and one group index per param (their values are the backend's to
+// check: a CPU op reads them, a CUDA op skips a tensor whose row is missing).
+void check_group_rows(const char* op, at::TensorList params, const GroupRows& g, int width);
+
+// A group table row read on the host: its values (lr first) checked as the
+// op's own, and its layout flag (SGD: momentum non-zero; Adam: amsgrad) equal
+// to the op's (`layout`). Returns the row's hyper-parameters.
+math::SGDHyper checked_row(const char* op, int64_t row, const double* values, const math::SGDHyper& layout);
+math::AdamHyper checked_row(const char* op, int64_t row, const double* values, const math::AdamHyper& layout);
 
 // Hyper-parameter checks, the same rules as torch.optim's constructors.
 void check_hyper(double lr, const math::SGDHyper& h);

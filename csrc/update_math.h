@@ -215,5 +215,29 @@ FROZENOPT_HD void adam_update(V& param, V grad, V& exp_avg, V& exp_avg_sq, V* ma
   param = param - V(c.step_size) * exp_avg / denom;
 }
 
+// ---------------------------------------------------------------- group rows
+
+// A param group's values as one row of the float64 table the *_groups_ ops
+// take (schemas.cpp), in the order of the op's own arguments: lr first, then
+// SGD (momentum, dampening, weight_decay, nesterov, maximize) or Adam (beta1,
+// beta2, weight_decay, eps, amsgrad, maximize, decoupled_weight_decay); flags
+// are 0 or 1. What decides the state layout (momentum on or off, amsgrad) and
+// SGD's first step come from the op's arguments, `layout`, never from a row:
+// a row cannot make the kernels touch state the op was not given.
+template <typename Hyper>
+inline constexpr int kRowWidth = 0;
+template <>
+inline constexpr int kRowWidth<SGDHyper> = 6;
+template <>
+inline constexpr int kRowWidth<AdamHyper> = 8;
+
+FROZENOPT_HD SGDHyper hyper_of_row(const double* row, const SGDHyper& layout) {
+  return {layout.momentum != 0.0 ? row[1] : 0.0, row[2], row[3], row[4] != 0.0, row[5] != 0.0, layout.first_step};
+}
+
+FROZENOPT_HD AdamHyper hyper_of_row(const double* row, const AdamHyper& layout) {
+  return {row[1], row[2], row[4], row[3], layout.amsgrad, row[6] != 0.0, row[7] != 0.0};
+}
+
 }  // namespace math
 }  // namespace frozenopt

@@ -68,6 +68,16 @@ if _C is not None:
                    decoupled_weight_decay, grad_scale=None, found_inf=None):
         return None
 
+    @torch.library.register_fake("frozenopt::sgd_groups_")
+    def _sgd_groups_fake(params, grads, momentum_buffers, mask, group_table, tensor_group, *, momentum,
+                         is_first_step, grad_scale=None, found_inf=None):
+        return None
+
+    @torch.library.register_fake("frozenopt::adam_groups_")
+    def _adam_groups_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, mask, group_table,
+                          tensor_group, *, amsgrad, grad_scale=None, found_inf=None):
+        return None
+
 
 def _local(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
     """DTensors (FSDP2 shards) replaced by their local tensors, which the kernels step in place."""
@@ -110,3 +120,30 @@ def adam_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[
         lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
         grad_scale=grad_scale, found_inf=found_inf)
+
+
+def sgd_groups_(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+                mask: Tensor | None, group_table: Tensor, tensor_group: Tensor, *, momentum: bool,
+                is_first_step: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    """One fused SGD step over params of many param groups: param i takes the values of row
+    ``tensor_group[i]`` (int32) of ``group_table`` (float64, one row per group:
+    ``(lr, momentum, dampening, weight_decay, nesterov, maximize)``, flags 0 or 1), read
+    where the table lies. ``momentum`` says whether the rows have momentum (then
+    ``momentum_buffers`` is parallel to params); ``is_first_step`` fills the buffers."""
+    torch.ops.frozenopt.sgd_groups_(
+        _local(params), _local(grads), _local(momentum_buffers), mask, group_table, tensor_group,
+        momentum=momentum, is_first_step=is_first_step, grad_scale=grad_scale, found_inf=found_inf)
+
+
+def adam_groups_(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                 exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], state_steps: Sequence[Tensor],
+                 mask: Tensor | None, group_table: Tensor, tensor_group: Tensor, *, amsgrad: bool,
+                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    """One fused Adam/AdamW step over params of many param groups: param i takes row
+    ``tensor_group[i]`` of ``group_table`` (float64: ``(lr, beta1, beta2, weight_decay, eps,
+    amsgrad, maximize, decoupled_weight_decay)``, flags 0 or 1). ``amsgrad`` must match the
+    rows' (``max_exp_avg_sqs`` is empty without it)."""
+    torch.ops.frozenopt.adam_groups_(
+        _local(params), _local(grads), _local(exp_avgs), _local(exp_avg_sqs), _local(max_exp_avg_sqs),
+        _local(state_steps), mask, group_table, tensor_group, amsgrad=amsgrad, grad_scale=grad_scale,
+        found_inf=found_inf)

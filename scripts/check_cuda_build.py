@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     plan = ops.require_extension().cuda_plan
     if not plan.built_with_cuda:
         problems.append("frozenopt._C was built without its CUDA sources")
-    for op in ("frozenopt::sgd_", "frozenopt::adam_"):
+    for op in ("frozenopt::sgd_", "frozenopt::adam_", "frozenopt::sgd_groups_", "frozenopt::adam_groups_"):
         for key in ("CUDA", "CPU"):
             if not torch._C._dispatch_has_kernel_for_dispatch_key(op, key):
                 problems.append(f"{op} has no {key} kernel")
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         return 1
     kernels = "32 KB and 4 KB" if plan.large_args_built else "4 KB only"
     line = (f"check_cuda_build: {frozenopt.__file__}: torch {torch.__version__} (CUDA {torch.version.cuda}), "
-            f"sgd_/adam_ registered for CUDA and CPU, kernel-argument kernels: {kernels}, "
+            f"sgd_/adam_ and their *_groups_ forms registered for CUDA and CPU, kernel-argument kernels: {kernels}, "
             f"GPU visible: {torch.cuda.is_available()}")
     if torch.cuda.is_available():
         line += f", budget on device 0: {plan.device_budget(0)}"

@@ -123,13 +123,13 @@ def test_captured_rows_follow_the_device_row_mask(monkeypatch, cls):
     opt.prepare_capture()
     flags = opt._row_flags[table]
     seen = []
-    real = opt._run_lists
+    real = opt._run_groups_op
 
-    def spy(group, params, grads, states, mask, first, *rest):
-        seen.append(mask)
-        return real(group, params, grads, states, mask, first, *rest)
+    def spy(launch):
+        seen.append(launch.mask)
+        return real(launch)
 
-    monkeypatch.setattr(opt, "_run_lists", spy)
+    monkeypatch.setattr(opt, "_run_groups_op", spy)
     frozen = {0, 1, 2}
     for step in range(5):
         if step == 2:

@@ -1,12 +1,15 @@
 """torch.compile: a compiled optimizer step, freeze/unfreeze toggles, recompile counts.
 
-Counts come from dynamo's CompileCounterWithBackend (one per frame compiled).
-Measured (torch 2.13, CPU), compiling ``opt.step`` with ``fullgraph=True``:
-- mask_only=True: 2 compiles in all (the first step creates the state inside the
-  graph; the second compiles the steady step), then none, however often the mask flips;
-- default mode (requires_grad flips): one more compile per frozen set not seen before
-  (grads of frozen params become None and dynamo guards on that); going back to a set
-  already seen reuses its graph.
+Counts come from dynamo's CompileCounterWithBackend (one per graph compiled).
+The step has one graph break, before its ops: the code that reads the param
+groups (which params have a grad, their state, the groups' values) runs outside
+the graph, and the graph holds the op calls. Measured (torch 2.13, CPU),
+compiling ``opt.step``:
+- mask_only=True: 1 graph (2 for SGD with momentum, whose first step takes a
+  call of its own), then none, however often the mask flips;
+- default mode (requires_grad flips): one more graph per number of params with
+  a grad not seen before (the op's lists are that long); going back to a
+  length already seen reuses its graph.
 """
 
 
@@ -73,7 +76,7 @@ def test_mask_only_toggles_never_recompile_and_match_eager(kind):
     ref = config(kind).make(twin, mask_only=True)
     counter = CompileCounterWithBackend(BACKEND)
 
-    @torch.compile(backend=counter, fullgraph=True)
+    @torch.compile(backend=counter)
     def compiled_step():
         opt.step()
 
@@ -90,8 +93,8 @@ def test_mask_only_toggles_never_recompile_and_match_eager(kind):
     run(model, opt, data, compiled_step, check)
     run(twin, ref, data, ref.step)
 
-    assert frames[1] == 2, frames  # state created in the first graph, steady step in the second
-    assert frames[-1] == 2, f"a freeze/unfreeze toggle recompiled: frames per step {frames}"
+    assert frames[1] == (2 if kind == "sgd_all" else 1), frames  # SGD's first momentum step: a graph of its own
+    assert frames[-1] == frames[1], f"a freeze/unfreeze toggle recompiled: frames per step {frames}"
     for (p, q) in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q), "compiled and eager steps differ"
     assert opt.frozen == ref.frozen == ["0.bias", "4.weight", "4.bias"]
@@ -105,7 +108,7 @@ def test_compiled_frozen_param_is_bitwise_unchanged_with_state():
     model = make_model()
     opt = frozenopt.AdamW(model, lr=1e-2, mask_only=True)
     counter = CompileCounterWithBackend(BACKEND)
-    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    step = torch.compile(opt.step, backend=counter)
     data = batches(6)
     for i, (x, y) in enumerate(data):
         if i == 2:
@@ -121,16 +124,16 @@ def test_compiled_frozen_param_is_bitwise_unchanged_with_state():
         assert torch.equal(v, state[k]), k
     assert float(opt.state[model[2].weight]["step"]) == 2.0
     assert float(opt.state[model[0].weight]["step"]) == 6.0
-    assert counter.frame_count == 2
+    assert counter.frame_count == 1
 
 
 def test_default_mode_recompiles_once_per_new_frozen_set():
-    """requires_grad flips change which grads exist, and dynamo guards on that (measured)."""
+    """requires_grad flips change how many params the op steps, and dynamo guards on that (measured)."""
     model = make_model()
     opt = frozenopt.AdamW(model, lr=1e-2)
     assert not opt.mask_only
     counter = CompileCounterWithBackend(BACKEND)
-    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    step = torch.compile(opt.step, backend=counter)
     schedule = {2: ("freeze", "0"), 4: ("unfreeze", "0"), 6: ("freeze", "0"), 8: ("freeze", "2")}
     frames = []
     for i, (x, y) in enumerate(batches(10)):
@@ -140,12 +143,12 @@ def test_default_mode_recompiles_once_per_new_frozen_set():
         step()
         opt.zero_grad()
         frames.append(counter.frame_count)
-    # 1, 2: warm-up; 3: {0} frozen (new); 5: all unfrozen again (cached); 7: {0} (cached); 9: {0, 2} (new)
-    assert frames == [1, 2, 3, 3, 3, 3, 3, 3, 4, 4], frames
+    # 1: warm-up; 3: {0} frozen (new); 5: all unfrozen again (cached); 7: {0} (cached); 9: {0, 2} (new)
+    assert frames == [1, 1, 2, 2, 2, 2, 2, 2, 3, 3], frames
 
 
 def test_compiled_step_with_lr_scheduler_tensor_lr_no_recompile():
-    """A 0-dim tensor lr changed by a scheduler is an input of the graph, not a constant."""
+    """A 0-dim tensor lr changed by a scheduler is read at each step, not a constant of the graph."""
     model = make_model()
     opt = frozenopt.AdamW(model, lr=torch.tensor(0.01), mask_only=True)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
@@ -153,7 +156,7 @@ def test_compiled_step_with_lr_scheduler_tensor_lr_no_recompile():
 
     # The scheduler wraps opt.step in a function dynamo skips (torch/optim/lr_scheduler.py),
     # so, as in PyTorch's compiled-optimizer-with-scheduler recipe, fullgraph is off here:
-    # the wrapper runs eagerly and the optimizer's own step is one compiled frame.
+    # the wrapper runs eagerly and the optimizer's own step is compiled.
     @torch.compile(backend=counter)
     def step():
         opt.step()
@@ -170,7 +173,7 @@ def test_compiled_step_with_lr_scheduler_tensor_lr_no_recompile():
         ref_sched.step()
         opt.zero_grad()
         ref.zero_grad()
-    assert counter.frame_count == 2
+    assert counter.frame_count == 1
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q)
 
@@ -181,10 +184,10 @@ def test_inductor_mask_only_matches_eager():
     opt = frozenopt.AdamW(model, lr=1e-2, mask_only=True)
     ref = frozenopt.AdamW(twin, lr=1e-2, mask_only=True)
     counter = CompileCounterWithBackend("inductor")
-    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    step = torch.compile(opt.step, backend=counter)
     data = batches(9)
     run(model, opt, data, step)
     run(twin, ref, data, ref.step)
-    assert counter.frame_count == 2
+    assert counter.frame_count == 1
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -623,3 +623,72 @@ def test_group_table_gives_each_tensor_its_groups_values(shim, kind):
             assert torch.equal(bufs_m[i], bufs_a[i]) and torch.equal(sqs_m[i], sqs_a[i]), (step, i)
             assert torch.equal(steps_m[i], steps_a[i]), (step, i)
         assert all(torch.isfinite(p).all() for p in merged)  # the op's own lr (NaN) was never read
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_row_table_gives_each_tensor_its_groups_row(shim, kind):
+    """A *_groups_ op's launch: each tensor reads its group's row of the float64 table
+    (lr first, flags as 0 or 1). Bitwise the same as one launch per group with the op's
+    own arguments, across tiny launch limits; a tensor whose group has no row is
+    skipped (nothing of it written, its step not counted), and a row cannot turn on
+    state the op was not given (its momentum is ignored in a launch without buffers)."""
+    sizes = [5, 3 * CHUNK + 17, 0, 64, 1000, 1, 4096, 33, 7]
+    group_of = [0, 1, 2, 1, 0, 2, 2, 1, 3]  # the last tensor names a row the table lacks
+    lrs = [0.1, 0.05, 0.2]
+    if kind == "sgd":
+        hypers = [dict(momentum=0.9, weight_decay=0.01), dict(momentum=0.5, dampening=0.3, maximize=True),
+                  dict(momentum=0.9, weight_decay=0.1, nesterov=True)]
+        table = [[lrs[g], h["momentum"], h.get("dampening", 0.0), h.get("weight_decay", 0.0),
+                  float(h.get("nesterov", False)), float(h.get("maximize", False))] for g, h in enumerate(hypers)]
+    else:
+        hypers = [dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True),
+                  dict(beta1=0.8, beta2=0.99, eps=1e-3, maximize=True),
+                  dict(beta1=0.5, beta2=0.9, eps=1e-6, weight_decay=0.2)]
+        table = [[lrs[g], h["beta1"], h["beta2"], h.get("weight_decay", 0.0), h["eps"], 0.0,
+                  float(h.get("maximize", False)), float(h.get("decoupled", False))] for g, h in enumerate(hypers)]
+    merged, alone = make_params(torch.float32, sizes), make_params(torch.float32, sizes)
+    untouched = merged[-1].clone()
+
+    def state(params):
+        return [[torch.zeros_like(p) for p in params] for _ in range(2)], [torch.zeros(()) for _ in params]
+
+    (bufs_m, sqs_m), steps_m = state(merged)
+    (bufs_a, sqs_a), steps_a = state(alone)
+    for step in range(3):
+        grads = make_grads(merged, step)
+        for g in range(3):
+            ids = [i for i, k in enumerate(group_of) if k == g]
+            pick = lambda xs, ids=ids: [xs[i] for i in ids]  # noqa: E731
+            if kind == "sgd":
+                run_sgd(shim, pick(alone), pick(grads), pick(bufs_a), None, lr=lrs[g], first_step=step == 0,
+                        **hypers[g])
+            else:
+                run_adam(shim, pick(alone), pick(grads), pick(bufs_a), pick(sqs_a), [], pick(steps_a), None,
+                         lr=lrs[g], **hypers[g])
+        numels, dtypes = [p.numel() for p in merged], [DTYPE_CODE[p.dtype] for p in merged]
+        limits = dict(max_tensors=3, max_blocks=2)
+        if kind == "sgd":
+            rows = [[p.data_ptr(), g.data_ptr(), b.data_ptr()] for p, g, b in zip(merged, grads, bufs_m)]
+            shim.sgd_rows(rows, numels, dtypes, 0, (0, 0, 0.0), (0, 0, 1.0), table, group_of, momentum=True,
+                          first_step=step == 0, **limits)
+        else:
+            rows = [[p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr()]
+                    for p, g, m, v, s in zip(merged, grads, bufs_m, sqs_m, steps_m)]
+            shim.adam_rows(rows, numels, dtypes, 0, (0, 0, 0.0), (0, 0, 1.0), table, group_of, amsgrad=False,
+                           **limits)
+        for i, (p, q) in enumerate(zip(merged[:-1], alone[:-1])):
+            assert torch.equal(p, q), (step, i)
+            assert torch.equal(bufs_m[i], bufs_a[i]) and torch.equal(sqs_m[i], sqs_a[i]), (step, i)
+            assert torch.equal(steps_m[i], steps_a[i]), (step, i)
+        assert torch.equal(merged[-1], untouched) and not bufs_m[-1].any() and steps_m[-1].item() == 0
+    if kind == "sgd":  # the same rows in a launch without momentum buffers: plain SGD
+        grads = make_grads(merged, 9)
+        before = [p.clone() for p in merged]
+        rows = [[p.data_ptr(), g.data_ptr()] for p, g in zip(merged, grads)]
+        shim.sgd_rows(rows, numels, dtypes, 0, (0, 0, 0.0), (0, 0, 1.0), table, group_of, momentum=False,
+                      first_step=False)
+        for i in range(len(sizes) - 1):
+            h = hypers[group_of[i]]
+            g = -grads[i] if h.get("maximize") else grads[i]
+            expected = before[i] - lrs[group_of[i]] * (g + h.get("weight_decay", 0.0) * before[i])
+            torch.testing.assert_close(merged[i], expected, rtol=1e-6, atol=1e-7)

@@ -1,4 +1,4 @@
-"""torch.library.opcheck on frozenopt::sgd_ and frozenopt::adam_, for every
+"""torch.library.opcheck on frozenopt::sgd_ and frozenopt::adam_ (and their *_groups_ forms), for every
 sample: the schema (its alias and mutation annotations against what the kernel
 writes), the fake kernel against the real one, and AOT dispatch.
 
@@ -91,3 +91,41 @@ def test_opcheck(sample, kind):
     op, args, kwargs = sample_on(kind, config(config_id), scaled, mask_dtype)
     torch.library.opcheck(op, args, kwargs)
 
+
+
+# The *_groups_ ops: the same configurations as two groups (the second with other
+# values), each param naming its group's row of the table.
+GROUPS_SAMPLES = [("sgd_momentum", True, torch.uint8), ("sgd", False, None), ("adam_amsgrad", False, torch.bool),
+                  ("adamw_weight_decay", True, None)]
+
+
+def groups_sample(cfg, device, scaled, mask_dtype):
+    op, args, kwargs = op_sample(cfg, device, scaled, mask_dtype)
+    lr = kwargs["lr_tensor"].item() if kwargs["lr_tensor"] is not None and device != "cuda" else cfg.kwargs["lr"]
+    scale = dict(grad_scale=kwargs["grad_scale"], found_inf=kwargs["found_inf"])
+    if cfg.name == "SGD":
+        row = [lr, kwargs["momentum"], kwargs["dampening"], kwargs["weight_decay"], float(kwargs["nesterov"]),
+               float(kwargs["maximize"])]
+        other = [lr / 2, kwargs["momentum"] / 2, 0.0, 0.1, 0.0, 1.0]
+        groups_op, flags = torch.ops.frozenopt.sgd_groups_.default, dict(
+            momentum=kwargs["momentum"] != 0, is_first_step=kwargs["is_first_step"])
+    else:
+        row = [lr, kwargs["beta1"], kwargs["beta2"], kwargs["weight_decay"], kwargs["eps"],
+               float(kwargs["amsgrad"]), float(kwargs["maximize"]), float(kwargs["decoupled_weight_decay"])]
+        other = [lr / 2, 0.5, 0.9, 0.2, 1e-3, float(kwargs["amsgrad"]), 1.0, 0.0]
+        groups_op, flags = torch.ops.frozenopt.adam_groups_.default, dict(amsgrad=kwargs["amsgrad"])
+    table = torch.tensor([row, other], dtype=torch.float64, device=device)
+    tensor_group = torch.tensor([i % 2 for i in range(len(SIZES))], dtype=torch.int32, device=device)
+    return groups_op, (*args, table, tensor_group), {**flags, **scale}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sample", GROUPS_SAMPLES, ids=[s[0] for s in GROUPS_SAMPLES])
+def test_opcheck_groups(sample, kind):
+    config_id, scaled, mask_dtype = sample
+    if kind == "cuda-fake":
+        with FakeTensorMode():
+            op, args, kwargs = groups_sample(config(config_id), "cuda", scaled, mask_dtype)
+    else:
+        op, args, kwargs = groups_sample(config(config_id), kind, scaled, mask_dtype)
+    torch.library.opcheck(op, args, kwargs)

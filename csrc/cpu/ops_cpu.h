@@ -13,6 +13,8 @@ namespace cpu {
 // The ops' bodies (op_entry.h registers them), once the arguments are checked.
 void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper);
 void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper);
+void sgd_groups(const SGDTensors& t, const OptionalTensors& opt, const GroupRows& g, const math::SGDHyper& layout);
+void adam_groups(const AdamTensors& t, const OptionalTensors& opt, const GroupRows& g, const math::AdamHyper& layout);
 
 // Appends a param group to the launch: reads its lr (a CPU step reads a
 // tensor lr on the host) and checks its hyper-parameters.

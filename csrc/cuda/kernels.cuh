@@ -54,13 +54,24 @@ FROZENOPT_DEVICE bool skip_tensor(const StepArgs& a, int32_t tensor_id) {
 }
 
 // The hyper-parameters and lr tensor `tensor_id` steps with (kernel_args.h's
-// GroupTable): the op's own, or its group's entry of a step plan's table (two
-// dependent loads, the group id then the entry).
+// GroupTable): the op's own, or its group's entry of a step plan's table or
+// row of an op's table (two dependent loads, the group id then the entry).
+// A row's group must be checked first (row_group_missing).
 template <typename Hyper>
 FROZENOPT_DEVICE GroupEntry<Hyper> tensor_hyper(const Hyper& hyper, const ScalarArg& lr, const GroupTable<Hyper>& table,
                                                 int32_t tensor_id) {
-  if (table.groups == nullptr) return {hyper, lr};
-  return table.groups[table.tensor_group[tensor_id]];
+  if (table.groups != nullptr) return table.groups[table.tensor_group[tensor_id]];
+  if (table.rows == nullptr) return {hyper, lr};
+  const double* row = table.rows + static_cast<int64_t>(table.tensor_group[tensor_id]) * math::kRowWidth<Hyper>;
+  return {math::hyper_of_row(row, hyper), ScalarArg{nullptr, 0, row[0]}};
+}
+
+// A tensor of an op's row table whose group has no row: it is skipped.
+template <typename Hyper>
+FROZENOPT_DEVICE bool row_group_missing(const GroupTable<Hyper>& table, int32_t tensor_id) {
+  if (table.rows == nullptr) return false;
+  const int32_t g = table.tensor_group[tensor_id];
+  return g < 0 || g >= table.row_count;
 }
 
 // ---------------------------------------------------------------- element access
@@ -232,6 +243,7 @@ __global__ void __launch_bounds__(mt::kBlockThreads) sgd_kernel(MetaT meta, SGDA
   // hyper-parameters come from a table), then the block's decision.
   const bool steps = block_coef(c, [&] {
     const int32_t id = meta.tensor_id[span.slot];
+    if (row_group_missing(args.table, id)) return Decided<math::SGDCoef<M>>{1, {}};
     const auto h = tensor_hyper(args.hyper, args.common.lr, args.table, id);
     return Decided<math::SGDCoef<M>>{
         skip_tensor(args.common, id),
@@ -282,7 +294,7 @@ __global__ void __launch_bounds__(kStepThreads) step_kernel(StepMetaT meta, Adam
   if (i >= meta.count) return;
   const int32_t id = meta.tensor_id[i];
   AdamTensorScalars& out = args.tensor_scalars[id];
-  out.skip = skip_tensor(args.common, id);
+  out.skip = skip_tensor(args.common, id) || row_group_missing(args.table, id);
   if (out.skip) return;  // a frozen tensor's step counter is not touched
   const float step = *meta.step[i] + 1.0f;
   *meta.step[i] = step;

@@ -231,34 +231,65 @@ OptTensor wave_mask(const OptTensor& mask, size_t first, size_t count) {
 
 // The body of a CUDA op: the hyper-parameter checks before anything moves,
 // then the params wave by wave (add(rows, i) adds param i's row), each wave
-// launched with its part of the mask.
+// launched with its part of the mask. With `groups` (a *_groups_ op), each
+// tensor reads its group's row of the table on the device (its values are
+// not read here: that would synchronise), and `hyper` is the layout.
 template <typename Tensors, typename Hyper, typename Add>
-void step(const char* op, const Tensors& t, const OptionalTensors& opt, double lr, const Hyper& hyper, const Add& add) {
+void step(const char* op, const Tensors& t, const OptionalTensors& opt, double lr, const Hyper& hyper,
+          const GroupRows* groups, const Add& add) {
   std::vector<at::Tensor> keep;
   launch_args(op, lr, hyper, opt, keep);
   if (t.params.empty()) return;
   const at::Device device = t.params[0].device();
   c10::cuda::CUDAGuard guard(device);
+  const double* table = nullptr;
+  const int32_t* tensor_group = nullptr;
+  if (groups != nullptr) {
+    table = keep.emplace_back(groups->table.contiguous()).data_ptr<double>();
+    tensor_group = keep.emplace_back(groups->tensor_group.contiguous()).data_ptr<int32_t>();
+  }
   in_waves(t.params, add, [&](Rows& rows, size_t first) {
     const OptTensor wave = wave_mask(opt.mask, first, rows.tensors().size());
-    launch_rows(rows.tensors(), launch_args(op, lr, hyper, {wave, opt.lr, opt.grad_scale, opt.found_inf}, keep),
-                device);
+    auto args = launch_args(op, lr, hyper, {wave, opt.lr, opt.grad_scale, opt.found_inf}, keep);
+    if (groups != nullptr) {
+      // tensor ids restart in each wave
+      args.table = {nullptr, tensor_group + first, table, static_cast<int32_t>(groups->table.size(0))};
+    }
+    launch_rows(rows.tensors(), args, device);
   });
 }
 
-void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper) {
-  step(kSGDOp, t, opt, lr, hyper,
+void sgd_step(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper,
+              const GroupRows* groups) {
+  step(groups != nullptr ? kSGDGroupsOp : kSGDOp, t, opt, lr, hyper, groups,
        [&](Rows& rows, size_t i) { rows.add(t.params[i], t.grads[i], {t.momentum_buffer(i)}); });
 }
 
 // The launchers advance every unfrozen tensor's step (empty tensors' too, as
 // torch.optim) in a launch of their own, on the device, before the Adam
 // launches read it.
-void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper) {
-  step(kAdamOp, t, opt, lr, hyper, [&](Rows& rows, size_t i) {
+void adam_step(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper,
+               const GroupRows* groups) {
+  step(groups != nullptr ? kAdamGroupsOp : kAdamOp, t, opt, lr, hyper, groups, [&](Rows& rows, size_t i) {
     rows.add(t.params[i], t.grads[i], {t.exp_avgs[i], t.exp_avg_sqs[i], at::Tensor(), t.max_exp_avg_sq(i)});
     rows.tensors().back().rows[row::kStep] = t.state_steps[i].data_ptr<float>();
   });
+}
+
+void sgd(const SGDTensors& t, const OptionalTensors& opt, double lr, const math::SGDHyper& hyper) {
+  sgd_step(t, opt, lr, hyper, nullptr);
+}
+
+void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const math::AdamHyper& hyper) {
+  adam_step(t, opt, lr, hyper, nullptr);
+}
+
+void sgd_groups(const SGDTensors& t, const OptionalTensors& opt, const GroupRows& g, const math::SGDHyper& layout) {
+  sgd_step(t, opt, 0.0, layout, &g);
+}
+
+void adam_groups(const AdamTensors& t, const OptionalTensors& opt, const GroupRows& g, const math::AdamHyper& layout) {
+  adam_step(t, opt, 0.0, layout, &g);
 }
 
 }  // namespace
@@ -268,4 +299,6 @@ void adam(const AdamTensors& t, const OptionalTensors& opt, double lr, const mat
 TORCH_LIBRARY_IMPL(frozenopt, CUDA, m) {
   m.impl("sgd_", &frozenopt::sgd_op<frozenopt::cuda::sgd>);
   m.impl("adam_", &frozenopt::adam_op<frozenopt::cuda::adam>);
+  m.impl("sgd_groups_", &frozenopt::sgd_groups_op<frozenopt::cuda::sgd_groups>);
+  m.impl("adam_groups_", &frozenopt::adam_groups_op<frozenopt::cuda::adam_groups>);
 }

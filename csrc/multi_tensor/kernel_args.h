@@ -45,16 +45,21 @@ struct GroupEntry {
   bool operator==(const GroupEntry&) const = default;
 };
 
-// Where each tensor's hyper-parameters come from: with `groups` unset, the
-// op's own (`hyper` and common.lr); with it set, the group table entry
-// groups[tensor_group[tensor id]] (device memory: a step plan steps many
-// param groups in one launch this way). Either way, `hyper` decides the
-// kernels' layout (momentum on or off, amsgrad), which every group of a
-// table shares.
+// Where each tensor's hyper-parameters come from, in device memory, by the
+// tensor's group g = tensor_group[tensor id]:
+// - `groups` set: the entry groups[g] (a step plan's table);
+// - `rows` set: row g of a *_groups_ op's float64 table (update_math.h's
+//   hyper_of_row, lr from the row's value); a tensor whose g is not below
+//   row_count is skipped (the op cannot report it without a synchronisation);
+// - neither: the op's own (`hyper` and common.lr).
+// Either way, `hyper` decides the kernels' layout (momentum on or off,
+// amsgrad), which every group of a table shares.
 template <typename Hyper>
 struct GroupTable {
   const GroupEntry<Hyper>* groups;
   const int32_t* tensor_group;
+  const double* rows;
+  int32_t row_count;
 };
 
 struct SGDArgs {

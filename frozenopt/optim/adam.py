@@ -108,6 +108,12 @@ class Adam(FreezableOptimizer):
         ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask,
                   lr=lr, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
 
+    def _run_groups_op(self, launch):
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = launch.states
+        ops.adam_groups_(launch.params, launch.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, launch.mask,
+                         launch.table, launch.tensor_group, amsgrad=launch.layout, grad_scale=launch.grad_scale,
+                         found_inf=launch.found_inf)
+
 
 Adam.__doc__ = f"""``torch.optim.Adam`` that freezes and unfreezes params by name.
 

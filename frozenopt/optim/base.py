@@ -12,8 +12,10 @@ Two step paths share the same ops (``frozenopt.ops``):
   group's hyper-parameters; it is rebuilt only when the frozen set, the state
   or the groups change;
 - traced (``torch.compile``, CUDA graph capture): every param with a grad goes
-  to the op with the group's mask tensor, so flipping the mask in
-  ``mask_only`` mode changes no graph.
+  to a ``*_groups_`` op, one call per device and state layout, with the
+  groups' mask tensors and a table of every group's values on the device
+  (``group_table``), so flipping the mask in ``mask_only`` mode or editing a
+  group's values changes no graph.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from frozenopt import ops
 from frozenopt.names import NameIndex, describe, resolve_targets
 from frozenopt.optim import partial
+from frozenopt.optim.group_table import GroupTable, TracedLaunch
 from frozenopt.optim.state_dict import (
     PARAM_KEYS,
     check_loadable,
@@ -251,6 +254,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._checked_rows: list[tuple] = []  # per group: the _plan_row checked at the last step
         self._masks: list[Tensor] = []
         self._mask_subsets: dict[tuple, Tensor] = {}
+        self._group_tables: dict[tuple, GroupTable] = {}  # the traced step's, per (device, _plan_key)
         self._captured = False  # a CUDA graph has captured a step
         self._frozen_version = 0
         self._refresh_masks()
@@ -1084,11 +1088,6 @@ class FreezableOptimizer(torch.optim.Optimizer):
         if made:
             self._invalidate([])  # the watch takes in the state made here
 
-    @torch._disable_dynamo
-    def _step_apart_eagerly(self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None,
-                            found_inf: Tensor | None) -> None:
-        self._step_apart(group, params, grad_scale, found_inf)
-
     def _local_rows(self, p: Tensor) -> tuple[Tensor, int]:
         """The tensor whose rows a step of p touches (a DTensor's local shard: whole rows) and the
         index of its first row among p's rows."""
@@ -1257,45 +1256,123 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         capturing = not torch.compiler.is_compiling() and self._capturing()
-        if capturing:  # refused before any group moves
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None and self._is_apart(p):
-                        self._check_rows_capturable(p, group)
+        for launch in self._traced_launches(capturing, grad_scale, found_inf):
+            self._run_groups_op(launch)
+
+    # Run outside the graph (a graph break before the ops): a compiled step then reads
+    # no group's values, and editing one between steps compiles nothing again.
+    @torch.compiler.disable
+    def _traced_launches(self, capturing: bool, grad_scale: Tensor | None,
+                         found_inf: Tensor | None) -> list[TracedLaunch]:
+        """The traced step's op calls: one per device and state layout (SGD's params at their
+        first momentum step apart), over the params with a grad of all its groups, with
+        their masks and the group table, brought up to date here. Makes missing state.
+
+        Params frozen in part (or with row state) are stepped here, outside the graph, by
+        ``_step_apart`` (their masks and row step counts are read on the host); in a CUDA
+        graph capture each is a launch of its own instead (``_rows_launch``)."""
+        chosen: dict[tuple, list[tuple[int, list[int]]]] = {}  # (device, layout) -> (group, positions)
+        apart_by_group: dict[int, list[Tensor]] = {}
         for gi, group in enumerate(self.param_groups):
             # In default mode frozen means requires_grad=False, read here as it is
             # now (a compiled step has no sync); in mask_only mode the mask says.
             positions = [i for i, p in enumerate(group["params"])
                          if p.grad is not None and (self._mask_only or p.requires_grad)]
             apart = [group["params"][i] for i in positions if self._is_apart(group["params"][i])]
-            if apart and capturing:
-                self._note_capture(group)
-                for p in apart:
-                    self._step_rows_captured(group, p, grad_scale, found_inf)
-            elif apart:
-                # Run eagerly (not traced): the rows' masks and counts are read on the host.
-                self._step_apart_eagerly(group, [p for p in apart if p not in self._frozen], grad_scale, found_inf)
             if apart:
+                for p in apart if capturing else ():
+                    self._check_rows_capturable(p, group)
+                apart_by_group[gi] = apart
                 positions = [i for i in positions if not self._is_apart(group["params"][i])]
-            if not positions:
+            if not positions and not (apart and capturing):
                 continue
-            params = [group["params"][i] for i in positions]
-            fresh = [p for p in params if not self._has_state(p, group)]
-            if fresh and capturing:
+            missing = [group["params"][i] for i in positions if not self._has_state(group["params"][i], group)]
+            if missing and capturing:
                 # A state made here would be zero-filled again at every replay
                 # of the graph, and SGD's first-step rule would be baked in.
                 raise RuntimeError(
-                    f"{len(fresh)} param(s) with a grad have no optimizer state yet (e.g. "
-                    f"{self._name_of(fresh[0])}, frozen since construction), and state cannot be "
+                    f"{len(missing)} param(s) with a grad have no optimizer state yet (e.g. "
+                    f"{self._name_of(missing[0])}, frozen since construction), and state cannot be "
                     "created inside a CUDA graph capture. Call opt.prepare_capture() before capturing "
                     "(it creates the state of every param, frozen ones included), or run an eager "
                     "step first.")
-            for p in fresh:
-                self.state[p].update(self._new_state(p, group))
+            chosen.setdefault((group["params"][0].device, self._plan_key(group)), []).append((gi, positions))
+        tables = {key: self._group_table(*key, capturing) for key in chosen}  # checks: nothing moved yet
+        launches = []
+        for (device, layout), members in chosen.items():
+            table = tables[device, layout]
+            fresh: set[Tensor] = set()
+            for gi, positions in members:
+                group = self.param_groups[gi]
+                for p in (group["params"][i] for i in positions):
+                    if not self._has_state(p, group):
+                        self.state[p].update(self._new_state(p, group))
+                        fresh.add(p)
+                if capturing:
+                    self._note_capture(group)
+            scale = on_device_of(self.param_groups[members[0][0]], grad_scale, found_inf)
+            split_first = self._first_step_apart(layout)
+            for first in (True, False) if split_first else (False,):
+                params: list[Tensor] = []
+                rows: list[int] = []
+                masks: list[Tensor] = []
+                states: list[list[Tensor]] | None = None
+                for gi, positions in members:
+                    group = self.param_groups[gi]
+                    if split_first:
+                        positions = [i for i in positions if (group["params"][i] in fresh) == first]
+                    if not positions:
+                        continue
+                    mine = [group["params"][i] for i in positions]
+                    lists = self._state_lists(mine, group)
+                    states = lists if states is None else [a + b for a, b in zip(states, lists)]
+                    params += mine
+                    rows += [table.groups.index(gi)] * len(mine)
+                    if self._mask_only:
+                        masks.append(self._mask_for(gi, positions, capturing))
+                if not params:
+                    continue
+                mask = None if not masks else masks[0] if len(masks) == 1 else torch.cat(masks)
+                launches.append(TracedLaunch(params, [p.grad for p in params], states, mask, table.tensor,
+                                             table.indices(tuple(rows), capturing), layout, first, *scale))
             if capturing:
-                self._note_capture(group)
-            mask = self._mask_for(gi, positions, capturing) if self._mask_only else None
-            self._run_op(group, params, mask, fresh, grad_scale, found_inf)
+                launches += [self._rows_launch(table, gi, p, layout, scale)
+                             for gi, _ in members for p in apart_by_group.get(gi, ())]
+        for gi, apart in () if capturing else apart_by_group.items():
+            self._step_apart(self.param_groups[gi], [p for p in apart if p not in self._frozen], grad_scale, found_inf)
+        return launches
+
+    def _group_table(self, device: torch.device, layout: Any, capturing: bool) -> GroupTable:
+        """The group table of the groups on ``device`` with this ``_plan_key``, holding their
+        current values: rewritten in place when they changed (the groups checked first),
+        which a CUDA graph capture cannot do."""
+        gis = [gi for gi, g in enumerate(self.param_groups)
+               if g["params"] and g["params"][0].device == device and self._plan_key(g) == layout]
+        table = self._group_tables.get((device, layout))
+        if table is None or table.groups != tuple(gis):
+            table = self._group_tables[device, layout] = GroupTable(device, gis)
+        rows, device_lrs = [], {}
+        for row, gi in enumerate(gis):
+            group = self.param_groups[gi]
+            try:
+                lr = on_device_of(group, group["lr"])[0]
+                if isinstance(lr, Tensor) and lr.device == device:
+                    device_lrs[row], lr = lr, 0.0
+                rows.append((float(lr), *(float(v) for v in self._hyper(group))))
+            except Exception:
+                self._check_hyper(group)  # raises the checks' message, where they see the problem
+                raise
+        if table.stale(rows):
+            if capturing:
+                raise RuntimeError(
+                    "frozenopt: the values of a param group changed since the group table that the "
+                    "traced step reads was last written, and it cannot be written inside a CUDA graph "
+                    "capture. Call opt.prepare_capture() before capturing, and again between replays "
+                    "after editing a group's values.")
+            for gi in gis:
+                self._check_hyper(self.param_groups[gi])
+        table.update(rows, device_lrs)
+        return table
 
     def _check_rows_capturable(self, p: Tensor, group: dict[str, Any]) -> None:
         """Raise unless a CUDA graph can capture the step of p, frozen in part or with row state:
@@ -1313,35 +1390,42 @@ class FreezableOptimizer(torch.optim.Optimizer):
                                "its rows, which all need optimizer state first: call opt.prepare_capture() after "
                                "freezing, before capturing")
 
-    def _step_rows_captured(self, group: dict[str, Any], p: Tensor, grad_scale: Tensor | None,
-                            found_inf: Tensor | None) -> None:
-        """p's step in a CUDA graph: every row as a tensor of its own with its own step count,
+    def _rows_launch(self, table: GroupTable, gi: int, p: Tensor, layout: Any, scale: list) -> TracedLaunch:
+        """p's launch in a CUDA graph: every row as a tensor of its own with its own step count,
         skipped by the kernels where its flag in the device row mask (rewritten in place by
         freeze/unfreeze) is set, so replays follow later row freezes."""
+        group = self.param_groups[gi]
         state = self.state.get(p, {}) if self._keeps_state(group) else {}
         per_row = [k for k in state if k != partial.ROWS_KEY]
         rows = range(p.shape[0])
         states = [{k: state[k][r] for k in per_row} for r in rows]
-        self._run_lists(group, [p[r] for r in rows], [p.grad[r] for r in rows], self._lists_of(states, group),
-                        self._row_flags[p], [False] * len(rows), grad_scale, found_inf)
+        return TracedLaunch([p[r] for r in rows], [p.grad[r] for r in rows], self._lists_of(states, group),
+                            self._row_flags[p], table.tensor,
+                            table.indices((table.groups.index(gi),) * len(rows), capturing=True), layout, False,
+                            *scale)
 
     def _note_capture(self, group: dict[str, Any]) -> None:
-        """Says, once per optimizer, what a CUDA graph of this step will not follow."""
+        """Says, once per optimizer, what a CUDA graph of this step will not follow.
+
+        The warnings name the user's ``step()`` call: 8 frames up, through
+        ``_traced_launches`` and its ``torch.compiler.disable`` wrapper, ``_step_traced``,
+        ``step`` and torch.optim's two wrappers of it."""
         if self._captured:
             return
         self._captured = True
         if not (isinstance(group["lr"], Tensor) and group["lr"].device.type == "cuda"):
             warnings.warn(
-                "frozenopt: a CUDA graph is capturing step() with a float (or CPU tensor) lr: the graph "
-                "keeps this value, and LR schedulers will not change it on replay. Pass "
-                "lr=torch.tensor(lr, device='cuda') to have replays read the current lr.", stacklevel=4)
+                "frozenopt: a CUDA graph is capturing step() with a float (or CPU tensor) lr: replays "
+                "read the lr the optimizer's group table holds, which changes only when "
+                "opt.prepare_capture() runs again, so LR schedulers will not change it on replay. Pass "
+                "lr=torch.tensor(lr, device='cuda') to have replays read the current lr.", stacklevel=8)
         if not self._mask_only:
             warnings.warn(
                 "frozenopt: a CUDA graph is capturing step() of an optimizer in default mode: params that "
                 "are frozen now are not in the graph, and freeze() after the capture frees grads that "
                 "replays still read. Build the optimizer with mask_only=True to freeze and unfreeze "
                 "between replays (the graph covers every param and reads the mask on the device).",
-                stacklevel=4)
+                stacklevel=8)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if set_to_none and self._captured:
@@ -1392,6 +1476,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
         """
         for group in self.param_groups:  # checked first: a refusal changes nothing
             self._check_capturable(group)
+        for key in {(g["params"][0].device, self._plan_key(g)) for g in self.param_groups if g["params"]}:
+            self._group_table(*key, capturing=False)
         self.init_state()
 
     @torch.no_grad()
@@ -1515,6 +1601,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
         """The op over these lists (params or views of their rows); ``first``: per tensor, whether
         its state was just made."""
         raise NotImplementedError
+
+    def _run_groups_op(self, launch: TracedLaunch) -> None:
+        """One traced step of the launch's params through the ``*_groups_`` op."""
+        raise NotImplementedError
+
+    def _first_step_apart(self, layout: Any) -> bool:
+        """Whether params whose state was just made take a call of their own (``first_step``)."""
+        return False
 
     def _first_step_skip_needs_host(self, group: dict[str, Any], found_inf: Tensor | None) -> bool:
         """Whether the state made for a first step that GradScaler skipped must be dropped

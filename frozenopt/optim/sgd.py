@@ -98,6 +98,14 @@ class SGD(FreezableOptimizer):
                      is_first_step=is_first and group["momentum"] != 0, grad_scale=grad_scale,
                      found_inf=found_inf, **self._kwargs(group))
 
+    def _first_step_apart(self, layout):
+        return layout  # with momentum, a new buffer takes the first grad as it is
+
+    def _run_groups_op(self, launch):
+        ops.sgd_groups_(launch.params, launch.grads, launch.states[0], launch.mask, launch.table,
+                        launch.tensor_group, momentum=launch.layout, is_first_step=launch.first_step,
+                        grad_scale=launch.grad_scale, found_inf=launch.found_inf)
+
 
 SGD.__doc__ = f"""``torch.optim.SGD`` that freezes and unfreezes params by name.
 

@@ -21,6 +21,16 @@ namespace {
 
 void* ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
+// A row table as the kernels read it: the rows one after the other.
+std::vector<double> flat_rows(const std::vector<std::vector<double>>& table, int width) {
+  std::vector<double> flat;
+  for (const auto& row : table) {
+    if (static_cast<int>(row.size()) != width) throw py::value_error("a row of the wrong width");
+    flat.insert(flat.end(), row.begin(), row.end());
+  }
+  return flat;
+}
+
 // rows: per tensor, the addresses of its rows (param, grad, states...; Adam's
 // step counter in row 4); numels and dtypes per tensor.
 std::vector<OpTensor> op_tensors(const std::vector<std::vector<uintptr_t>>& rows, const std::vector<int64_t>& numels,
@@ -146,6 +156,50 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
       py::arg("grad_scale"), py::arg("groups"), py::arg("tensor_group"), py::arg("max_tensors") = 0,
+      py::arg("max_blocks") = 0);
+  // The same launches with a *_groups_ op's row table (update_math.h's rows,
+  // the lr a value of the row): each tensor takes row tensor_group[tensor id],
+  // and one whose row is missing is skipped. The op's own hyper-parameters
+  // give only the layout (momentum, amsgrad) and SGD's first step.
+  m.def(
+      "sgd_rows",
+      [](const std::vector<std::vector<uintptr_t>>& rows, const std::vector<int64_t>& numels,
+         const std::vector<int>& dtypes, uintptr_t mask, py::tuple found_inf, py::tuple grad_scale,
+         const std::vector<std::vector<double>>& table, const std::vector<int32_t>& tensor_group, bool momentum,
+         bool first_step, int max_tensors, int max_blocks) {
+        const auto flat = flat_rows(table, frozenopt::math::kRowWidth<frozenopt::math::SGDHyper>);
+        const auto tensors = op_tensors(rows, numels, dtypes);
+        if (tensor_group.size() != tensors.size()) throw py::value_error("one group index per tensor");
+        const SGDArgs args{step_args(mask, found_inf, grad_scale, py::make_tuple(0, 0, NAN)),
+                           {momentum ? 1.0 : 0.0, 0.0, 0.0, false, false, first_step},
+                           {nullptr, tensor_group.data(), flat.data(), static_cast<int32_t>(table.size())}};
+        shim::Launcher launcher;
+        return run_sgd<frozenopt::mt::kLargeArgBytes>(tensors, args, launcher,
+                                                      LimitOverride{max_tensors, max_blocks, 0});
+      },
+      py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
+      py::arg("grad_scale"), py::arg("table"), py::arg("tensor_group"), py::arg("momentum"), py::arg("first_step"),
+      py::arg("max_tensors") = 0, py::arg("max_blocks") = 0);
+  m.def(
+      "adam_rows",
+      [](const std::vector<std::vector<uintptr_t>>& rows, const std::vector<int64_t>& numels,
+         const std::vector<int>& dtypes, uintptr_t mask, py::tuple found_inf, py::tuple grad_scale,
+         const std::vector<std::vector<double>>& table, const std::vector<int32_t>& tensor_group, bool amsgrad,
+         int max_tensors, int max_blocks) {
+        const auto flat = flat_rows(table, frozenopt::math::kRowWidth<frozenopt::math::AdamHyper>);
+        const auto tensors = op_tensors(rows, numels, dtypes);
+        if (tensor_group.size() != tensors.size()) throw py::value_error("one group index per tensor");
+        std::vector<AdamTensorScalars> scratch(tensors.size());
+        const AdamArgs args{step_args(mask, found_inf, grad_scale, py::make_tuple(0, 0, NAN)),
+                            scratch.data(),
+                            {0.0, 0.0, 0.0, 0.0, amsgrad, false, false},
+                            {nullptr, tensor_group.data(), flat.data(), static_cast<int32_t>(table.size())}};
+        shim::Launcher launcher;
+        return run_adam<frozenopt::mt::kLargeArgBytes>(tensors, args, launcher,
+                                                       LimitOverride{max_tensors, max_blocks, 0});
+      },
+      py::arg("rows"), py::arg("numels"), py::arg("dtypes"), py::arg("mask"), py::arg("found_inf"),
+      py::arg("grad_scale"), py::arg("table"), py::arg("tensor_group"), py::arg("amsgrad"), py::arg("max_tensors") = 0,
       py::arg("max_blocks") = 0);
   m.def(
       "pack_alignment",
