@@ -8,6 +8,11 @@ how far the frozen parameters moved, and whether the trained weights agree with
 the reference recipe. The CPU time other processes take while a recipe is timed
 is measured, and a recipe whose timing it may have spoiled is flagged. Writes a
 JSON with every figure, a Markdown table and a PNG chart to ``--out``.
+
+``--scenario new-tokens`` adds two tokens to the model's vocabulary and trains
+only their embedding rows and the classifier: frozenopt's row freezing against
+the workarounds in use (copy the old rows back after each step, zero their grads
+in a hook, PEFT's trainable-tokens layer), with how far the old rows drifted.
 """
 
 from __future__ import annotations

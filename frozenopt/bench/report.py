@@ -472,8 +472,11 @@ def _chart_title(report: dict[str, Any], recipes: list[tuple[str, dict[str, Any]
     threads = next((r.get("threads") for _, r in recipes), None)
     args = report["args"]
     per_stage = " per stage" if gradual(report) else ""
-    return (f"frozenopt-bench: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params, "
-            f"{fz / max(n, 1) * 100:.0f}% frozen{' at start' if gradual(report) else ''}; "
+    if new_tokens(report):
+        frozen = "new-tokens: only 2 embedding rows + the classifier train"
+    else:
+        frozen = f"{fz / max(n, 1) * 100:.0f}% frozen{' at start' if gradual(report) else ''}"
+    return (f"frozenopt-bench: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params, {frozen}; "
             f"{args['rounds']} rounds x {args['steps']} steps{per_stage}, {args['device']} x{threads} threads, "
             f"torch {report['machine'].get('torch')} (torch AdamW {TORCH_IMPL[args['torch_impl']]})")
 
