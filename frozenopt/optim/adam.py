@@ -9,6 +9,7 @@ from torch import Tensor
 
 from frozenopt import ops
 from frozenopt.optim.base import COMPAT_DOC, MASK_ONLY_DOC, PARAMS_DOC, FreezableOptimizer, check_number, on_device_of
+from frozenopt.optim.partial import ROWS_KEY
 
 __all__ = ["Adam"]
 
@@ -55,6 +56,8 @@ class Adam(FreezableOptimizer):
         if present and missing:
             raise ValueError(f"state_dict state[{key}] has {present[0]} but no {missing[0]}")
         step = entry.get("step", 0)
+        if ROWS_KEY in entry:  # row state: one count per row, checked with its shape
+            return
         if not (isinstance(step, (int, float)) or isinstance(step, Tensor) and step.numel() == 1):
             raise ValueError(f"state_dict state[{key}]['step'] must be a number or a one-element tensor, "
                              f"got {step!r}")
@@ -77,7 +80,7 @@ class Adam(FreezableOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _normalised(self, p, group):
+    def _state_of(self, p, group):
         """This param's state, with a loaded checkpoint's step made a float32 tensor on the param's device."""
         state = self.state[p]
         step = state["step"]
@@ -87,8 +90,7 @@ class Adam(FreezableOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _state_lists(self, params, group):
-        states = [self._normalised(p, group) for p in params]
+    def _lists_of(self, states, group):
         return [[s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                 [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
                 [s["step"] for s in states]]
@@ -100,10 +102,10 @@ class Adam(FreezableOptimizer):
         return (float(beta1), float(beta2), float(group["weight_decay"]), float(group["eps"]),
                 bool(group["amsgrad"]), bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
 
-    def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
+    def _run_lists(self, group, params, grads, states, mask, first, grad_scale, found_inf):
         lr, grad_scale, found_inf = on_device_of(group, group["lr"], grad_scale, found_inf)
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._state_lists(params, group)
-        ops.adam_(params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask,
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = states
+        ops.adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, mask,
                   lr=lr, grad_scale=grad_scale, found_inf=found_inf, **self._kwargs(group))
 
 

@@ -30,7 +30,15 @@ from torch import Tensor, nn
 
 from frozenopt import ops
 from frozenopt.names import NameIndex, describe, resolve_targets
-from frozenopt.optim.state_dict import PARAM_KEYS, check_loadable, hooks_held, loaded_frozen
+from frozenopt.optim import partial
+from frozenopt.optim.state_dict import (
+    PARAM_KEYS,
+    check_loadable,
+    hooks_held,
+    loaded_frozen,
+    loaded_partial,
+    partial_entry,
+)
 from frozenopt.report import FreezeSummary
 
 __all__ = ["FreezableOptimizer"]
@@ -133,6 +141,10 @@ def _write_mask(mask: Tensor, flags: Tensor) -> None:
     torch.cuda.current_stream(mask.device).synchronize()
 
 
+# The state of a param stepped apart in a group that keeps none: one object, so its row runs stay cached.
+_NO_STATE: dict[str, Any] = {}
+
+
 def _is_capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -205,6 +217,12 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._extension = ops.require_extension()
         self._watch = self._extension.Watch()
         self._frozen: set[Tensor] = frozen
+        # Params frozen in part: the CPU bool mask of their frozen rows ([shape[0]]) or
+        # elements (their shape); never in _frozen (some of them trains). See partial.py.
+        self._partial: dict[Tensor, Tensor] = {}
+        self._apart: list[list[Tensor]] = []  # per group: its unfrozen params stepped apart from its plan
+        self._row_runs: dict[Tensor, tuple] = {}  # each one's runs and what they were worked out from
+        self._device_masks: dict[Tensor, Tensor] = {}  # element masks on their param's device
         self._params: list[Tensor] = []  # every group's params at the last sync
         # Per group: the StepPlan that steps it (shared by the groups of one plan), None when
         # it must be built again, False for a group with no params.
@@ -279,12 +297,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
         state["mask_only"] = self._mask_only
         state["frozen_flags"] = [p in self._frozen for p in self._all_params()]
         state["frozen_at_start_flags"] = [p in self._frozen_at_start for p in self._all_params()]
+        state["partial_masks"] = [self._partial.get(p) for p in self._all_params()]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         flags = state.pop("frozen_flags", None)
         at_start = state.pop("frozen_at_start_flags", None)
+        masks = state.pop("partial_masks", None)
         mask_only = state.pop("mask_only", False)
         super().__setstate__(state)
         if "_watch" in self.__dict__:
@@ -296,6 +316,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._derive({p for p, frozen in zip(params, flags) if frozen})
         at_start = at_start if at_start is not None and len(at_start) == len(params) else flags
         self._frozen_at_start = {p for p, frozen in zip(params, at_start) if frozen}
+        if masks is not None and len(masks) == len(params):
+            self._partial = {p: mask for p, mask in zip(params, masks) if mask is not None}
+            self._refresh_masks()
         self._ready = True
 
     # ------------------------------------------------------------ keeping in step with Python
@@ -389,10 +412,37 @@ class FreezableOptimizer(torch.optim.Optimizer):
         """Names of the frozen params, in optimizer order.
 
         A tied param shows every name it has, ``"wte.weight (= lm_head.weight)"``;
-        freeze/unfreeze/is_frozen accept that string back.
+        freeze/unfreeze/is_frozen accept that string back. A param frozen in part
+        (``rows=``, ``mask=``) shows how much: ``"emb.weight [30522 of 30524 rows frozen]"``.
         """
         index = self._name_index()
-        return [index.name_of(i) for i, p in enumerate(index.params) if p in self._frozen]
+        out = []
+        for i, p in enumerate(index.params):
+            mask = self._partial.get(p)
+            if p in self._frozen:
+                out.append(index.name_of(i))
+            elif mask is not None:
+                unit = "rows" if partial.is_row_mask(mask) and p.dim() > 1 else "elements"
+                out.append(f"{index.name_of(i)} [{int(mask.sum())} of {mask.numel()} {unit} frozen]")
+        return out
+
+    @_synced
+    def frozen_mask(self, target: Any) -> Tensor:
+        """A bool tensor of the param's shape (on its device), True where it is frozen: a copy.
+
+        The target must match one param (a name, the param itself, ...)."""
+        index = self._name_index()
+        indices = resolve_targets(index, [target])
+        if len(indices) != 1:
+            raise ValueError(f"frozen_mask takes a target that matches one param; {describe(target)} matches "
+                             f"{len(indices)} ({', '.join(index.name_of(i) for i in indices[:3])}, ...)")
+        p = index.params[indices[0]]
+        mask = self._partial.get(p)
+        if p in self._frozen or mask is None:
+            return torch.full(p.shape, p in self._frozen, dtype=torch.bool, device=p.device)
+        if partial.is_row_mask(mask):
+            mask = mask.view(-1, *[1] * (p.dim() - 1)).expand(p.shape)
+        return mask.to(p.device, copy=True).contiguous()
 
     @_synced
     def named_params(self) -> list[tuple[str | None, Tensor]]:
@@ -440,7 +490,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         return self._mask_only
 
     def is_frozen(self, *targets: Any) -> bool:
-        """True when every param the targets match is frozen.
+        """True when every param the targets match is frozen (a param frozen in part is not).
 
         ``is_frozen(p)`` for one param that sits where the optimizer last saw it
         answers in O(1) from ``p`` itself; other edits of the groups are taken in at
@@ -477,7 +527,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
         return all(index.params[i] in self._frozen for i in resolve_targets(index, targets))
 
     @_synced
-    def freeze(self, *targets: Any, release_state: bool = False) -> list[str]:
+    def freeze(self, *targets: Any, release_state: bool = False, rows: Any = None, mask: Tensor | None = None,
+               ) -> list[str]:
         """Freeze the params the targets match; return the names that changed.
 
         Targets are names (a module prefix like ``"fc2"`` or an exact param
@@ -485,7 +536,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
         Parameters. With no target, every param group but the last is frozen
         (fastai's ``freeze()``). ``release_state=True`` also drops the state of
         the matched params to give the memory back.
+
+        ``rows=R`` freezes only rows ``R`` (along dim 0) of each matched param: an int,
+        a slice, row indices or a bool tensor over the rows; ``mask=M`` only the
+        elements where the bool tensor ``M`` (the param's shape) is True. The other
+        rows and elements train as before; see ``frozen_mask``.
         """
+        if rows is not None or mask is not None:
+            return self._set_partial(targets, rows, mask, True, drop_state=release_state)
         if targets:
             indices = resolve_targets(self._name_index(), targets)
         elif len(self.param_groups) < 2:
@@ -499,15 +557,20 @@ class FreezableOptimizer(torch.optim.Optimizer):
         return self._set_frozen(indices, True, drop_state=release_state)
 
     @_synced
-    def unfreeze(self, *targets: Any, reset_state: bool = False) -> list[str]:
-        """Unfreeze the params the targets match (all params with no target).
+    def unfreeze(self, *targets: Any, reset_state: bool = False, rows: Any = None, mask: Tensor | None = None,
+                 ) -> list[str]:
+        """Unfreeze the params the targets match (all params with no target, and every
+        part-frozen param whole).
 
         Their state resumes where it stopped; ``reset_state=True`` starts it
         afresh, as fastai does (only for the params this call unfreezes: the
         state of params that were training already is kept). With no target, a
         warning says when params frozen since the optimizer was built thaw (PEFT's
-        base weights); ``reset_frozen`` goes back.
+        base weights); ``reset_frozen`` goes back. ``rows=`` and ``mask=`` unfreeze
+        only those rows or elements, as ``freeze`` takes them.
         """
+        if rows is not None or mask is not None:
+            return self._set_partial(targets, rows, mask, False, drop_state=reset_state)
         index = self._name_index()
         indices = resolve_targets(index, targets) if targets else range(len(index))
         if not targets:
@@ -585,10 +648,11 @@ class FreezableOptimizer(torch.optim.Optimizer):
                                    self._frozen_elements, self._state_bytes)
 
     def _frozen_elements(self, p: Tensor) -> int:
-        """How many of p's elements are frozen, as ``summary`` counts them: all or none when the
-        whole tensor freezes. A freeze of part of a tensor (rows) reports its count here, and
-        ``summary`` shows such a param split between its trainable and frozen columns."""
-        return p.numel() if p in self._frozen else 0
+        """How many of p's elements are frozen, as ``summary`` counts them."""
+        mask = self._partial.get(p)
+        if p in self._frozen or mask is None:
+            return p.numel() if p in self._frozen else 0
+        return int(mask.sum()) * (p.numel() // mask.numel())
 
     def _state_bytes(self, p: Tensor) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.get(p, {}).values() if isinstance(t, Tensor))
@@ -606,7 +670,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
     def _set_frozen(self, indices: Iterable[int], frozen: bool, *, drop_state: bool = False) -> list[str]:
         params = self._all_params()
         index = self._name_index()
-        changed = [i for i in indices if (params[i] in self._frozen) != frozen]
+        # A param frozen in part changes too: a whole freeze or unfreeze ends that.
+        changed = [i for i in indices if (params[i] in self._frozen) != frozen or params[i] in self._partial]
         try:  # the masks and plans follow whatever changed, even if interrupted (KeyboardInterrupt)
             # unfreeze(reset_state=True) resets only the params it thaws: one that was training
             # keeps its state. freeze(release_state=True) may release every param it matched:
@@ -615,6 +680,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 self.state.pop(params[i], None)
             for i in changed:
                 p = params[i]
+                self._partial.pop(p, None)
+                if not frozen:
+                    self._settle_row_state(p)
                 if not self._mask_only:
                     p.requires_grad_(not frozen)
                     if frozen:
@@ -627,6 +695,80 @@ class FreezableOptimizer(torch.optim.Optimizer):
             self._refresh_masks()
         return [index.name_of(i) for i in changed]
 
+    def _set_partial(self, targets: tuple, rows: Any, mask: Tensor | None, frozen: bool, *,
+                     drop_state: bool) -> list[str]:
+        """freeze/unfreeze of rows or elements; every matched param is checked before any changes.
+
+        A param whose mask ends all frozen or all trainable is frozen or unfrozen whole.
+        ``drop_state``: freeze releases the state of the frozen rows; unfreeze resets
+        that of the rows (elements) it thaws.
+        """
+        verb = "freeze" if frozen else "unfreeze"
+        if not targets:
+            raise TypeError(f"{verb}(rows=...) and {verb}(mask=...) need a target, the params whose rows or "
+                            f"elements to {verb}: e.g. {verb}('embeddings.word_embeddings', rows=[0, 1])")
+        if rows is not None and mask is not None:
+            raise ValueError(f"{verb} takes rows= or mask=, not both")
+        if drop_state and frozen and mask is not None:
+            raise ValueError("freeze(mask=..., release_state=True): the state of single elements cannot be given "
+                             "back; release whole rows with rows=, or whole params")
+        index = self._name_index()
+        plans = []
+        for i in resolve_targets(index, targets):
+            p, name = index.params[i], index.name_of(i)
+            if _is_dtensor(p):
+                raise ValueError(f"param {name} is a DTensor (FSDP2, tensor parallel): freezing part of it is not "
+                                 "supported; freeze it whole")
+            given = partial.rows_mask(rows, p, name) if rows is not None else partial.elements_mask(mask, p, name)
+            now = self._partial.get(p)
+            if now is not None and now.shape != given.shape:
+                has, other = ("rows", "elements") if partial.is_row_mask(now) else ("elements", "rows")
+                raise ValueError(f"param {name} has {has} frozen and cannot also take a mask of {other}: "
+                                 f"unfreeze it whole first")
+            if now is None:
+                now = torch.full(given.shape, p in self._frozen)
+            plans.append((i, p, now, now | given if frozen else now & ~given))
+        changed = []
+        try:
+            for i, p, now, new in plans:
+                if torch.equal(now, new) and not (frozen and drop_state):
+                    continue
+                changed.append(i)
+                if bool(new.all()) or not bool(new.any()):
+                    self._set_frozen([i], bool(new.all()), drop_state=drop_state)
+                    continue
+                self._partial[p] = new
+                self._frozen.discard(p)
+                if not self._mask_only:
+                    p.requires_grad_(True)
+                if drop_state:
+                    self._drop_state_of(p, new if frozen else now & ~new)
+        finally:
+            self._refresh_masks()
+        return [index.name_of(i) for i in changed]
+
+    def _drop_state_of(self, p: Tensor, chosen: Tensor) -> None:
+        """Drops the state of p's chosen rows (elements: sets it back to zero)."""
+        state = self.state.get(p)
+        if not state:
+            return
+        if not partial.is_row_mask(chosen):
+            where = chosen.to(p.device)
+            for key, value in state.items():
+                if key != "step" and isinstance(value, Tensor):
+                    value[where] = 0
+            return
+        if not partial.is_row_state(state):
+            partial.to_row_state(state, p)
+        partial.take_state_rows(state, ~chosen[state[partial.ROWS_KEY]])
+
+    def _settle_row_state(self, p: Tensor) -> None:
+        """A param that trains whole again goes back to torch.optim's state layout when its
+        row state covers every row with one step count (else it keeps per-row counts)."""
+        state = self.state.get(p)
+        if state and partial.is_row_state(state):
+            partial.to_plain_state(state, p.shape[0])
+
     def _refresh_masks(self, groups: Iterable[int] | None = None) -> None:
         """Brings the masks of the given groups (all by default) in line with the frozen set.
 
@@ -637,6 +779,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         count = len(self.param_groups)
         if len(self._plans) != count:  # groups appended or deleted: everything is derived again
             self._plans, self._pending, self._plan_keys = [None] * count, [[] for _ in range(count)], {}
+            self._apart = [[] for _ in range(count)]
             self._plan_sets = []
             del self._masks[count:]
             groups = None
@@ -650,6 +793,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 self._masks[gi] = flags.to(device)
             else:
                 self._masks.append(flags.to(device))
+        for cache in (self._row_runs, self._device_masks):
+            for p in [p for p in cache if p not in self._partial]:
+                del cache[p]
         self._invalidate(groups)
 
     def _invalidate(self, groups: Iterable[int] | None = None) -> None:
@@ -671,10 +817,13 @@ class FreezableOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's layout, plus the frozen set under ``"frozen"``.
 
-        ``{"params": [ids], "names": [names]}``: the ids are those of ``"state"`` and of
-        the groups' ``"params"`` (unambiguous even when groups repeat bare names such as
-        "weight") and decide what a load freezes; the names are for reading.
-        ``state_dict`` post-hooks see the entry.
+        ``{"params": [ids], "names": [names], "partial": {"params": [ids], "masks": [...]}}``:
+        the ids are those of ``"state"`` and of the groups' ``"params"`` (unambiguous even
+        when groups repeat bare names such as "weight") and decide what a load freezes;
+        the names are for reading; ``"partial"`` (when some are) holds the params frozen in part with their
+        masks (rows: ``[shape[0]]``, elements: the param's shape). The state of a param with
+        row state has its rows only: see ``frozenopt.optim.partial.expand_row_state`` for
+        torch.optim's layout. ``state_dict`` post-hooks see the entry.
         """
         with hooks_held(self, "_optimizer_state_dict_post_hooks"):
             state = super().state_dict()
@@ -682,6 +831,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
         ids = [k for group in state["param_groups"] for k in group["params"]]
         frozen = [i for i, p in enumerate(index.params) if p in self._frozen]
         state["frozen"] = {"params": [ids[i] for i in frozen], "names": [index.param_name(i) for i in frozen]}
+        if self._partial:
+            state["frozen"]["partial"] = partial_entry(self, ids)
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
             if result is not None:
@@ -708,9 +859,18 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 state_dict = result
         check_loadable(self, state_dict)
         frozen = loaded_frozen(self, state_dict)
+        masks = loaded_partial(self, state_dict)
         own = [{k: g[k] for k in PARAM_KEYS if k in g} for g in self.param_groups]
+        # Row state's row indices go around torch.optim's load, which would cast them to the param's dtype.
+        saved = state_dict["state"]
+        rows = {k: entry[partial.ROWS_KEY] for k, entry in saved.items() if partial.ROWS_KEY in entry}
+        loadable = {k: {n: v for n, v in entry.items() if n != partial.ROWS_KEY} if k in rows else entry
+                    for k, entry in saved.items()}
         with hooks_held(self, "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-            super().load_state_dict({k: v for k, v in state_dict.items() if k != "frozen"})
+            super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "frozen"}, "state": loadable})
+        by_id = dict(zip((k for g in state_dict["param_groups"] for k in g["params"]), self._all_params()))
+        for k, value in rows.items():
+            self.state[by_id[k]][partial.ROWS_KEY] = value.to("cpu", torch.int64, copy=True)
         for group, keys in zip(self.param_groups, own):
             for k in PARAM_KEYS:
                 group.pop(k, None)
@@ -720,6 +880,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
             everything = range(len(self._all_params()))
             self._set_frozen([i for i in everything if i in frozen], True)
             self._set_frozen([i for i in everything if i not in frozen], False)
+        params = self._all_params()
+        for i, mask in masks.items():
+            self._partial[params[i]] = mask
+            self._frozen.discard(params[i])
+            if not self._mask_only:
+                params[i].requires_grad_(True)
+        if masks:
+            self._refresh_masks()
         self._invalidate()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -763,12 +931,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
         plan_sets = self._current_plan_sets()
         fresh_by_group = [[p for p in pending if p.grad is not None] for pending in self._pending] \
             if any(self._pending) else [[]] * len(self._pending)
+        apart_by_group = [[p for p in apart if p.grad is not None] for apart in self._apart] \
+            if any(self._apart) else [[]] * len(self._apart)
         # Every grad is checked before anything is allocated or moves, so a bad
         # grad in any group leaves the optimizer as it was.
-        for fresh in fresh_by_group:
-            if fresh:
-                self._extension.check_grads(fresh, [p.grad for p in fresh])
-        if len(plan_sets) > 1 or any(fresh_by_group):
+        for params in fresh_by_group + apart_by_group:
+            if params:
+                self._extension.check_grads(params, [p.grad for p in params])
+        if len(plan_sets) > 1 or any(fresh_by_group) or any(apart_by_group):
             for _, plan in plan_sets:
                 plan.check_grads()
         for gi, group in enumerate(self.param_groups):
@@ -785,10 +955,149 @@ class FreezableOptimizer(torch.optim.Optimizer):
         for gis, plan in plan_sets:
             scale = on_device_of(self.param_groups[gis[0]], grad_scale, found_inf)
             getattr(plan, self._op)([rows[gi] for gi in gis], *scale)
+        for gi, params in enumerate(apart_by_group):
+            if params:
+                self._step_apart(self.param_groups[gi], params, grad_scale, found_inf)
         # Building a plan may have normalised loaded state, and fresh params now
         # have state (they join their plan at the next step).
         if built or any(fresh_by_group):
             self._invalidate([gi for gi, fresh in enumerate(fresh_by_group) if fresh])
+
+    def _step_apart(self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None,
+                    found_inf: Tensor | None) -> None:
+        """One step of a group's params that are frozen in part or hold row state, in one op call:
+        views of the runs of their trainable rows (frozen rows are not touched), or, for a mask
+        of elements, the whole param with its frozen elements and their state put back after."""
+        views: list[Tensor] = []
+        grads: list[Tensor] = []
+        states: list[dict[str, Any]] = []
+        first: list[bool] = []
+        spread: list[tuple[Tensor, int, int]] = []  # per-row step counts a run's first row stands for
+        put_back: list[tuple[Tensor, Tensor, Tensor]] = []
+        made: list[tuple[Tensor, Tensor | None]] = []  # params whose state (rows) this step made
+        for p in params:
+            mask = self._partial.get(p)
+            if mask is not None and not partial.is_row_mask(mask):
+                fresh = not self._has_state(p, group)
+                if fresh:
+                    self.state[p].update(self._new_state(p, group))
+                    made.append((p, None))
+                state = self._state_of(p, group)
+                kept = self._device_mask(p, mask)
+                for t in (p, *(v for k, v in state.items() if k != "step" and isinstance(v, Tensor))):
+                    put_back.append((t, kept, t[kept]))
+                views.append(p)
+                grads.append(p.grad)
+                states.append(state)
+                first.append(fresh)
+                continue
+            state, new_rows = self._row_state(p, group)
+            if new_rows is not None:
+                made.append((p, new_rows))
+            grad = p.grad
+            for a, b, sa in self._runs_of(p, state, new_rows):
+                sb = sa + b - a
+                views.append(p[a:b])
+                grads.append(grad[a:b])
+                states.append({k: v[sa] if k == "step" else v[sa:sb]
+                               for k, v in state.items() if k != partial.ROWS_KEY})
+                first.append(new_rows is not None and bool(new_rows[sa]))
+                if "step" in state and sb - sa > 1:
+                    spread.append((state["step"], sa, sb))
+        if views:
+            self._run_lists(group, views, grads, self._lists_of(states, group), None, first, grad_scale, found_inf)
+        for steps, sa, sb in spread:
+            steps[sa + 1:sb].copy_(steps[sa])
+        for t, kept, saved in put_back:
+            t[kept] = saved
+        if made and self._first_step_skip_needs_host(group, found_inf) and bool(found_inf):
+            # GradScaler skipped the first step of these rows: the state made for them goes (as in torch.optim).
+            for p, new_rows in made:
+                if new_rows is None:
+                    self.state.pop(p, None)
+                else:
+                    partial.take_state_rows(self.state[p], ~new_rows)
+        if made:
+            self._invalidate([])  # the watch takes in the state made here
+
+    @torch._disable_dynamo
+    def _step_apart_eagerly(self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None,
+                            found_inf: Tensor | None) -> None:
+        self._step_apart(group, params, grad_scale, found_inf)
+
+    def _row_state(self, p: Tensor, group: dict[str, Any]) -> tuple[dict[str, Any], Tensor | None]:
+        """p's state as row state with a row for each trainable row (made at zero, as a first step
+        starts, for rows that have none), and which state rows were made now (None: none)."""
+        if not self._new_state(p.narrow(0, 0, 0), group):
+            return _NO_STATE, None  # the group keeps no state (SGD without momentum)
+        state = self.state.get(p, _NO_STATE)
+        if self._cached_runs(p, state) is not None:
+            return state, None  # the rows that train all had state at the last step
+        if not self._has_state(p, group):
+            state = self.state[p]
+            state.clear()
+        elif not partial.is_row_state(state):
+            partial.to_row_state(state, p)
+        self._fill_row_state(p, group, state)
+        mask = self._partial.get(p)
+        need = torch.arange(p.shape[0]) if mask is None else (~mask).nonzero().flatten()
+        have = state.get(partial.ROWS_KEY)
+        new = need if have is None else need[~torch.isin(need, have)]
+        if new.numel() == 0:
+            return state, None
+        partial.add_state_rows(state, new, self._fresh_rows(p, group, new.numel()))
+        return state, torch.isin(state[partial.ROWS_KEY], new)
+
+    def _fresh_rows(self, p: Tensor, group: dict[str, Any], count: int) -> dict[str, Tensor]:
+        """The state ``count`` rows of p start from, one step count per row."""
+        fresh = self._new_state(p.narrow(0, 0, count), group)
+        if "step" in fresh:
+            fresh["step"] = torch.zeros(count, dtype=torch.float32, device=p.device)
+        return fresh
+
+    def _fill_row_state(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Row state the group's settings need more of (amsgrad turned on) gets it at zero, and a
+        loaded step count becomes float32 on the param's device, as the kernels read it."""
+        rows = state.get(partial.ROWS_KEY)
+        count = 0 if rows is None else rows.numel()
+        missing = [k for k in self._new_state(p.narrow(0, 0, 0), group) if k not in state]
+        if missing and rows is not None:
+            fresh = self._fresh_rows(p, group, count)
+            state.update({k: fresh[k] for k in missing})
+        step = state.get("step")
+        if isinstance(step, Tensor) and (step.dtype != torch.float32 or step.device != p.device):
+            state["step"] = step.to(torch.float32, p.device)
+
+    def _runs_of(self, p: Tensor, state: dict[str, Any], new_rows: Tensor | None) -> list[tuple[int, int, int]]:
+        """partial.row_runs of p's trainable rows, split where the step count or the first
+        step differs; kept until p's mask or state rows change."""
+        cached = self._cached_runs(p, state)
+        if new_rows is None and cached is not None:
+            return cached
+        mask, rows = self._partial.get(p), state.get(partial.ROWS_KEY)
+        trainable = torch.ones(p.shape[0], dtype=torch.bool) if mask is None else ~mask
+        split = state["step"].cpu() if rows is not None and "step" in state else None
+        if new_rows is not None:
+            split = new_rows.to(torch.float32) if split is None else split * 2 + new_rows
+        runs = partial.row_runs(trainable, rows, split, p[0].numel())
+        if new_rows is None:
+            self._row_runs[p] = (mask, state, rows, runs)
+        return runs
+
+    def _cached_runs(self, p: Tensor, state: dict[str, Any]) -> list[tuple[int, int, int]] | None:
+        """p's runs from its last step, while its mask, its state dict and its state rows are the same objects."""
+        cached = self._row_runs.get(p)
+        if cached is None or cached[0] is not self._partial.get(p) or cached[1] is not state \
+                or cached[2] is not state.get(partial.ROWS_KEY):
+            return None
+        return cached[3]
+
+    def _device_mask(self, p: Tensor, mask: Tensor) -> Tensor:
+        """An element mask on p's device, kept until the mask changes."""
+        cached = self._device_masks.get(p)
+        if cached is None or cached[0] is not mask:
+            cached = self._device_masks[p] = (mask, mask.to(p.device))
+        return cached[1]
 
     def _plan_rows(self) -> list[tuple]:
         """Each group's ``_plan_row``. A group is checked (``_check_hyper``) when its row
@@ -832,6 +1141,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 by_key.setdefault((group["params"][0].device, self._plan_key(group)), []).append(gi)
             else:
                 self._plans[gi], self._pending[gi], self._plan_keys[gi] = False, [], self._plan_key(group)
+                self._apart[gi] = []
         old = {tuple(gis): plan for gis, plan in self._plan_sets}
         self._plan_sets = []
         for gis in by_key.values():
@@ -846,13 +1156,18 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _build_plan(self, gis: list[int]) -> Any:
         """A StepPlan over the unfrozen params with state of these groups (which share a
-        device and a state layout); also notes each group's pending params."""
+        device and a state layout); also notes each group's pending params and those it
+        steps apart (frozen in part, or with row state)."""
         params: list[Tensor] = []
         group_of: list[int] = []
         states: list[list[Tensor]] | None = None
         for k, gi in enumerate(gis):
             group = self.param_groups[gi]
             unfrozen = [p for p in group["params"] if p not in self._frozen]
+            self._apart[gi] = [p for p in unfrozen if self._is_apart(p)]
+            if self._apart[gi]:
+                apart = set(self._apart[gi])
+                unfrozen = [p for p in unfrozen if p not in apart]
             ready = [p for p in unfrozen if self._has_state(p, group)]
             self._pending[gi] = [p for p in unfrozen if not self._has_state(p, group)]
             lists = self._state_lists(ready, group)
@@ -861,6 +1176,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
             group_of += [k] * len(ready)
         return self._extension.StepPlan(self._op, params, states, group_of)
 
+    def _is_apart(self, p: Tensor) -> bool:
+        """Whether p is stepped apart from the plans: frozen in part, or holding row state."""
+        return p in self._partial or partial.is_row_state(self.state.get(p, {}))
+
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         capturing = not torch.compiler.is_compiling() and self._capturing()
         for gi, group in enumerate(self.param_groups):
@@ -868,6 +1187,16 @@ class FreezableOptimizer(torch.optim.Optimizer):
             # now (a compiled step has no sync); in mask_only mode the mask says.
             positions = [i for i, p in enumerate(group["params"])
                          if p.grad is not None and (self._mask_only or p.requires_grad)]
+            apart = [group["params"][i] for i in positions if self._is_apart(group["params"][i])]
+            if apart:
+                if capturing:
+                    raise RuntimeError(
+                        f"param {self._name_of(apart[0])} is frozen in part (rows= or mask=) or holds per-row "
+                        "state, and such params cannot be stepped inside a CUDA graph capture: freeze or "
+                        "unfreeze it whole before capturing")
+                # Run eagerly (not traced): the rows' masks and counts are read on the host.
+                self._step_apart_eagerly(group, [p for p in apart if p not in self._frozen], grad_scale, found_inf)
+                positions = [i for i in positions if not self._is_apart(group["params"][i])]
             if not positions:
                 continue
             params = [group["params"][i] for i in positions]
@@ -970,7 +1299,8 @@ class FreezableOptimizer(torch.optim.Optimizer):
         index = self._name_index()
         chosen = {index.params[i] for i in resolve_targets(index, targets)} if targets else None
         for group in self.param_groups:
-            params = [p for p in group["params"] if chosen is None or p in chosen]
+            # Params stepped apart make the state of each row at its first step.
+            params = [p for p in group["params"] if (chosen is None or p in chosen) and not self._is_apart(p)]
             for p in params:
                 if not self._has_state(p, group):
                     self.state[p].update(self._new_state(p, group))
@@ -1018,6 +1348,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _state_lists(self, params: list[Tensor], group: dict[str, Any]) -> list[list[Tensor]]:
         """The params' state, one list per state tensor kind, as the op and the StepPlan take it."""
+        return self._lists_of([self._state_of(p, group) for p in params], group)
+
+    def _state_of(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """p's state as a step reads it (a loaded checkpoint's made ready for the kernels)."""
+        return self.state.get(p, {})
+
+    def _lists_of(self, states: list[dict[str, Any]], group: dict[str, Any]) -> list[list[Tensor]]:
+        """State dicts (a param's, or views of its rows) as the op's state lists."""
         raise NotImplementedError
 
     def _plan_key(self, group: dict[str, Any]) -> Any:
@@ -1044,6 +1382,15 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         """One step of these params (with grads and state) through the op; ``fresh``: those whose
         state was just made; ``mask``: their freeze flags, read on the device, or None."""
+        fresh_set = set(fresh)
+        self._run_lists(group, params, [p.grad for p in params], self._state_lists(params, group), mask,
+                        [p in fresh_set for p in params], grad_scale, found_inf)
+
+    def _run_lists(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                   states: list[list[Tensor]], mask: Tensor | None, first: list[bool], grad_scale: Tensor | None,
+                   found_inf: Tensor | None) -> None:
+        """The op over these lists (params or views of their rows); ``first``: per tensor, whether
+        its state was just made."""
         raise NotImplementedError
 
     def _first_step_skip_needs_host(self, group: dict[str, Any], found_inf: Tensor | None) -> bool:

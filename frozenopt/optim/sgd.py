@@ -66,10 +66,10 @@ class SGD(FreezableOptimizer):
             return {}
         return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
-    def _state_lists(self, params, group):
+    def _lists_of(self, states, group):
         if group["momentum"] == 0:
             return [[]]
-        return [[self.state[p]["momentum_buffer"] for p in params]]
+        return [[s["momentum_buffer"] for s in states]]
 
     _hyper_names = ("momentum", "dampening", "weight_decay", "nesterov", "maximize")
 
@@ -77,23 +77,22 @@ class SGD(FreezableOptimizer):
         return (float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
                 bool(group["nesterov"]), bool(group["maximize"]))
 
-    def _run_op(self, group, params, mask, fresh, grad_scale, found_inf):
+    def _run_lists(self, group, params, grads, states, mask, first, grad_scale, found_inf):
         # A new momentum buffer takes the first grad as it is (torch.optim's rule): the
-        # params with a fresh buffer go to the op apart from the others.
+        # tensors with a fresh buffer go to the op apart from the others.
         lr, grad_scale, found_inf = on_device_of(group, group["lr"], grad_scale, found_inf)
-        fresh_set = set(fresh)
-        for first in (True, False):
-            subset = [i for i, p in enumerate(params) if (p in fresh_set) == first]
+        (buffers,) = states
+        for is_first in (True, False):
+            subset = [i for i, f in enumerate(first) if f == is_first]
             if not subset:
                 continue
             if len(subset) == len(params):
-                sub_params, sub_mask = params, mask
+                lists = (params, grads, buffers, mask)
             else:
-                sub_params = [params[i] for i in subset]
-                sub_mask = None if mask is None else mask[subset]
-            buffers = self._state_lists(sub_params, group)[0]
-            ops.sgd_(sub_params, [p.grad for p in sub_params], buffers, sub_mask, lr=lr,
-                     is_first_step=first and group["momentum"] != 0, grad_scale=grad_scale,
+                lists = ([params[i] for i in subset], [grads[i] for i in subset],
+                         [buffers[i] for i in subset] if buffers else [], None if mask is None else mask[subset])
+            ops.sgd_(*lists, lr=lr,
+                     is_first_step=is_first and group["momentum"] != 0, grad_scale=grad_scale,
                      found_inf=found_inf, **self._kwargs(group))
 
 

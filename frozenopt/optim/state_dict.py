@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from frozenopt.optim import partial
+
 # Group keys that describe the params rather than how to step them: a loaded
 # checkpoint does not replace them.
 PARAM_KEYS = ("param_names", "param_aliases")
@@ -54,6 +56,9 @@ def check_loadable(optimizer: Any, state_dict: Any) -> None:
         p, group = owner[k]
         if not isinstance(entry, dict):
             raise ValueError(f"state_dict state[{k}] must be a dict, got {type(entry).__name__}")
+        if partial.ROWS_KEY in entry:
+            partial.check_row_entry(entry, p, f"state_dict state[{k}]")
+            continue
         for name, value in entry.items():
             if isinstance(value, Tensor) and name != "step" and value.shape != p.shape:
                 raise ValueError(f"state_dict state[{k}][{name!r}] has shape {list(value.shape)} but its param "
@@ -95,3 +100,36 @@ def loaded_frozen(optimizer: Any, state_dict: dict[str, Any]) -> set[int] | None
             "tell which are frozen. Rewrite the entry as {'params': [param ids]} (the ids of the "
             "checkpoint's param groups) with a load_state_dict pre-hook.")
     return {i for n in counts for i in by_name[n]}
+
+
+def partial_entry(optimizer: Any, ids: list[int]) -> dict[str, list]:
+    """``state_dict()["frozen"]["partial"]``: the params frozen in part, by their ids in
+    ``ids`` (the state dict's, in optimizer order), and their masks."""
+    chosen = [(k, optimizer._partial[p]) for k, p in zip(ids, optimizer._all_params()) if p in optimizer._partial]
+    return {"params": [k for k, _ in chosen], "masks": [mask.clone() for _, mask in chosen]}
+
+
+def loaded_partial(optimizer: Any, state_dict: dict[str, Any]) -> dict[int, Tensor]:
+    """Positions (optimizer order) of the params ``state_dict["frozen"]["partial"]`` freezes in
+    part, with their masks (rows: ``[shape[0]]``; elements: the param's shape)."""
+    frozen = state_dict.get("frozen")
+    entry = frozen.get("partial") if isinstance(frozen, dict) else None
+    if entry is None:
+        return {}
+    ids, masks = (entry.get("params"), entry.get("masks")) if isinstance(entry, dict) else (None, None)
+    if not isinstance(ids, (list, tuple)) or not isinstance(masks, (list, tuple)) or len(ids) != len(masks):
+        raise ValueError("state_dict['frozen']['partial'] must be {'params': [param ids], 'masks': [bool tensors]} "
+                         "with one mask per id")
+    position = {k: i for i, k in enumerate(k for g in state_dict["param_groups"] for k in g["params"])}
+    params = optimizer._all_params()
+    out = {}
+    for k, mask in zip(ids, masks):
+        if k not in position:
+            raise ValueError(f"state_dict['frozen']['partial'] lists param id {k!r}, which no param group lists")
+        p = params[position[k]]
+        shapes = ([p.shape[0]], list(p.shape)) if p.dim() else ()
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or list(mask.shape) not in shapes:
+            raise ValueError(f"state_dict['frozen']['partial'] mask of param id {k} must be a bool tensor of shape "
+                             f"[{p.shape[0] if p.dim() else 'rows'}] (rows) or {list(p.shape)} (elements)")
+        out[position[k]] = mask.detach().to("cpu", copy=True)
+    return out
