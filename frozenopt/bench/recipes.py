@@ -74,9 +74,11 @@ class Recipe:
         """Check (outside the timed region) that frozenopt froze exactly the expected set."""
         if not self.spec.frozenopt:
             return
-        if self.rows is not None:
-            self._verify_rows()
         got, want = sorted(self.opt.frozen), self.frozen
+        if self.rows is not None:  # opt.frozen says how much of the embedding is frozen
+            self._verify_rows()
+            total = self.params[self.rows.param].shape[0]
+            want = sorted(want + [f"{self.rows.param} [{self.rows.old} of {total} rows frozen]"])
         if got != want:
             extra = sorted(set(got) - set(want))[:5]
             missing = sorted(set(want) - set(got))[:5]
@@ -91,7 +93,6 @@ class Recipe:
             wrong = [n for n in self.frozen if self.params[n].requires_grad]
             if wrong:
                 raise RuntimeError(f"freeze() left requires_grad=True on {wrong[:5]}")
-
 
     def _verify_rows(self) -> None:
         mask = self.opt.frozen_mask(self.rows.param)
