@@ -105,7 +105,7 @@ fi
 
 status=0
 # The CUDA column of the device-parametrised tests (-m cuda) and the GPU-only cases.
-phase tests 150 120 tests.log "$py" -m pytest -q -rfEs -p no:cacheprovider -m cuda tests/test_cuda_gpu.py tests/test_parity.py tests/test_opcheck.py || status=1
+phase tests 150 120 tests.log "$py" -m pytest -q -rfEs -p no:cacheprovider -m cuda tests/test_cuda_gpu.py tests/test_parity.py tests/test_opcheck.py tests/test_rows.py || status=1
 phase probe 200 50 probe.log "$py" scripts/gpu_probe.py --out "$out/probe.json" || status=1
 sanitize() {
   local failed=0

@@ -87,3 +87,16 @@ def test_prepare_capture_refuses_sgd_dampening_without_buffers():
     with pytest.raises(ValueError, match="dampening"):
         opt.prepare_capture()
     assert not opt.state
+
+
+def test_a_param_frozen_in_part_is_refused_while_capturing(capturing):
+    named = _named()
+    opt = frozenopt.AdamW(named, mask_only=True)
+    opt.prepare_capture()
+    opt.freeze("p2", rows=[0, 1])
+    for _, p in named:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for _, p in named]
+    with pytest.raises(RuntimeError, match="'p2' is frozen in part"):
+        opt.step()
+    assert all(torch.equal(p, b) for (_, p), b in zip(named, before)), "a refused step moved a param"

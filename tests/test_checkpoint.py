@@ -131,6 +131,17 @@ def test_distributed_checkpoint_keeps_state_of_trained_then_frozen_params(tmp_pa
         assert torch.equal(p, q)
 
 
+def test_distributed_checkpoint_refuses_rows_frozen_and_writes_nothing(tmp_path):
+    pytest.importorskip("torch.distributed.checkpoint")
+    from frozenopt.distributed import save_checkpoint
+
+    model, opt, _, _ = build("adamw")
+    opt.freeze("4.weight", rows=[0])
+    with pytest.raises(ValueError, match="'4.weight' has one"):
+        save_checkpoint(model, opt, str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_plain_dcp_drops_state_of_frozen_params_that_the_helper_keeps(tmp_path):
     """Why frozenopt.distributed exists: DCP loads only the state a fresh optimizer already has."""
     dcp = pytest.importorskip("torch.distributed.checkpoint")

@@ -92,3 +92,58 @@ def ddp_worker(rank, world):
 
 def test_ddp_freeze_after_wrapping_stays_in_sync():
     run_distributed(ddp_worker, timeout=150)
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(40, 64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def token_batch(step, rank):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, 40, (6, 5), generator=g), torch.randn(6, 4, generator=g)
+
+
+def ddp_rows_worker(rank, world):
+    from frozenopt.distributed import register_unfrozen_allreduce
+
+    model = Tokens()
+    ddp = DDP(model)
+    opt = frozenopt.AdamW(ddp, lr=1e-2, weight_decay=0.05, mask_only=True)
+    register_unfrozen_allreduce(ddp, opt)
+    ref_model = Tokens()
+    ref = frozenopt.AdamW(ref_model, lr=1e-2, weight_decay=0.05, mask_only=True)
+    for o in (opt, ref):
+        o.freeze("emb.weight", rows=slice(0, 30))
+    old = model.emb.weight.detach()[:30].clone()
+    for step in range(12):
+        if step == 6:
+            for o in (opt, ref):
+                o.unfreeze("emb.weight", rows=[3, 7])
+        x, y = token_batch(step, rank)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        mine = flat(model)
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        assert all(torch.equal(gathered[0], t) for t in gathered), f"ranks out of sync at step {step}"
+        xs, ys = zip(*(token_batch(step, r) for r in range(world)))
+        nn.functional.mse_loss(ref_model(torch.cat(xs)), torch.cat(ys)).backward()
+        ref.step()
+        ref.zero_grad()
+    still = [r for r in range(30) if r not in (3, 7)]
+    assert torch.equal(model.emb.weight.detach()[still], old[still])
+    assert not torch.equal(model.emb.weight.detach()[[3, 7]], old[[3, 7]])
+    assert opt.state[model.emb.weight]["state_rows"].tolist() == [3, 7, *range(30, 40)]
+    torch.testing.assert_close(flat(model), flat(ref_model), rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_row_freeze_stays_in_sync():
+    run_distributed(ddp_rows_worker, timeout=150)

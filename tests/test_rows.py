@@ -23,9 +23,9 @@ ROWS = 12
 WIDTHS = (64, 5)
 
 
-def make_params(dtype, seed=0):
+def make_params(dtype, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(ROWS, w, generator=gen, dtype=torch.float64).to(dtype)) for w in WIDTHS]
+    return [nn.Parameter(torch.randn(ROWS, w, generator=gen, dtype=torch.float64).to(device, dtype)) for w in WIDTHS]
 
 
 def row_params(params):
@@ -33,9 +33,9 @@ def row_params(params):
     return [[nn.Parameter(p.detach()[r].clone()) for r in range(ROWS)] for p in params]
 
 
-def grads_for(step, dtype):
+def grads_for(step, dtype, device="cpu"):
     gen = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(ROWS, w, generator=gen, dtype=torch.float64).to(dtype) for w in WIDTHS]
+    return [torch.randn(ROWS, w, generator=gen, dtype=torch.float64).to(device, dtype) for w in WIDTHS]
 
 
 # What is frozen at each step (rows of both params), and the changes before that step:
@@ -60,9 +60,9 @@ def frozen_rows_at(step):
     return frozen
 
 
-def run_rows(cfg, dtype, mask_only):
+def run_rows(cfg, dtype, mask_only, device):
     """frozenopt with row freezes, and the two references stepped alongside."""
-    params = make_params(dtype)
+    params = make_params(dtype, device=device)
     start = [p.detach().clone() for p in params]
     opt = cfg.make([{"params": params}], mask_only=mask_only)
     per_row = row_params(params)
@@ -80,7 +80,7 @@ def run_rows(cfg, dtype, mask_only):
                         own.state.pop(rows[r], None)
                         ref.state.pop(rows[r], None)
         frozen = frozen_rows_at(step)
-        for p, rows_own, rows_ref, g in zip(params, per_row, torch_rows, grads_for(step, dtype)):
+        for p, rows_own, rows_ref, g in zip(params, per_row, torch_rows, grads_for(step, dtype, device)):
             p.grad = g.clone()
             for r in range(ROWS):
                 rows_own[r].grad = None if r in frozen else g[r].clone()
@@ -94,8 +94,8 @@ def run_rows(cfg, dtype, mask_only):
 @pytest.mark.parametrize("mask_only", [False, True], ids=["default", "mask_only"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cfg_id", KERNEL_SWEEP)
-def test_rows_step_as_their_own_params(cfg_id, dtype, mask_only):
-    opt, params, start, per_row, torch_rows = run_rows(config(cfg_id), dtype, mask_only)
+def test_rows_step_as_their_own_params(cfg_id, dtype, mask_only, device):
+    opt, params, start, per_row, torch_rows = run_rows(config(cfg_id), dtype, mask_only, device)
     always_frozen = [0, 1, 4, 5, 6, 7]
     for p, p0, rows_own, rows_ref in zip(params, start, per_row, torch_rows):
         assert torch.equal(p.detach()[always_frozen], p0[always_frozen]), "a frozen row moved"
@@ -302,22 +302,157 @@ def test_bad_partial_freeze_changes_nothing(call):
         assert torch.equal(opt.frozen_mask(p), mask)
 
 
-def test_compiled_step_follows_row_masks():
+def test_compiled_step_follows_row_masks_without_recompiling():
+    """mask_only under torch.compile: the rows of a param frozen in part step outside the graph
+    (read on the host), so changing which rows are frozen compiles nothing new."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
     params = make_params(torch.float32)
     twin = [nn.Parameter(p.detach().clone()) for p in params]
     opt = frozenopt.AdamW(params, weight_decay=0.1, mask_only=True)
     eager = frozenopt.AdamW(twin, weight_decay=0.1, mask_only=True)
-    compiled = torch.compile(opt.step)
-    for step in range(4):
+    for o, ps in ((opt, params), (eager, twin)):
+        o.freeze(ps[0], rows=slice(0, 8))
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(opt.step, backend=counter)
+    frames = []
+    for step in range(7):
         for o, ps in ((opt, params), (eager, twin)):
-            if step == 0:
-                o.freeze(*ps, rows=slice(0, 8))
-            if step == 2:
-                o.unfreeze(*ps, rows=[4])
+            if step == 3:
+                o.unfreeze(ps[0], rows=[4])
+            if step == 5:
+                o.freeze(ps[0], rows=[10, 11])
         for p, q, g in zip(params, twin, grads_for(step, torch.float32)):
             p.grad, q.grad = g.clone(), g.clone()
         compiled()
         eager.step()
+        frames.append(counter.frame_count)
+    torch._dynamo.reset()
+    assert frames[-1] == frames[2], f"a change of the row mask recompiled: frames after each step {frames}"
     for p, q in zip(params, twin):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cfg_id", ["sgd_nesterov", "adamw_amsgrad"])
+def test_scattered_rows_are_gathered_and_written_back(cfg_id):
+    cfg = config(cfg_id)
+    gen = torch.Generator().manual_seed(5)
+    table = nn.Parameter(torch.randn(50, 128, generator=gen))
+    start = table.detach().clone()
+    frozen = torch.ones(50, dtype=torch.bool)
+    frozen[::7] = False
+    opt = cfg.make([table])
+    opt.freeze(table, rows=frozen)
+    rows = [nn.Parameter(start[r].clone()) for r in range(0, 50, 7)]
+    own = cfg.make(rows)
+    for _ in range(3):
+        g = torch.randn(50, 128, generator=gen)
+        table.grad = g.clone()
+        for k, r in enumerate(range(0, 50, 7)):
+            rows[k].grad = g[r].clone()
+        opt.step()
+        own.step()
+    assert torch.equal(table.detach()[frozen], start[frozen])
+    assert torch.equal(table.detach()[~frozen], torch.stack([r.detach() for r in rows]))
+    assert opt.state[table][ROWS_KEY].tolist() == list(range(0, 50, 7))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_row_programs_match_each_row_as_its_own_param(seed):
+    """Random freezes, thaws (with released or reset state), whole freezes, steps with and
+    without grads, and state_dict round trips; after each, every row and its state must be
+    bitwise those of the row held as its own param (grad None while frozen)."""
+    rng = torch.Generator().manual_seed(seed)
+    cfg = config(["adamw_amsgrad", "sgd_nesterov", "adam_l2", "sgd_dampening"][seed % 4])
+    rows_n, width = 10, 64
+    table = nn.Parameter(torch.randn(rows_n, width, generator=rng))
+    opt = cfg.make([table], mask_only=bool(seed % 2))
+    own_rows = [nn.Parameter(table.detach()[r].clone()) for r in range(rows_n)]
+    own = cfg.make(own_rows)
+    frozen = set()
+
+    def pick():
+        return sorted(set(torch.randint(0, rows_n, (int(torch.randint(1, 5, (1,), generator=rng)),),
+                                        generator=rng).tolist()))
+
+    for op in range(14):
+        kind = int(torch.randint(0, 6, (1,), generator=rng))
+        if kind == 0:
+            rows, release = pick(), bool(torch.randint(0, 2, (1,), generator=rng))
+            opt.freeze(table, rows=rows, release_state=release)
+            if release:
+                for r in rows:
+                    own.state.pop(own_rows[r], None)
+            frozen |= set(rows)
+        elif kind == 1:
+            rows, reset = pick(), bool(torch.randint(0, 2, (1,), generator=rng))
+            opt.unfreeze(table, rows=rows, reset_state=reset)
+            if reset:
+                for r in set(rows) & frozen:
+                    own.state.pop(own_rows[r], None)
+            frozen -= set(rows)
+        elif kind == 2:
+            whole = bool(torch.randint(0, 2, (1,), generator=rng))
+            (opt.freeze if whole else opt.unfreeze)(table)
+            frozen = set(range(rows_n)) if whole else set()
+        elif kind == 3:
+            saved = copy.deepcopy(opt.state_dict())
+            opt.load_state_dict(saved)
+        else:
+            g = torch.randn(rows_n, width, generator=rng)
+            with_grad = kind == 4 or op % 3 == 0
+            table.grad = g.clone() if with_grad else None
+            for r in range(rows_n):
+                own_rows[r].grad = g[r].clone() if with_grad and r not in frozen else None
+            opt.step()
+            own.step()
+        assert torch.equal(opt.frozen_mask(table)[:, 0], torch.tensor([r in frozen for r in range(rows_n)]))
+        assert torch.equal(table.detach(), torch.stack([r.detach() for r in own_rows])), f"op {op} (kind {kind})"
+        state = opt.state.get(table) or {}
+        if ROWS_KEY in state:
+            full = expand_row_state(state, table)
+            for k, r in enumerate(state[ROWS_KEY].tolist()):
+                for key, value in own.state.get(own_rows[r], {}).items():
+                    mine = state[key][k]
+                    assert torch.equal(mine, value), f"op {op}: row {r} {key}"
+            assert set(full) == {k for k in state if k != ROWS_KEY}
+        elif state:
+            for r in range(rows_n):
+                for key, value in own.state.get(own_rows[r], {}).items():
+                    mine = state[key] if key == "step" else state[key][r]
+                    assert torch.equal(mine, value), f"op {op}: row {r} {key}"
+
+
+@pytest.mark.parametrize("cfg_id", ["sgd_dampening", "adamw_amsgrad"])
+def test_grad_scaler_skips_and_unscales_rows_like_their_own_params(cfg_id):
+    """An overflowing step moves nothing (a row's first step included: the state made for it goes,
+    as torch.optim drops it); a finite one unscales, as for each row as its own param."""
+    cfg = config(cfg_id)
+    gen = torch.Generator().manual_seed(9)
+    table = nn.Parameter(torch.randn(8, 64, generator=gen))
+    rows = [nn.Parameter(table.detach()[r].clone()) for r in range(8)]
+    opt, own = cfg.make([table]), cfg.make(rows)
+    opt.freeze(table, rows=slice(0, 5))
+    scaler, own_scaler = torch.amp.GradScaler("cpu", init_scale=8.0), torch.amp.GradScaler("cpu", init_scale=8.0)
+    for s in (scaler, own_scaler):
+        s.scale(torch.ones(()))  # (as a loss would: the scaler starts)
+    for step in range(4):
+        g = torch.randn(8, 64, generator=gen)
+        if step == 1:
+            g[6, 3] = float("inf")  # a trainable row overflows: the whole step is skipped
+        if step == 1:
+            opt.unfreeze(table, rows=[1])  # its first step is the one that overflows
+        table.grad = g * scaler.get_scale()
+        for r in range(8):
+            trains = r >= 5 or (step >= 1 and r == 1)
+            rows[r].grad = g[r] * own_scaler.get_scale() if trains else None
+        before = table.detach().clone()
+        scaler.step(opt)
+        own_scaler.step(own)
+        scaler.update()
+        own_scaler.update()
+        if step == 1:
+            assert torch.equal(table.detach(), before)
+        assert torch.equal(table.detach(), torch.stack([r.detach() for r in rows])), f"step {step}"
+    assert opt.state[table][ROWS_KEY].tolist() == [1, 5, 6, 7]

@@ -48,6 +48,11 @@ def save_checkpoint(model: nn.Module, optimizer: Any, checkpoint_id: Any, *, ext
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    apart = [n for n, p in _names(optimizer) if optimizer._is_apart(p)]
+    if apart:
+        raise ValueError(f"save_checkpoint does not carry freezes of part of a param (rows=, mask=) or their "
+                         f"row state yet ({apart[0]!r} has one): save opt.state_dict() with torch.save, or "
+                         "freeze or unfreeze those params whole first")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     meta = {"frozen": _frozen_names(optimizer),
             "stateful": [n for n, p in _names(optimizer) if optimizer.state.get(p)]}

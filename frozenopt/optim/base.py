@@ -141,7 +141,7 @@ def _write_mask(mask: Tensor, flags: Tensor) -> None:
     torch.cuda.current_stream(mask.device).synchronize()
 
 
-# The state of a param stepped apart in a group that keeps none: one object, so its row runs stay cached.
+# The state of a param stepped apart in a group that keeps none: one object, so its row pieces stay cached.
 _NO_STATE: dict[str, Any] = {}
 
 
@@ -221,7 +221,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         # elements (their shape); never in _frozen (some of them trains). See partial.py.
         self._partial: dict[Tensor, Tensor] = {}
         self._apart: list[list[Tensor]] = []  # per group: its unfrozen params stepped apart from its plan
-        self._row_runs: dict[Tensor, tuple] = {}  # each one's runs and what they were worked out from
+        self._row_pieces: dict[Tensor, tuple] = {}  # each one's pieces and what they were worked out from
         self._device_masks: dict[Tensor, Tensor] = {}  # element masks on their param's device
         self._params: list[Tensor] = []  # every group's params at the last sync
         # Per group: the StepPlan that steps it (shared by the groups of one plan), None when
@@ -341,6 +341,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 "(or call opt.prepare_capture()) before capturing")
         self._check_params(stale)  # a bad edit raises here, before anything of ours changes
         params = self._all_params()
+        if self._partial:  # a param taken out of the groups leaves its partial freeze behind
+            present = set(params)
+            self._partial = {p: mask for p, mask in self._partial.items() if p in present}
         if self._mask_only:
             # The mask alone says what is frozen; params new to the optimizer
             # start frozen when they do not require grad, as at construction.
@@ -727,25 +730,29 @@ class FreezableOptimizer(torch.optim.Optimizer):
                                  f"unfreeze it whole first")
             if now is None:
                 now = torch.full(given.shape, p in self._frozen)
-            plans.append((i, p, now, now | given if frozen else now & ~given))
+            plans.append((i, p, given, now, now | given if frozen else now & ~given))
         changed = []
         try:
-            for i, p, now, new in plans:
+            for i, p, given, now, new in plans:
                 if torch.equal(now, new) and not (frozen and drop_state):
                     continue
                 changed.append(i)
+                if drop_state:  # the rows named that end frozen; those thawed now
+                    self._drop_state_of(p, given if frozen else now & ~new)
                 if bool(new.all()) or not bool(new.any()):
-                    self._set_frozen([i], bool(new.all()), drop_state=drop_state)
-                    continue
-                self._partial[p] = new
-                self._frozen.discard(p)
-                if not self._mask_only:
-                    p.requires_grad_(True)
-                if drop_state:
-                    self._drop_state_of(p, new if frozen else now & ~new)
+                    self._set_frozen([i], bool(new.all()))
+                else:
+                    self._put_partial(p, new)
         finally:
             self._refresh_masks()
         return [index.name_of(i) for i in changed]
+
+    def _put_partial(self, p: Tensor, mask: Tensor) -> None:
+        """p is frozen in part, by ``mask``: it trains (requires grad, in the default mode)."""
+        self._partial[p] = mask
+        self._frozen.discard(p)
+        if not self._mask_only:
+            p.requires_grad_(True)
 
     def _drop_state_of(self, p: Tensor, chosen: Tensor) -> None:
         """Drops the state of p's chosen rows (elements: sets it back to zero)."""
@@ -793,7 +800,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 self._masks[gi] = flags.to(device)
             else:
                 self._masks.append(flags.to(device))
-        for cache in (self._row_runs, self._device_masks):
+        for cache in (self._row_pieces, self._device_masks):
             for p in [p for p in cache if p not in self._partial]:
                 del cache[p]
         self._invalidate(groups)
@@ -882,10 +889,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
             self._set_frozen([i for i in everything if i not in frozen], False)
         params = self._all_params()
         for i, mask in masks.items():
-            self._partial[params[i]] = mask
-            self._frozen.discard(params[i])
-            if not self._mask_only:
-                params[i].requires_grad_(True)
+            self._put_partial(params[i], mask)
         if masks:
             self._refresh_masks()
         self._invalidate()
@@ -966,13 +970,14 @@ class FreezableOptimizer(torch.optim.Optimizer):
     def _step_apart(self, group: dict[str, Any], params: list[Tensor], grad_scale: Tensor | None,
                     found_inf: Tensor | None) -> None:
         """One step of a group's params that are frozen in part or hold row state, in one op call:
-        views of the runs of their trainable rows (frozen rows are not touched), or, for a mask
+        their trainable rows as views or gathered (frozen rows are not touched), or, for a mask
         of elements, the whole param with its frozen elements and their state put back after."""
         views: list[Tensor] = []
         grads: list[Tensor] = []
         states: list[dict[str, Any]] = []
         first: list[bool] = []
-        spread: list[tuple[Tensor, int, int]] = []  # per-row step counts a run's first row stands for
+        spread: list[tuple[Tensor, slice | Tensor, int]] = []  # per-row step counts a piece's first row stands for
+        written: list[tuple[Tensor, Tensor, Tensor]] = []  # gathered rows to write back
         put_back: list[tuple[Tensor, Tensor, Tensor]] = []
         made: list[tuple[Tensor, Tensor | None]] = []  # params whose state (rows) this step made
         for p in params:
@@ -995,19 +1000,36 @@ class FreezableOptimizer(torch.optim.Optimizer):
             if new_rows is not None:
                 made.append((p, new_rows))
             grad = p.grad
-            for a, b, sa in self._runs_of(p, state, new_rows):
-                sb = sa + b - a
-                views.append(p[a:b])
-                grads.append(grad[a:b])
-                states.append({k: v[sa] if k == "step" else v[sa:sb]
-                               for k, v in state.items() if k != partial.ROWS_KEY})
-                first.append(new_rows is not None and bool(new_rows[sa]))
-                if "step" in state and sb - sa > 1:
-                    spread.append((state["step"], sa, sb))
+            for piece in self._pieces_of(p, state, new_rows):
+                # A slice gives a view; index tensors gather a copy, written back after the step.
+                views.append(p[piece.rows])
+                grads.append(grad[piece.rows])
+                if not isinstance(piece.rows, slice):
+                    written.append((p, piece.rows, views[-1]))
+                rows_state = {}
+                for key, value in state.items():
+                    if key == partial.ROWS_KEY:
+                        continue
+                    if key == "step":
+                        rows_state[key] = value[piece.first]
+                        if piece.count > 1:
+                            spread.append((value, piece.states, piece.first))
+                    else:
+                        rows_state[key] = value[piece.states]
+                        if not isinstance(piece.states, slice):
+                            written.append((value, piece.states, rows_state[key]))
+                states.append(rows_state)
+                first.append(piece.fresh)
         if views:
             self._run_lists(group, views, grads, self._lists_of(states, group), None, first, grad_scale, found_inf)
-        for steps, sa, sb in spread:
-            steps[sa + 1:sb].copy_(steps[sa])
+        for t, index, rows in written:
+            t.index_copy_(0, index, rows)
+        for steps, where, at in spread:
+            count = steps[at].clone()
+            if isinstance(where, slice):
+                steps[where].fill_(count)
+            else:
+                steps.index_fill_(0, where, count)
         for t, kept, saved in put_back:
             t[kept] = saved
         if made and self._first_step_skip_needs_host(group, found_inf) and bool(found_inf):
@@ -1028,10 +1050,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
     def _row_state(self, p: Tensor, group: dict[str, Any]) -> tuple[dict[str, Any], Tensor | None]:
         """p's state as row state with a row for each trainable row (made at zero, as a first step
         starts, for rows that have none), and which state rows were made now (None: none)."""
-        if not self._new_state(p.narrow(0, 0, 0), group):
-            return _NO_STATE, None  # the group keeps no state (SGD without momentum)
+        if not self._keeps_state(group):
+            return _NO_STATE, None
         state = self.state.get(p, _NO_STATE)
-        if self._cached_runs(p, state) is not None:
+        if self._cached_pieces(p, state) is not None:
             return state, None  # the rows that train all had state at the last step
         if not self._has_state(p, group):
             state = self.state[p]
@@ -1068,25 +1090,28 @@ class FreezableOptimizer(torch.optim.Optimizer):
         if isinstance(step, Tensor) and (step.dtype != torch.float32 or step.device != p.device):
             state["step"] = step.to(torch.float32, p.device)
 
-    def _runs_of(self, p: Tensor, state: dict[str, Any], new_rows: Tensor | None) -> list[tuple[int, int, int]]:
-        """partial.row_runs of p's trainable rows, split where the step count or the first
-        step differs; kept until p's mask or state rows change."""
-        cached = self._cached_runs(p, state)
+    def _pieces_of(self, p: Tensor, state: dict[str, Any], new_rows: Tensor | None) -> list[partial.Piece]:
+        """partial.row_pieces of p's trainable rows (index tensors on p's device); kept until p's
+        mask or state rows change."""
+        cached = self._cached_pieces(p, state)
         if new_rows is None and cached is not None:
             return cached
         mask, rows = self._partial.get(p), state.get(partial.ROWS_KEY)
         trainable = torch.ones(p.shape[0], dtype=torch.bool) if mask is None else ~mask
-        split = state["step"].cpu() if rows is not None and "step" in state else None
-        if new_rows is not None:
-            split = new_rows.to(torch.float32) if split is None else split * 2 + new_rows
-        runs = partial.row_runs(trainable, rows, split, p[0].numel())
+        steps = state["step"].cpu() if rows is not None and "step" in state else None
+        pieces = partial.row_pieces(trainable, rows, steps, new_rows, p[0].numel())
+        for piece in pieces:
+            for name in ("rows", "states"):
+                index = getattr(piece, name)
+                if isinstance(index, Tensor):
+                    setattr(piece, name, index.to(p.device))
         if new_rows is None:
-            self._row_runs[p] = (mask, state, rows, runs)
-        return runs
+            self._row_pieces[p] = (mask, state, rows, pieces)
+        return pieces
 
-    def _cached_runs(self, p: Tensor, state: dict[str, Any]) -> list[tuple[int, int, int]] | None:
-        """p's runs from its last step, while its mask, its state dict and its state rows are the same objects."""
-        cached = self._row_runs.get(p)
+    def _cached_pieces(self, p: Tensor, state: dict[str, Any]) -> list[partial.Piece] | None:
+        """p's pieces from its last step, while its mask, its state dict and its state rows are the same objects."""
+        cached = self._row_pieces.get(p)
         if cached is None or cached[0] is not self._partial.get(p) or cached[1] is not state \
                 or cached[2] is not state.get(partial.ROWS_KEY):
             return None
@@ -1182,6 +1207,13 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         capturing = not torch.compiler.is_compiling() and self._capturing()
+        if capturing:  # refused before any group moves
+            apart = [p for p in self._all_params() if p.grad is not None and self._is_apart(p)]
+            if apart:
+                raise RuntimeError(
+                    f"param {self._name_of(apart[0])} is frozen in part (rows= or mask=) or holds per-row "
+                    "state, and such params cannot be stepped inside a CUDA graph capture: freeze or "
+                    "unfreeze it whole before capturing")
         for gi, group in enumerate(self.param_groups):
             # In default mode frozen means requires_grad=False, read here as it is
             # now (a compiled step has no sync); in mask_only mode the mask says.
@@ -1189,11 +1221,6 @@ class FreezableOptimizer(torch.optim.Optimizer):
                          if p.grad is not None and (self._mask_only or p.requires_grad)]
             apart = [group["params"][i] for i in positions if self._is_apart(group["params"][i])]
             if apart:
-                if capturing:
-                    raise RuntimeError(
-                        f"param {self._name_of(apart[0])} is frozen in part (rows= or mask=) or holds per-row "
-                        "state, and such params cannot be stepped inside a CUDA graph capture: freeze or "
-                        "unfreeze it whole before capturing")
                 # Run eagerly (not traced): the rows' masks and counts are read on the host.
                 self._step_apart_eagerly(group, [p for p in apart if p not in self._frozen], grad_scale, found_inf)
                 positions = [i for i in positions if not self._is_apart(group["params"][i])]
@@ -1337,6 +1364,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
 
     def _check_capturable(self, group: dict[str, Any]) -> None:
         """Raise ValueError when ``prepare_capture`` cannot create this group's state exactly."""
+
+    def _keeps_state(self, group: dict[str, Any]) -> bool:
+        """Whether the group's params have optimizer state (SGD without momentum has none)."""
+        return True
 
     def _has_state(self, p: Tensor, group: dict[str, Any]) -> bool:
         """Whether the param has the state a step needs (a fresh one gets ``_new_state``)."""

@@ -2,8 +2,9 @@
 
 A partly frozen param is in no step plan; each step hands the ops views of it:
 
-- rows: the views are the runs of consecutive trainable rows, so a frozen row is
-  never read or written, and the work of a step scales with the trainable rows.
+- rows: a run of consecutive trainable rows goes to the op as a view, scattered rows
+  gathered into one tensor and written back (``row_pieces``): a frozen row is never
+  read or written, and the work of a step scales with the trainable rows.
   Its optimizer state is *row state*: tensors of ``[k, *param.shape[1:]]`` for
   the k rows that have state, ``"state_rows"`` (int64, sorted) naming the param
   row of each, and for Adam ``"step"`` holding one count per state row, so that
@@ -19,6 +20,7 @@ A 1-D param's mask is a row mask (its rows are its elements).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ from torch import Tensor
 ROWS_KEY = "state_rows"
 
 __all__ = ["ROWS_KEY", "rows_mask", "elements_mask", "is_row_mask", "is_row_state", "to_row_state",
-           "take_state_rows", "add_state_rows", "to_plain_state", "row_runs", "check_row_entry",
+           "take_state_rows", "add_state_rows", "to_plain_state", "Piece", "row_pieces", "check_row_entry",
            "expand_row_state"]
 
 
@@ -137,32 +139,60 @@ def to_plain_state(state: dict[str, Any], n: int) -> bool:
     return True
 
 
-# Rows of a multiple of this many elements step in runs: the CPU kernels then give each
-# row the vector and scalar work it would get as its own tensor (their vector widths all
-# divide it), so a run's bits are those of its rows stepped one by one.
-RUN_ALIGN = 64
+# Rows of a multiple of this many elements step together (in a run, or gathered): the CPU
+# kernels then give each row the vector and scalar work it would get as its own tensor
+# (their vector widths all divide it), so the bits are those of the rows stepped one by one.
+# Narrower rows step one view each.
+ROW_ALIGN = 64
 
 
-def row_runs(trainable: Tensor, state_rows: Tensor | None, split: Tensor | None,
-             row_numel: int) -> list[tuple[int, int, int]]:
-    """The runs of consecutive trainable rows as (first row, end row, first state row).
+@dataclass
+class Piece:
+    """Trainable rows a step hands the op as one tensor: a view when ``rows`` is a slice (a run
+    of consecutive rows), else gathered by the index tensors ``rows`` (param rows) and ``states``
+    (their state rows; a slice when those are consecutive), and written back after the step.
+    ``first``: index of the state row whose step count the piece steps with (None: no state)."""
 
-    ``state_rows`` holds every trainable row (None: no state); a run also ends where
-    ``split`` (one value per state row: step count, first step) changes, and after each
-    row unless ``row_numel`` is a multiple of RUN_ALIGN.
-    """
+    rows: slice | Tensor
+    states: slice | Tensor | None
+    first: int | None
+    fresh: bool  # its state was made at this step
+    count: int  # rows
+
+
+def row_pieces(trainable: Tensor, state_rows: Tensor | None, split: Tensor | None, fresh: Tensor | None,
+               row_numel: int) -> list[Piece]:
+    """The trainable rows as Pieces, one per value of ``split`` (one value per state row: the
+    step count) and of ``fresh`` (per state row: made at this step), views where they are
+    consecutive, and one view per row when rows are not a multiple of ROW_ALIGN elements."""
     rows = trainable.nonzero().flatten()
     if rows.numel() == 0:
         return []
-    pos = rows if state_rows is None else torch.searchsorted(state_rows, rows)
-    breaks = rows[1:] != rows[:-1] + 1
-    if row_numel % RUN_ALIGN:
-        breaks[:] = True
+    pos = None if state_rows is None else torch.searchsorted(state_rows, rows)
+    key = torch.zeros(rows.numel(), dtype=torch.float64)
     if split is not None:
-        breaks |= split[pos[1:]] != split[pos[:-1]]
-    starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks.nonzero().flatten() + 1])
-    ends = torch.cat([starts[1:], torch.tensor([rows.numel()])])
-    return list(zip(rows[starts].tolist(), (rows[ends - 1] + 1).tolist(), pos[starts].tolist()))
+        key += split[pos].double() * 2
+    if fresh is not None:
+        key += fresh[pos].double()
+    if row_numel % ROW_ALIGN:
+        classes = [torch.tensor([i]) for i in range(rows.numel())]
+    else:
+        values, inverse = torch.unique(key, return_inverse=True)
+        classes = [(inverse == v).nonzero().flatten() for v in range(values.numel())]
+    pieces = []
+    for members in classes:
+        r = rows[members]
+        first_row, count = int(r[0]), r.numel()
+        whole = int(r[-1]) - first_row + 1 == count
+        if pos is None:
+            pieces.append(Piece(slice(first_row, first_row + count) if whole else r, None, None, False, count))
+            continue
+        p = pos[members]
+        first = int(p[0])
+        states = slice(first, first + count) if int(p[-1]) - first + 1 == count else p
+        made = fresh is not None and bool(fresh[first])
+        pieces.append(Piece(slice(first_row, first_row + count) if whole else r, states, first, made, count))
+    return pieces
 
 
 def check_row_entry(entry: dict[str, Any], p: Tensor, where: str) -> None:

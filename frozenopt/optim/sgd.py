@@ -58,6 +58,9 @@ class SGD(FreezableOptimizer):
             return False
         return found_inf.device.type == "cpu" or group["dampening"] != 0
 
+    def _keeps_state(self, group):
+        return group["momentum"] != 0
+
     def _has_state(self, p, group):
         return group["momentum"] == 0 or self.state.get(p, {}).get("momentum_buffer") is not None
 
