@@ -473,7 +473,8 @@ def _chart_title(report: dict[str, Any], recipes: list[tuple[str, dict[str, Any]
     args = report["args"]
     per_stage = " per stage" if gradual(report) else ""
     if new_tokens(report):
-        frozen = f"new-tokens: only {len(m['new_tokens']['new_ids'])} embedding rows + the classifier train"
+        # on a line of its own: the model's name is long
+        frozen = f"\nnew tokens: only their {len(m['new_tokens']['new_ids'])} embedding rows + the classifier train"
     else:
         frozen = f"{fz / max(n, 1) * 100:.0f}% frozen{' at start' if gradual(report) else ''}"
     return (f"frozenopt-bench: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params, {frozen}; "
