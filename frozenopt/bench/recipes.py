@@ -95,12 +95,13 @@ class Recipe:
                 raise RuntimeError(f"freeze() left requires_grad=True on {wrong[:5]}")
 
     def _verify_rows(self) -> None:
-        mask = self.opt.frozen_mask(self.rows.param)
         old = self.rows.old
-        if not (bool(mask[:old].all()) and not bool(mask[old:].any())):
-            raise RuntimeError(f"frozen_mask({self.rows.param!r}) is not 'the first {old} rows frozen, the new "
-                               f"ones not': {int(mask[:old].all(dim=tuple(range(1, mask.dim()))).sum())} old and "
-                               f"{int(mask[old:].any(dim=tuple(range(1, mask.dim()))).sum())} new rows frozen")
+        mask = self.opt.frozen_mask(self.rows.param)
+        per_row = mask.reshape(mask.shape[0], -1)
+        if not (bool(per_row[:old].all()) and not bool(per_row[old:].any())):
+            raise RuntimeError(f"frozen_mask({self.rows.param!r}) should hold exactly the first {old} rows: "
+                               f"{int(per_row[:old].all(1).sum())} of them and {int(per_row[old:].any(1).sum())} "
+                               f"new rows are frozen")
 
 
 # -- how each recipe expresses a frozen set: returns True when it built a new optimizer ----------
@@ -292,7 +293,6 @@ RECIPE_SPECS: dict[str, RecipeSpec] = {spec.name: spec for spec in [
                "torch AdamW; skipped when peft lacks it", "#9c6ade", _peft_tokens, scenario="new-tokens",
                missing=peft_tokens_missing, wraps="peft"),
 ]}
-ALL_RECIPES = list(RECIPE_SPECS)
 
 
 def scenario_recipes(scenario: str, default_only: bool = False) -> list[str]:

@@ -134,7 +134,7 @@ def _prewarm(recipe_name: str, cfg: dict[str, Any], device) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def rows_of(model_info: dict[str, Any]):
+def _new_rows(model_info: dict[str, Any]):
     """The new-tokens scenario's NewRows, or None."""
     from .models import NewRows
 
@@ -151,7 +151,7 @@ def _stages(cfg: dict[str, Any], model, model_info: dict[str, Any]) -> list[tupl
     names = [n for n, _ in model.named_parameters()]
     if cfg["scenario"] == "new-tokens":
         # everything but the embedding (its old rows are frozen by the recipe) and the head
-        rows = rows_of(model_info)
+        rows = _new_rows(model_info)
         frozen = [n for n in names if n != rows.param and not n.startswith(models.HEAD + ".")]
         return [("new-tokens", frozen, frozen)]
     if cfg["schedule"] == "fixed":
@@ -270,7 +270,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     total = per_stage * len(stages)
     batches = models.make_batches(cfg["model"], model_info, tokenizer, total, cfg["seed"], device)
 
-    recipe = Recipe(name, model, cfg, rows_of(model_info))
+    recipe = Recipe(name, model, cfg, _new_rows(model_info))
     clock = Clock(device)
     model.train()
     torch.manual_seed(cfg["seed"] + 2)  # dropout masks: identical sequence in every recipe
