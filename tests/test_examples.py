@@ -57,3 +57,6 @@ def test_new_tokens_train_only_their_rows():
     assert "AdamW state of the embedding: exp_avg (2, 384) for rows [30522, 30523]" in out
     moved = float(out.split("new rows moved by up to ")[1].split()[0])
     assert moved > 0
+    # opt.summary(): the encoder's optimizer state is that of 2 rows (KiB), not of the whole embedding (MiB)
+    encoder_row = next(line for line in out.splitlines() if line.startswith("encoder "))
+    assert encoder_row.endswith(" KiB"), encoder_row
