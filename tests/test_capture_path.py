@@ -100,3 +100,54 @@ def test_a_param_frozen_in_part_is_refused_while_capturing(capturing):
     with pytest.raises(RuntimeError, match="'p2' is frozen in part"):
         opt.step()
     assert all(torch.equal(p, b) for (_, p), b in zip(named, before)), "a refused step moved a param"
+
+
+@pytest.mark.parametrize("cls", [frozenopt.SGD, frozenopt.AdamW])
+def test_captured_rows_follow_the_device_row_mask(monkeypatch, cls):
+    """A param frozen by rows steps each row as a tensor of its own, with its own step count,
+    masked by the device row flags that freeze/unfreeze rewrite in place: what a replay reads."""
+    kw = {"momentum": 0.9, "nesterov": True} if cls is frozenopt.SGD else {"weight_decay": 0.1}
+    gen = torch.Generator().manual_seed(4)
+    table = torch.nn.Parameter(torch.randn(6, 8, generator=gen))
+    bias = torch.nn.Parameter(torch.randn(8, generator=gen))
+    rows = [torch.nn.Parameter(table.detach()[r].clone()) for r in range(6)]
+    twin_bias = torch.nn.Parameter(bias.detach().clone())
+    opt = cls([table, bias], lr=0.1, mask_only=True, **kw)
+    own = cls([*rows, twin_bias], lr=0.1, **kw)
+    opt.freeze(table, rows=[0, 1, 2])
+    monkeypatch.setattr(optim_mod, "_is_capturing", lambda device: True)
+    table.grad, bias.grad = torch.ones(6, 8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="prepare_capture"):  # rows 0-2 have no state yet
+        opt.step()
+    assert not opt.state
+    opt.prepare_capture()
+    flags = opt._row_flags[table]
+    seen = []
+    real = opt._run_lists
+
+    def spy(group, params, grads, states, mask, first, *rest):
+        seen.append(mask)
+        return real(group, params, grads, states, mask, first, *rest)
+
+    monkeypatch.setattr(opt, "_run_lists", spy)
+    frozen = {0, 1, 2}
+    for step in range(5):
+        if step == 2:
+            opt.unfreeze(table, rows=[1])
+            frozen.discard(1)
+        if step == 3:
+            opt.freeze(table, rows=[4])
+            frozen.add(4)
+        g, gb = torch.randn(6, 8, generator=gen), torch.randn(8, generator=gen)
+        table.grad, bias.grad = g.clone(), gb.clone()
+        for r in range(6):
+            rows[r].grad = None if r in frozen else g[r].clone()
+        twin_bias.grad = gb.clone()
+        monkeypatch.setattr(optim_mod, "_is_capturing", lambda device: True)
+        opt.step()
+        monkeypatch.setattr(optim_mod, "_is_capturing", lambda device: False)
+        own.step()
+        assert torch.equal(table.detach(), torch.stack([r.detach() for r in rows])), f"step {step}"
+        assert torch.equal(bias, twin_bias)
+    assert opt._row_flags[table] is flags and any(m is flags for m in seen), "the row flags were replaced"
+    assert flags.tolist() == [1, 0, 1, 0, 1, 0]

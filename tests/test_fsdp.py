@@ -163,3 +163,62 @@ def comm_worker(rank, world):
 @pytest.mark.skipif(fully_shard is None, reason="this torch has no torch.distributed.fsdp.fully_shard")
 def test_fsdp2_does_not_reduce_frozen_grads_in_default_mode():
     run_distributed(comm_worker, timeout=120)
+
+
+class Tokens(nn.Module):
+    """An embedding of 13 rows (uneven over 2 ranks: 7 and 6) of 64, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(13, 64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def token_batch(step, rank):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randint(0, 13, (6, 5), generator=g), torch.randn(6, 4, generator=g)
+
+
+def rows_worker(rank, world):
+    """Each rank applies its own rows of the mask to its shard (Shard(0)); the result equals
+    one process training the unsharded model with the same row freezes on the global batch."""
+    for mask_only in (False, True):
+        model = Tokens()
+        fully_shard(model.emb)
+        fully_shard(model)
+        ref_model = Tokens()
+        old = ref_model.emb.weight.detach().clone()
+        opt = frozenopt.AdamW(model, lr=1e-2, weight_decay=0.05, mask_only=mask_only)
+        ref = frozenopt.AdamW(ref_model, lr=1e-2, weight_decay=0.05, mask_only=mask_only)
+        for o in (opt, ref):
+            o.freeze("emb.weight", rows=[0, 1, 2, 5, 6, 7, 8, 11])  # frozen rows on both ranks' shards
+        for step in range(8):
+            if step == 4:
+                for o in (opt, ref):
+                    o.unfreeze("emb.weight", rows=[6, 7])  # the first rank's last row, the second's first
+            x, y = token_batch(step, rank)
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            xs, ys = zip(*(token_batch(step, r) for r in range(world)))
+            nn.functional.mse_loss(ref_model(torch.cat(xs)), torch.cat(ys)).backward()
+            ref.step()
+            ref.zero_grad()
+        assert opt.frozen == ref.frozen == ["emb.weight [6 of 13 rows frozen]"]
+        weight = model.emb.weight.full_tensor().detach()
+        assert torch.equal(weight[[0, 1, 2, 5, 8, 11]], old[[0, 1, 2, 5, 8, 11]]), "a frozen row moved"
+        for (n, p), q in zip(full(model).items(), full(ref_model).values()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+        rows = opt.state[model.emb.weight]["state_rows"].tolist()  # local rows with state
+        # rank 0 holds global rows 0-6 (3, 4 train, 6 from step 4), rank 1 rows 7-12 (7 from step 4;
+        # 9, 10 and 12 train): frozen rows never got state
+        assert rows == ([3, 4, 6] if rank == 0 else [0, 2, 3, 5])
+
+
+@pytest.mark.skipif(fully_shard is None, reason="this torch has no torch.distributed.fsdp.fully_shard")
+def test_fsdp2_row_freeze_steps_each_ranks_rows():
+    run_distributed(rows_worker, timeout=150)

@@ -104,6 +104,16 @@ def _is_dtensor(t: Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
+def _rows_stay_whole(p: Tensor) -> bool:
+    """Whether each rank's local shard of DTensor p is a block of whole rows (Shard(0), Replicate)."""
+    return all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in p.placements)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (what a step touches); any other tensor as it is."""
+    return t._local_tensor if _is_dtensor(t) else t
+
+
 def _as_param_groups(params: Any) -> Any:
     """torch.optim's params argument, with an nn.Module taken as its named parameters.
 
@@ -223,6 +233,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
         self._apart: list[list[Tensor]] = []  # per group: its unfrozen params stepped apart from its plan
         self._row_pieces: dict[Tensor, tuple] = {}  # each one's pieces and what they were worked out from
         self._device_masks: dict[Tensor, Tensor] = {}  # element masks on their param's device
+        # Per param that is or was frozen by rows: uint8 flags per row on its device (1: frozen),
+        # rewritten in place, which a captured step reads at every replay.
+        self._row_flags: dict[Tensor, Tensor] = {}
         self._params: list[Tensor] = []  # every group's params at the last sync
         # Per group: the StepPlan that steps it (shared by the groups of one plan), None when
         # it must be built again, False for a group with no params.
@@ -341,9 +354,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 "(or call opt.prepare_capture()) before capturing")
         self._check_params(stale)  # a bad edit raises here, before anything of ours changes
         params = self._all_params()
-        if self._partial:  # a param taken out of the groups leaves its partial freeze behind
+        if self._partial or self._row_flags:  # a param taken out of the groups leaves its row masks behind
             present = set(params)
             self._partial = {p: mask for p, mask in self._partial.items() if p in present}
+            self._row_flags = {p: flags for p, flags in self._row_flags.items() if p in present}
         if self._mask_only:
             # The mask alone says what is frozen; params new to the optimizer
             # start frozen when they do not require grad, as at construction.
@@ -719,9 +733,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
         plans = []
         for i in resolve_targets(index, targets):
             p, name = index.params[i], index.name_of(i)
-            if _is_dtensor(p):
-                raise ValueError(f"param {name} is a DTensor (FSDP2, tensor parallel): freezing part of it is not "
-                                 "supported; freeze it whole")
+            if _is_dtensor(p) and (mask is not None or not _rows_stay_whole(p)):
+                raise ValueError(f"param {name} is a DTensor placed {list(p.placements)}: only its rows can be "
+                                 "frozen, and only while each rank holds whole rows (Shard(0) or Replicate "
+                                 "placements, as FSDP2 gives); freeze it whole")
             given = partial.rows_mask(rows, p, name) if rows is not None else partial.elements_mask(mask, p, name)
             now = self._partial.get(p)
             if now is not None and now.shape != given.shape:
@@ -765,15 +780,16 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 if key != "step" and isinstance(value, Tensor):
                     value[where] = 0
             return
+        local, start = self._local_rows(p)
         if not partial.is_row_state(state):
-            partial.to_row_state(state, p)
-        partial.take_state_rows(state, ~chosen[state[partial.ROWS_KEY]])
+            partial.to_row_state(state, local)
+        partial.take_state_rows(state, ~chosen[start:start + local.shape[0]][state[partial.ROWS_KEY]])
 
     def _settle_row_state(self, p: Tensor) -> None:
         """A param that trains whole again goes back to torch.optim's state layout when its
         row state covers every row with one step count (else it keeps per-row counts)."""
         state = self.state.get(p)
-        if state and partial.is_row_state(state):
+        if state and partial.is_row_state(state) and not _is_dtensor(p):  # (a DTensor's stays local)
             partial.to_plain_state(state, p.shape[0])
 
     def _refresh_masks(self, groups: Iterable[int] | None = None) -> None:
@@ -803,7 +819,22 @@ class FreezableOptimizer(torch.optim.Optimizer):
         for cache in (self._row_pieces, self._device_masks):
             for p in [p for p in cache if p not in self._partial]:
                 del cache[p]
+        for p in {*self._partial, *self._row_flags}:
+            self._update_row_flags(p)
         self._invalidate(groups)
+
+    def _update_row_flags(self, p: Tensor) -> None:
+        """p's device row flags, in place when they exist (a captured step reads them)."""
+        mask = self._partial.get(p)
+        if _is_dtensor(p) or (mask is not None and not partial.is_row_mask(mask)):
+            return
+        flags = mask.to(torch.uint8) if mask is not None else \
+            torch.full((p.shape[0],), p in self._frozen, dtype=torch.uint8)
+        old = self._row_flags.get(p)
+        if old is not None and old.numel() == flags.numel() and old.device == p.device:
+            _write_mask(old, flags)
+        else:
+            self._row_flags[p] = flags.to(p.device)
 
     def _invalidate(self, groups: Iterable[int] | None = None) -> None:
         """After a change of ours: the plans of those groups (all by default) are built
@@ -996,16 +1027,22 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 states.append(state)
                 first.append(fresh)
                 continue
-            state, new_rows = self._row_state(p, group)
+            local, start = self._local_rows(p)
+            mask = None if mask is None else mask[start:start + local.shape[0]]
+            state, new_rows = _NO_STATE, None
+            if self._keeps_state(group):
+                state = self.state.get(p, _NO_STATE)
+                if self._cached_pieces(p, state) is None:  # else the rows that train all had state
+                    state, new_rows = self._row_state(p, local, mask, group)
             if new_rows is not None:
                 made.append((p, new_rows))
-            grad = p.grad
-            for piece in self._pieces_of(p, state, new_rows):
+            grad = _local(p.grad)
+            for piece in self._pieces_of(p, local, mask, state, new_rows):
                 # A slice gives a view; index tensors gather a copy, written back after the step.
-                views.append(p[piece.rows])
+                views.append(local[piece.rows])
                 grads.append(grad[piece.rows])
                 if not isinstance(piece.rows, slice):
-                    written.append((p, piece.rows, views[-1]))
+                    written.append((local, piece.rows, views[-1]))
                 rows_state = {}
                 for key, value in state.items():
                     if key == partial.ROWS_KEY:
@@ -1047,27 +1084,34 @@ class FreezableOptimizer(torch.optim.Optimizer):
                             found_inf: Tensor | None) -> None:
         self._step_apart(group, params, grad_scale, found_inf)
 
-    def _row_state(self, p: Tensor, group: dict[str, Any]) -> tuple[dict[str, Any], Tensor | None]:
-        """p's state as row state with a row for each trainable row (made at zero, as a first step
-        starts, for rows that have none), and which state rows were made now (None: none)."""
-        if not self._keeps_state(group):
-            return _NO_STATE, None
+    def _local_rows(self, p: Tensor) -> tuple[Tensor, int]:
+        """The tensor whose rows a step of p touches (a DTensor's local shard: whole rows) and the
+        index of its first row among p's rows."""
+        if not _is_dtensor(p):
+            return p, 0
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        return p._local_tensor, offset[0]
+
+    def _row_state(self, p: Tensor, local: Tensor, mask: Tensor | None,
+                   group: dict[str, Any]) -> tuple[dict[str, Any], Tensor | None]:
+        """p's state as row state over the rows of ``local`` (p, or its local shard) with a row for
+        each trainable row (``mask``: its frozen rows; made at zero, as a first step starts, for
+        rows that have none), and which state rows were made now (None: none)."""
         state = self.state.get(p, _NO_STATE)
-        if self._cached_pieces(p, state) is not None:
-            return state, None  # the rows that train all had state at the last step
         if not self._has_state(p, group):
             state = self.state[p]
             state.clear()
         elif not partial.is_row_state(state):
-            partial.to_row_state(state, p)
-        self._fill_row_state(p, group, state)
-        mask = self._partial.get(p)
-        need = torch.arange(p.shape[0]) if mask is None else (~mask).nonzero().flatten()
+            partial.to_row_state(state, local)
+        self._fill_row_state(local, group, state)
+        need = torch.arange(local.shape[0]) if mask is None else (~mask).nonzero().flatten()
         have = state.get(partial.ROWS_KEY)
         new = need if have is None else need[~torch.isin(need, have)]
         if new.numel() == 0:
             return state, None
-        partial.add_state_rows(state, new, self._fresh_rows(p, group, new.numel()))
+        partial.add_state_rows(state, new, self._fresh_rows(local, group, new.numel()))
         return state, torch.isin(state[partial.ROWS_KEY], new)
 
     def _fresh_rows(self, p: Tensor, group: dict[str, Any], count: int) -> dict[str, Tensor]:
@@ -1090,23 +1134,24 @@ class FreezableOptimizer(torch.optim.Optimizer):
         if isinstance(step, Tensor) and (step.dtype != torch.float32 or step.device != p.device):
             state["step"] = step.to(torch.float32, p.device)
 
-    def _pieces_of(self, p: Tensor, state: dict[str, Any], new_rows: Tensor | None) -> list[partial.Piece]:
-        """partial.row_pieces of p's trainable rows (index tensors on p's device); kept until p's
-        mask or state rows change."""
+    def _pieces_of(self, p: Tensor, local: Tensor, mask: Tensor | None, state: dict[str, Any],
+                   new_rows: Tensor | None) -> list[partial.Piece]:
+        """partial.row_pieces of the trainable rows of ``local`` (p or its local shard; ``mask``:
+        its frozen rows), index tensors on its device; kept until p's mask or state rows change."""
         cached = self._cached_pieces(p, state)
         if new_rows is None and cached is not None:
             return cached
-        mask, rows = self._partial.get(p), state.get(partial.ROWS_KEY)
-        trainable = torch.ones(p.shape[0], dtype=torch.bool) if mask is None else ~mask
+        rows = state.get(partial.ROWS_KEY)
+        trainable = torch.ones(local.shape[0], dtype=torch.bool) if mask is None else ~mask
         steps = state["step"].cpu() if rows is not None and "step" in state else None
-        pieces = partial.row_pieces(trainable, rows, steps, new_rows, p[0].numel())
+        pieces = partial.row_pieces(trainable, rows, steps, new_rows, math.prod(p.shape[1:]))
         for piece in pieces:
             for name in ("rows", "states"):
                 index = getattr(piece, name)
                 if isinstance(index, Tensor):
-                    setattr(piece, name, index.to(p.device))
+                    setattr(piece, name, index.to(local.device))
         if new_rows is None:
-            self._row_pieces[p] = (mask, state, rows, pieces)
+            self._row_pieces[p] = (self._partial.get(p), state, rows, pieces)
         return pieces
 
     def _cached_pieces(self, p: Tensor, state: dict[str, Any]) -> list[partial.Piece] | None:
@@ -1208,21 +1253,24 @@ class FreezableOptimizer(torch.optim.Optimizer):
     def _step_traced(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         capturing = not torch.compiler.is_compiling() and self._capturing()
         if capturing:  # refused before any group moves
-            apart = [p for p in self._all_params() if p.grad is not None and self._is_apart(p)]
-            if apart:
-                raise RuntimeError(
-                    f"param {self._name_of(apart[0])} is frozen in part (rows= or mask=) or holds per-row "
-                    "state, and such params cannot be stepped inside a CUDA graph capture: freeze or "
-                    "unfreeze it whole before capturing")
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and self._is_apart(p):
+                        self._check_rows_capturable(p, group)
         for gi, group in enumerate(self.param_groups):
             # In default mode frozen means requires_grad=False, read here as it is
             # now (a compiled step has no sync); in mask_only mode the mask says.
             positions = [i for i, p in enumerate(group["params"])
                          if p.grad is not None and (self._mask_only or p.requires_grad)]
             apart = [group["params"][i] for i in positions if self._is_apart(group["params"][i])]
-            if apart:
+            if apart and capturing:
+                self._note_capture(group)
+                for p in apart:
+                    self._step_rows_captured(group, p, grad_scale, found_inf)
+            elif apart:
                 # Run eagerly (not traced): the rows' masks and counts are read on the host.
                 self._step_apart_eagerly(group, [p for p in apart if p not in self._frozen], grad_scale, found_inf)
+            if apart:
                 positions = [i for i in positions if not self._is_apart(group["params"][i])]
             if not positions:
                 continue
@@ -1243,6 +1291,34 @@ class FreezableOptimizer(torch.optim.Optimizer):
                 self._note_capture(group)
             mask = self._mask_for(gi, positions, capturing) if self._mask_only else None
             self._run_op(group, params, mask, fresh, grad_scale, found_inf)
+
+    def _check_rows_capturable(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Raise unless a CUDA graph can capture the step of p, frozen in part or with row state:
+        rows only, each with its state (``prepare_capture`` makes it)."""
+        mask = self._partial.get(p)
+        if _is_dtensor(p) or (mask is not None and not partial.is_row_mask(mask)):
+            raise RuntimeError(f"param {self._name_of(p)} is frozen in part by a mask of elements or is a DTensor, "
+                               "and such a step cannot be captured in a CUDA graph: freeze or unfreeze it whole "
+                               "before capturing")
+        state = self.state.get(p, {})
+        covered = not self._keeps_state(group) or (
+            partial.is_row_state(state) and state[partial.ROWS_KEY].numel() == p.shape[0])
+        if not covered or p not in self._row_flags:
+            raise RuntimeError(f"param {self._name_of(p)} is frozen in part (rows=), and a CUDA graph steps each of "
+                               "its rows, which all need optimizer state first: call opt.prepare_capture() after "
+                               "freezing, before capturing")
+
+    def _step_rows_captured(self, group: dict[str, Any], p: Tensor, grad_scale: Tensor | None,
+                            found_inf: Tensor | None) -> None:
+        """p's step in a CUDA graph: every row as a tensor of its own with its own step count,
+        skipped by the kernels where its flag in the device row mask (rewritten in place by
+        freeze/unfreeze) is set, so replays follow later row freezes."""
+        state = self.state.get(p, {}) if self._keeps_state(group) else {}
+        per_row = [k for k in state if k != partial.ROWS_KEY]
+        rows = range(p.shape[0])
+        states = [{k: state[k][r] for k in per_row} for r in rows]
+        self._run_lists(group, [p[r] for r in rows], [p.grad[r] for r in rows], self._lists_of(states, group),
+                        self._row_flags[p], [False] * len(rows), grad_scale, found_inf)
 
     def _note_capture(self, group: dict[str, Any]) -> None:
         """Says, once per optimizer, what a CUDA graph of this step will not follow."""
@@ -1305,7 +1381,9 @@ class FreezableOptimizer(torch.optim.Optimizer):
         step would start from. For SGD with momentum, a buffer made here starts
         at zero and the first real step blends into it, which equals
         torch.optim's first step (the buffer takes the grad) only without
-        dampening, so a group with momentum and dampening is refused.
+        dampening, so a group with momentum and dampening is refused. A param
+        frozen by rows gets state for every row (a captured step steps each row
+        as a tensor of its own, skipped on the device while its row is frozen).
         """
         for group in self.param_groups:  # checked first: a refusal changes nothing
             self._check_capturable(group)
@@ -1326,8 +1404,13 @@ class FreezableOptimizer(torch.optim.Optimizer):
         index = self._name_index()
         chosen = {index.params[i] for i in resolve_targets(index, targets)} if targets else None
         for group in self.param_groups:
-            # Params stepped apart make the state of each row at its first step.
-            params = [p for p in group["params"] if (chosen is None or p in chosen) and not self._is_apart(p)]
+            params = [p for p in group["params"] if chosen is None or p in chosen]
+            for p in [p for p in params if self._is_apart(p)]:  # state for every row, frozen ones too
+                if self._keeps_state(group):
+                    local, _ = self._local_rows(p)
+                    self._row_state(p, local, None, group)
+                self._update_row_flags(p)
+            params = [p for p in params if not self._is_apart(p)]
             for p in params:
                 if not self._has_state(p, group):
                     self.state[p].update(self._new_state(p, group))
@@ -1342,6 +1425,10 @@ class FreezableOptimizer(torch.optim.Optimizer):
         """
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None and p not in self._frozen]
+            apart = [p for p in params if self._is_apart(p)]  # rows frozen: each rank steps its own
+            if apart:
+                params = [p for p in params if not self._is_apart(p)]
+                self._step_apart(group, apart, grad_scale, found_inf)
             if not params:
                 continue
             fresh = [p for p in params if not self._has_state(p, group)]

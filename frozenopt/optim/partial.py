@@ -94,11 +94,14 @@ def _per_row(state: dict[str, Any]) -> list[str]:
 
 
 def to_row_state(state: dict[str, Any], p: Tensor) -> None:
-    """Turns torch.optim's layout (tensors of p's shape, one step count) into row state covering every row."""
+    """Turns torch.optim's layout (tensors of p's shape, one step count) into row state covering
+    every row of p (a DTensor param's local shard: its state becomes its local shards too)."""
     n = p.shape[0]
     for key, value in list(state.items()):
         if key == "step":
             state[key] = torch.full((n,), float(value), dtype=torch.float32, device=p.device)
+        elif isinstance(value, Tensor) and hasattr(value, "_local_tensor"):  # a DTensor
+            state[key] = value._local_tensor
     state[ROWS_KEY] = torch.arange(n)
 
 
