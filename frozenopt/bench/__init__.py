@@ -2,7 +2,8 @@
 
 The user-facing benchmark, installed with the package: run ``python -m
 frozenopt.bench --help`` (or the ``frozenopt-bench`` console script). ``main(argv)``
-is the entry point; ``RECIPES`` lists the recipes run by default. The developer
+is the entry point; ``RECIPES`` lists the recipes run by default (``--scenario
+layers``; ``recipes.scenario_recipes`` gives any scenario's). The developer
 benchmarks of frozenopt's own parts are the scripts in ``benchmarks/`` of a checkout.
 
 - ``__main__``: the command line and the files it writes;

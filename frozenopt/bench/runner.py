@@ -15,7 +15,7 @@ from typing import Any
 from .load import BUSY_CORES, spare_cores
 from .machine import load_average, machine_info, package_root
 from .progress import progress_bar
-from .recipes import ALL_RECIPES, RECIPE_SPECS
+from .recipes import RECIPE_SPECS, scenario_recipes
 from .worker import PROGRESS_TAG
 
 # "Trained params agree with the reference recipe": torch.allclose with RTOL and an
@@ -235,9 +235,10 @@ def _check_args(args) -> None:
     """What must hold before any worker starts."""
     import torch
 
+    known = scenario_recipes(args.scenario)
     for r in args.recipes:
-        if r not in ALL_RECIPES:
-            raise BenchError(f"unknown recipe {r!r}; choose from {', '.join(ALL_RECIPES)}")
+        if r not in known:
+            raise BenchError(f"unknown recipe {r!r} for --scenario {args.scenario}; choose from {', '.join(known)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError("--device cuda: torch.cuda.is_available() is False on this machine")
     if args.model == "minilm":
@@ -256,6 +257,17 @@ def _check_args(args) -> None:
         _check_targets(args)
 
 
+def _skipped(args) -> dict[str, dict[str, Any]]:
+    """The requested recipes that cannot run here (a library they wrap is missing), with why."""
+    out = {}
+    for r in args.recipes:
+        spec = RECIPE_SPECS[r]
+        why = spec.missing() if spec.missing else None
+        if why:
+            out[r] = {"recipe": r, "ok": False, "skipped": why}
+    return out
+
+
 def _worker_config(args, recipe: str, rd: int, work: str) -> dict[str, Any]:
     return {
         "recipe": recipe,
@@ -268,6 +280,7 @@ def _worker_config(args, recipe: str, rd: int, work: str) -> dict[str, Any]:
         "steps": args.steps,
         "warmup": args.warmup,
         "schedule": args.schedule,
+        "scenario": args.scenario,
         "freeze": args.freeze,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
@@ -280,15 +293,16 @@ def _worker_config(args, recipe: str, rd: int, work: str) -> dict[str, Any]:
     }
 
 
-def _run_rounds(args, tmp_root: str, per_run: int) -> tuple[dict[str, list], dict[str, dict], dict[str, str]]:
+def _run_rounds(args, recipes: list[str], tmp_root: str,
+                per_run: int) -> tuple[dict[str, list], dict[str, dict], dict[str, str]]:
     """Every recipe, round after round, each run in a fresh worker: (runs, failures, weights files)."""
-    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in args.recipes}
+    runs: dict[str, list[dict[str, Any]]] = {r: [] for r in recipes}
     failed: dict[str, dict[str, Any]] = {}
     weights: dict[str, str] = {}
-    bar = progress_bar(per_run * len(args.recipes) * args.rounds, desc="frozenopt-bench", disable=args.quiet)
+    bar = progress_bar(per_run * len(recipes) * args.rounds, desc="frozenopt-bench", disable=args.quiet)
     done = 0
     for rd in range(args.rounds):
-        for position, recipe in enumerate(round_order(args.recipes, rd, args.rounds)):
+        for position, recipe in enumerate(round_order(recipes, rd, args.rounds)):
             if recipe in failed:
                 continue
             work = os.path.join(tmp_root, recipe, f"round{rd + 1}")
@@ -344,7 +358,8 @@ def run_bench(args) -> dict[str, Any]:
     import torch
 
     _check_args(args)
-    reference = args.reference or ("filtered" if args.schedule == "fixed" else "requires_grad")
+    skipped = _skipped(args)
+    to_run = [r for r in args.recipes if r not in skipped]
     per_run = (args.warmup + args.steps) * (1 if args.schedule == "fixed" else 3)
     threads = args.threads or torch.get_num_threads()
     busy_limit = spare_cores(threads) + BUSY_CORES
@@ -352,9 +367,9 @@ def run_bench(args) -> dict[str, Any]:
     load_start = load_average()
     tmp_root = tempfile.mkdtemp(prefix="frozenopt-bench-")
     try:
-        runs, failed, weights = _run_rounds(args, tmp_root, per_run)
-        results = {r: failed.get(r) or merge_rounds(runs[r], busy_limit) for r in args.recipes}
-        atol, rule = _compare_to_reference(args, results, weights, reference)
+        runs, failed, weights = _run_rounds(args, to_run, tmp_root, per_run)
+        results = {r: skipped.get(r) or failed.get(r) or merge_rounds(runs[r], busy_limit) for r in args.recipes}
+        atol, rule = _compare_to_reference(args, results, weights, args.reference)
     finally:
         if not args.keep_tmp:
             shutil.rmtree(tmp_root, ignore_errors=True)
@@ -376,7 +391,8 @@ def run_bench(args) -> dict[str, Any]:
         # rounds differ by more than SPREAD_LIMIT times, is suspect.
         "busy_limit_cores": busy_limit,
         "spread_limit": SPREAD_LIMIT,
-        "reference_recipe": reference,
+        "scenario": args.scenario,
+        "reference_recipe": args.reference,
         "tolerance": {"rtol": RTOL, "atol": atol, "atol_rule": rule},
         "model": first.get("model_info"),
         "param_elements": first.get("param_elements"),

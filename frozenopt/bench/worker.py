@@ -7,6 +7,7 @@ comparison) to the paths the configuration names.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -133,16 +134,30 @@ def _prewarm(recipe_name: str, cfg: dict[str, Any], device) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def _stages(cfg: dict[str, Any], model) -> list[tuple[str, list[Any], list[str]]]:
-    """(label, freeze targets, frozen param names) per stage: one for the fixed schedule, three for gradual."""
+def _new_rows(model_info: dict[str, Any]):
+    """The new-tokens scenario's NewRows, or None."""
+    from .models import NewRows
+
+    new = model_info.get("new_tokens")
+    return NewRows(**new) if new else None
+
+
+def _stages(cfg: dict[str, Any], model, model_info: dict[str, Any]) -> list[tuple[str, list[Any], list[str]]]:
+    """(label, freeze targets, frozen param names) per stage: one for the fixed schedule and the
+    new-tokens scenario, three for gradual."""
     from . import models
     from .targets import parse_target, resolve
 
+    names = [n for n, _ in model.named_parameters()]
+    if cfg["scenario"] == "new-tokens":
+        # everything but the embedding (its old rows are frozen by the recipe) and the head
+        rows = _new_rows(model_info)
+        frozen = [n for n in names if n != rows.param and not n.startswith(models.HEAD + ".")]
+        return [("new-tokens", frozen, frozen)]
     if cfg["schedule"] == "fixed":
         stages = [("fixed", [parse_target(t) for t in cfg.get("freeze") or models.default_freeze_targets(model)])]
     else:
         stages = models.gradual_stages(model, top=cfg.get("top", 2))
-    names = [n for n, _ in model.named_parameters()]
     return [(label, list(targets), resolve(names, targets) if targets else []) for label, targets in stages]
 
 
@@ -160,12 +175,30 @@ def _iteration(model, recipe: Recipe, batch, clock: Clock, measure_grads: bool) 
     t1 = clock()
     grads = grad_bytes(model) if measure_grads else None
     t2 = clock()
-    recipe.opt.step()
+    recipe.step()
     t3 = clock()
     recipe.opt.zero_grad(set_to_none=True)
     t4 = clock()
     return {"loss": float(loss.detach()), "step_s": t3 - t2, "iter_s": (t4 - t0) - (t2 - t1), "wall_s": t4 - t0,
             "others_s": others_cpu_s(cpu_before, cpu_sample()), "grad_bytes": grads}
+
+
+def frozen_elements(recipe: Recipe, frozen: list[str]) -> int:
+    """Elements of the frozen params, and of the embedding's old rows in the new-tokens scenario."""
+    n = sum(recipe.params[name].numel() for name in frozen)
+    if recipe.rows is not None:
+        weight = recipe.params[recipe.rows.param]
+        n += recipe.rows.old * weight[0].numel()
+    return n
+
+
+def _embedding_state_rows(recipe: Recipe) -> int | None:
+    """Rows of the AdamW state of the param that holds the new rows (new-tokens scenario)."""
+    if recipe.rows_param is None:
+        return None
+    st = recipe.opt.state.get(recipe.rows_param) or {}
+    exp_avg = st.get("exp_avg")
+    return 0 if exp_avg is None else int(exp_avg.shape[0])
 
 
 def _train_stage(recipe: Recipe, batches: list, cfg: dict[str, Any], clock: Clock, stage: tuple,
@@ -188,12 +221,11 @@ def _train_stage(recipe: Recipe, batches: list, cfg: dict[str, Any], clock: Cloc
     step_times, iter_times = [it["step_s"] for it in timed], [it["iter_s"] for it in timed]
     measured = [it for it in timed if it["others_s"] is not None]  # CPU time others took meanwhile
     timed_wall_s = sum(it["wall_s"] for it in measured)
-    kept = set(frozen)
     return {
         "stage": label,
         "frozen_targets": [getattr(t, "pattern", t) for t in targets],
         "frozen_params": len(frozen),
-        "trainable_elements": sum(p.numel() for n, p in recipe.params.items() if n not in kept),
+        "trainable_elements": sum(p.numel() for p in recipe.params.values()) - frozen_elements(recipe, frozen),
         "transition_s": transition_s,
         "rebuilt_optimizer": rebuilt,
         "head_state_before": before,
@@ -223,22 +255,22 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(cfg["threads"]))
     device = torch.device(cfg["device"])
     name = cfg["recipe"]
-    if RECIPE_SPECS[name].frozenopt:
-        import frozenopt  # noqa: F401  (count its import in the baseline, not in training)
+    for module in RECIPE_SPECS[name].imports:  # count their import in the baseline, not in training
+        importlib.import_module(module)
     _prewarm(name, cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline_rss = current_rss_bytes()
 
-    model, model_info, tokenizer = models.build_model(cfg["model"], cfg["size"], cfg["seed"])
+    model, model_info, tokenizer = models.build_model(cfg["model"], cfg["size"], cfg["seed"], cfg["scenario"])
     model.to(device)
     params = dict(model.named_parameters())
-    stages = _stages(cfg, model)
+    stages = _stages(cfg, model, model_info)
     per_stage = int(cfg["warmup"]) + int(cfg["steps"])
     total = per_stage * len(stages)
     batches = models.make_batches(cfg["model"], model_info, tokenizer, total, cfg["seed"], device)
 
-    recipe = Recipe(name, model, cfg)
+    recipe = Recipe(name, model, cfg, _new_rows(model_info))
     clock = Clock(device)
     model.train()
     torch.manual_seed(cfg["seed"] + 2)  # dropout masks: identical sequence in every recipe
@@ -255,7 +287,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     # ---- measurements end here: everything below may allocate freely ----
     result = _result(cfg, recipe, stages, stage_results, model_info, losses, baseline_rss, t_start)
     if cfg["check"]:
-        result.update(_check_weights(cfg, model, stages))
+        result.update(_check_weights(cfg, recipe, stages))
     if RECIPE_SPECS[name].frozenopt:
         import frozenopt
 
@@ -282,10 +314,10 @@ def _result(cfg: dict[str, Any], recipe: Recipe, stages: list, stage_results: li
         "device": str(device),
         "threads": torch.get_num_threads(),
         "model_info": model_info,
-        "param_elements": sum(p.numel() for p in recipe.model.parameters()),
+        "param_elements": sum(p.numel() for p in params.values()),
         "param_tensors": len(params),
         "frozen_names": stages[0][2] if fixed else None,
-        "frozen_elements": sum(params[n].numel() for n in stages[0][2]),
+        "frozen_elements": frozen_elements(recipe, stages[0][2]),
         "warmup": int(cfg["warmup"]),
         "steps": int(cfg["steps"]),
         "median_step_s": stage_results[0]["median_step_s"] if fixed else None,
@@ -296,6 +328,7 @@ def _result(cfg: dict[str, Any], recipe: Recipe, stages: list, stage_results: li
         "state_bytes": tensor_bytes_unique(st_tensors),
         "state_tensors": len(st_tensors),
         "state_params": sum(1 for s in recipe.opt.state.values() if s),
+        "embedding_state_rows": _embedding_state_rows(recipe),
         "grad_bytes": max(st["grad_bytes"] or 0 for st in stage_results),
         "final_head_state": _head_state(recipe.opt, recipe.model),
         "losses": losses,
@@ -306,7 +339,7 @@ def _result(cfg: dict[str, Any], recipe: Recipe, stages: list, stage_results: li
     }
 
 
-def _check_weights(cfg: dict[str, Any], model, stages) -> dict[str, Any]:
+def _check_weights(cfg: dict[str, Any], recipe: Recipe, stages) -> dict[str, Any]:
     """Saves the final weights (for the comparison between recipes) and measures frozen drift.
 
     Run once per recipe: every round trains the same weights from the same seed.
@@ -315,11 +348,11 @@ def _check_weights(cfg: dict[str, Any], model, stages) -> dict[str, Any]:
 
     from . import models
 
-    final = {n: p.detach().to("cpu") for n, p in model.named_parameters()}
+    final = recipe.weights()
     torch.save(final, cfg["weights_path"])
 
     # Frozen drift: compare against the initial weights, rebuilt from the same seed.
-    init_model, _, _ = models.build_model(cfg["model"], cfg["size"], cfg["seed"])
+    init_model, _, _ = models.build_model(cfg["model"], cfg["size"], cfg["seed"], cfg["scenario"])
     init = {n: p.detach() for n, p in init_model.named_parameters()}
     if cfg["schedule"] == "fixed":
         checks = [("fixed", stages[0][2], final)]
@@ -330,16 +363,27 @@ def _check_weights(cfg: dict[str, Any], model, stages) -> dict[str, Any]:
     for label, frozen, values in checks:
         changed = [n for n in frozen if not torch.equal(values[n], init[n])]
         bitwise = bitwise and not changed
-        by_stage[label] = max((float((values[n].double() - init[n].double()).abs().max()) for n in changed),
-                              default=0.0)
+        by_stage[label] = max((_max_abs_diff(values[n], init[n]) for n in changed), default=0.0)
     # How far training moved the weights at all: the scale for "agrees with the reference".
-    max_update = max(float((final[n].double() - init[n].double()).abs().max()) for n in final)
-    return {
+    max_update = max(_max_abs_diff(final[n], init[n]) for n in final)
+    out = {
         "frozen_max_abs_change": max(by_stage.values(), default=0.0),
         "frozen_bitwise_unchanged": bitwise,
         "frozen_change_by_stage": by_stage,
         "max_update_abs": max_update,
     }
+    if recipe.rows is not None:
+        name, old = recipe.rows.param, recipe.rows.old
+        out.update(
+            old_rows_bitwise_unchanged=torch.equal(final[name][:old], init[name][:old]),
+            old_rows_max_abs_change=_max_abs_diff(final[name][:old], init[name][:old]),
+            new_rows_max_abs_change=_max_abs_diff(final[name][old:], init[name][old:]),
+        )
+    return out
+
+
+def _max_abs_diff(a, b) -> float:
+    return float((a.double() - b.double()).abs().max())
 
 
 def worker_main(config_path: str) -> int:
