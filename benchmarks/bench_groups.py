@@ -33,9 +33,19 @@ import time
 from pathlib import Path
 
 import torch
-from bench_step import Contender, add_timing_args, check_timing_args, run_repeat, warm_up, write_report
+from bench_step import (
+    OPTIMIZERS,
+    Contender,
+    add_timing_args,
+    check_timing_args,
+    comma_list,
+    load_text,
+    optimizer_classes,
+    run_repeat,
+    warm_up,
+    write_report,
+)
 
-import frozenopt
 from frozenopt.bench.machine import load_average, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +89,7 @@ def param_groups(params: list[tuple[int, torch.nn.Parameter]], count: int) -> li
 
 
 def build_contenders(kind: str, params, counts: list[int]) -> list[Contender]:
-    fo_cls, torch_cls = (frozenopt.AdamW, torch.optim.AdamW) if kind == "adamw" else (frozenopt.SGD, torch.optim.SGD)
+    fo_cls, torch_cls = optimizer_classes(kind)
     extra = {} if kind == "adamw" else {"momentum": MOMENTUM}
     contenders = []
     for count in counts:
@@ -159,16 +169,15 @@ def parse_args(argv=None):
     add_timing_args(ap, DEFAULT_OUT)
     ap.add_argument("--groups", default=",".join(map(str, GROUP_COUNTS)),
                     help=f"comma-separated group counts, ascending (default {','.join(map(str, GROUP_COUNTS))})")
-    ap.add_argument("--optimizers", default="adamw,sgd", help="comma-separated subset of adamw,sgd")
     args = ap.parse_args(argv)
     try:
         args.groups = [int(g) for g in args.groups.split(",") if g.strip()]
     except ValueError:
         ap.error(f"--groups takes comma-separated integers, got {args.groups!r}")
-    args.optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
+    args.optimizers = comma_list(args.optimizers)
     if not args.groups or args.groups != sorted(set(args.groups)) or args.groups[0] < 1:
         ap.error("--groups must be distinct positive counts in ascending order")
-    bad = [o for o in args.optimizers if o not in ("adamw", "sgd")]
+    bad = [o for o in args.optimizers if o not in OPTIMIZERS]
     if bad or not args.optimizers:
         ap.error(f"unknown or empty --optimizers: {bad}")
     check_timing_args(ap, args)
@@ -209,10 +218,9 @@ def main(argv=None) -> int:
     }
     write_report(report, args.out, argv)
     m = report["machine"]
-    load = "/".join(f"{x:.1f}" for x in m["load_average"]) if m["load_average"] else "?"
-    end = "/".join(f"{x:.1f}" for x in m["load_average_end"]) if m["load_average_end"] else "?"
     print(f"{report['tensors']:,} tensors, {report['elements'] / 1e6:.1f}M params; {m['cpu']} "
-          f"({m['cpu_count']} logical CPUs, load average {load} at start, {end} at end), "
+          f"({m['cpu_count']} logical CPUs, load average {load_text(m['load_average'])} at start, "
+          f"{load_text(m['load_average_end'])} at end), "
           f"{m['torch_threads']} torch threads, torch {m['torch']}; {args.repeats} repeats"
           f"{' (QUICK: sizes too small for the target to mean anything)' if args.quick else ''}")
     print(format_table(results, args.groups))

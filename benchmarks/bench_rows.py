@@ -34,9 +34,19 @@ import time
 from pathlib import Path
 
 import torch
-from bench_step import Contender, add_timing_args, check_timing_args, run_repeat, warm_up, write_report
+from bench_step import (
+    OPTIMIZERS,
+    Contender,
+    add_timing_args,
+    check_timing_args,
+    comma_list,
+    load_text,
+    optimizer_classes,
+    run_repeat,
+    warm_up,
+    write_report,
+)
 
-import frozenopt
 from frozenopt.bench.machine import load_average, machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +85,7 @@ def state_bytes(opt) -> int:
 
 
 def build_contenders(kind: str, layout: str, rows: int, width: int) -> tuple[list[Contender], int]:
-    fo_cls, torch_cls = (frozenopt.AdamW, torch.optim.AdamW) if kind == "adamw" else (frozenopt.SGD, torch.optim.SGD)
+    fo_cls, torch_cls = optimizer_classes(kind)
     kw = {"weight_decay": 0.01} if kind == "adamw" else {"momentum": 0.9, "weight_decay": 0.01}
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(rows, width, generator=gen) * 0.02
@@ -172,11 +182,10 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_timing_args(ap, DEFAULT_OUT)
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of block,scattered")
-    ap.add_argument("--optimizers", default="adamw,sgd", help="comma-separated subset of adamw,sgd")
     args = ap.parse_args(argv)
-    args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
-    args.optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
-    bad = [x for x in args.layouts if x not in LAYOUTS] + [o for o in args.optimizers if o not in ("adamw", "sgd")]
+    args.layouts = comma_list(args.layouts)
+    args.optimizers = comma_list(args.optimizers)
+    bad = [x for x in args.layouts if x not in LAYOUTS] + [o for o in args.optimizers if o not in OPTIMIZERS]
     if bad or not args.layouts or not args.optimizers:
         ap.error(f"unknown or empty --layouts/--optimizers: {bad}")
     check_timing_args(ap, args)
@@ -204,9 +213,8 @@ def main(argv=None) -> int:
               "all_targets_met": all(r["target"]["met"] for r in applies)}
     write_report(report, args.out, argv)
     m = report["machine"]
-    load = "/".join(f"{x:.1f}" for x in m["load_average"]) if m["load_average"] else "?"
-    end = "/".join(f"{x:.1f}" for x in m["load_average_end"]) if m["load_average_end"] else "?"
-    print(f"{m['cpu']} ({m['cpu_count']} logical CPUs, load average {load} at start, {end} at end), "
+    print(f"{m['cpu']} ({m['cpu_count']} logical CPUs, load average {load_text(m['load_average'])} at start, "
+          f"{load_text(m['load_average_end'])} at end), "
           f"{m['torch_threads']} torch threads, torch {m['torch']}; {args.repeats} repeats"
           f"{' (QUICK: sizes too small for the target to mean anything)' if args.quick else ''}")
     print(format_table(results))

@@ -146,11 +146,17 @@ class SyncCheck:
         self.opt._sync()
 
 
+OPTIMIZERS = ("adamw", "sgd")  # what --optimizers takes
+
+
+def optimizer_classes(kind: str):
+    """(frozenopt class, torch.optim class) for "adamw" or "sgd"."""
+    return (frozenopt.AdamW, torch.optim.AdamW) if kind == "adamw" else (frozenopt.SGD, torch.optim.SGD)
+
+
 def optimizer_factories(kind: str):
-    """(frozenopt class + kwargs, torch class + kwargs) for "adamw" or "sgd"."""
-    if kind == "adamw":
-        return (frozenopt.AdamW, torch.optim.AdamW), dict(lr=LR)
-    return (frozenopt.SGD, torch.optim.SGD), dict(lr=LR, momentum=MOMENTUM)
+    """(frozenopt class, torch class) and this file's kwargs for "adamw" or "sgd"."""
+    return optimizer_classes(kind), dict(lr=LR) if kind == "adamw" else dict(lr=LR, momentum=MOMENTUM)
 
 
 def build_contenders(case: str, kind: str, params: list[torch.nn.Parameter]) -> tuple[list[Contender], Target]:
@@ -324,8 +330,19 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def comma_list(text: str) -> list[str]:
+    """The non-empty, stripped, lower-cased entries of a comma-separated option."""
+    return [x.strip().lower() for x in text.split(",") if x.strip()]
+
+
+def load_text(load: list[float] | None) -> str:
+    """A load average triple as "0.1/0.2/0.3" ("?" where unknown)."""
+    return "/".join(f"{x:.1f}" for x in load) if load else "?"
+
+
 def add_timing_args(ap: argparse.ArgumentParser, default_out: Path) -> None:
-    """The options of every benchmark timed with these helpers: repeats, size, output, measurement, threads."""
+    """The options of every benchmark timed with these helpers: repeats, size, output, measurement, threads,
+    and which optimizers (--optimizers, a subset of OPTIMIZERS)."""
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats per contender (default 7)")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run, figures not meaningful")
     ap.add_argument("--out", type=Path, default=default_out, help=f"JSON output (default {default_out})")
@@ -334,6 +351,7 @@ def add_timing_args(ap: argparse.ArgumentParser, default_out: Path) -> None:
     ap.add_argument("--max-inner", type=int, default=200, help="most steps per measurement (default 200)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for every contender (default: torch's own choice)")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of adamw,sgd")
 
 
 def check_timing_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -357,11 +375,10 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_timing_args(ap, DEFAULT_OUT)
     ap.add_argument("--cases", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e (default all)")
-    ap.add_argument("--optimizers", default="adamw,sgd", help="comma-separated subset of adamw,sgd")
     args = ap.parse_args(argv)
-    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    args.optimizers = [o.strip().lower() for o in args.optimizers.split(",") if o.strip()]
-    bad = [c for c in args.cases if c not in SIZES] + [o for o in args.optimizers if o not in ("adamw", "sgd")]
+    args.cases = comma_list(args.cases)
+    args.optimizers = comma_list(args.optimizers)
+    bad = [c for c in args.cases if c not in SIZES] + [o for o in args.optimizers if o not in OPTIMIZERS]
     if bad or not args.cases or not args.optimizers:
         ap.error(f"unknown or empty --cases/--optimizers: {bad}")
     check_timing_args(ap, args)
@@ -395,8 +412,7 @@ def main(argv=None) -> int:
     }
     write_report(report, args.out, argv)
     m = report["machine"]
-    load = "/".join(f"{x:.1f}" for x in m["load_average"]) if m["load_average"] else "?"
-    print(f"{m['cpu']} ({m['cpu_count']} logical CPUs, load average {load} at start), "
+    print(f"{m['cpu']} ({m['cpu_count']} logical CPUs, load average {load_text(m['load_average'])} at start), "
           f"{m['torch_threads']} torch threads, torch {m['torch']}, "
           f"CPU capability {m['cpu_capability']}; {args.repeats} repeats"
           f"{' (QUICK: sizes too small for the targets to mean anything)' if args.quick else ''}")
