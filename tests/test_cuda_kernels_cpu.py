@@ -114,6 +114,11 @@ def make_params(dtype, sizes=SIZES, seed=0):
     return random_tensors(sizes, dtype, seed)
 
 
+def zero_state(params):
+    """Two zero state tensors per param (momentum buffers or exp_avg; exp_avg_sq) and a zero step count each."""
+    return [[torch.zeros_like(p) for p in params] for _ in range(2)], [torch.zeros(()) for _ in params]
+
+
 def make_grads(params, step, seed=1):
     return random_tensors([p.numel() for p in params], params[0].dtype, seed * 1000 + step)
 
@@ -588,12 +593,8 @@ def test_group_table_gives_each_tensor_its_groups_values(shim, kind):
                   dict(beta1=0.8, beta2=0.99, eps=1e-3, maximize=True),
                   dict(beta1=0.5, beta2=0.9, eps=1e-6, weight_decay=0.2)]
     merged, alone = make_params(torch.float32, sizes), make_params(torch.float32, sizes)
-
-    def state(params):
-        return [[torch.zeros_like(p) for p in params] for _ in range(2)], [torch.zeros(()) for _ in params]
-
-    (bufs_m, sqs_m), steps_m = state(merged)
-    (bufs_a, sqs_a), steps_a = state(alone)
+    (bufs_m, sqs_m), steps_m = zero_state(merged)
+    (bufs_a, sqs_a), steps_a = zero_state(alone)
     for step in range(3):
         grads = make_grads(merged, step)
         for g in range(3):
@@ -648,12 +649,8 @@ def test_row_table_gives_each_tensor_its_groups_row(shim, kind):
                   float(h.get("maximize", False)), float(h.get("decoupled", False))] for g, h in enumerate(hypers)]
     merged, alone = make_params(torch.float32, sizes), make_params(torch.float32, sizes)
     untouched = merged[-1].clone()
-
-    def state(params):
-        return [[torch.zeros_like(p) for p in params] for _ in range(2)], [torch.zeros(()) for _ in params]
-
-    (bufs_m, sqs_m), steps_m = state(merged)
-    (bufs_a, sqs_a), steps_a = state(alone)
+    (bufs_m, sqs_m), steps_m = zero_state(merged)
+    (bufs_a, sqs_a), steps_a = zero_state(alone)
     for step in range(3):
         grads = make_grads(merged, step)
         for g in range(3):

@@ -32,6 +32,13 @@ def flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def assert_ranks_in_sync(model, world, step):
+    mine = flat(model)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    assert all(torch.equal(gathered[0], t) for t in gathered), f"ranks out of sync at step {step}"
+
+
 def ddp_worker(rank, world):
     model = make_model()
     ddp = DDP(model)
@@ -63,10 +70,7 @@ def ddp_worker(rank, world):
             if n in frozen:
                 assert torch.equal(p, frozen[n]), f"frozen {n} moved at step {step}"
             assert p.requires_grad, "mask_only must leave requires_grad alone"
-        mine = flat(model)
-        gathered = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine)
-        assert all(torch.equal(gathered[0], t) for t in gathered), f"ranks out of sync at step {step}"
+        assert_ranks_in_sync(model, world, step)
 
         xs, ys = zip(*(batch(step, r) for r in range(world)))
         nn.functional.mse_loss(ref_model(torch.cat(xs)), torch.cat(ys)).backward()
@@ -130,10 +134,7 @@ def ddp_rows_worker(rank, world):
         nn.functional.mse_loss(ddp(x), y).backward()
         opt.step()
         opt.zero_grad()
-        mine = flat(model)
-        gathered = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(gathered, mine)
-        assert all(torch.equal(gathered[0], t) for t in gathered), f"ranks out of sync at step {step}"
+        assert_ranks_in_sync(model, world, step)
         xs, ys = zip(*(token_batch(step, r) for r in range(world)))
         nn.functional.mse_loss(ref_model(torch.cat(xs)), torch.cat(ys)).backward()
         ref.step()
