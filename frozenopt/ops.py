@@ -79,12 +79,18 @@ if _C is not None:
         return None
 
 
+def local_tensor(t: Tensor) -> Tensor:
+    """A DTensor's (an FSDP2 shard's) local tensor, which the kernels step in place; any other tensor as it is."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # loaded by whoever made a DTensor
+    return t._local_tensor if dtensor is not None and isinstance(t, dtensor.DTensor) else t
+
+
 def _local(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
-    """DTensors (FSDP2 shards) replaced by their local tensors, which the kernels step in place."""
+    """The tensors with DTensors replaced by their local tensors (the list itself when there are none)."""
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is None or not any(isinstance(t, dtensor.DTensor) for t in tensors):
         return tensors
-    return [t._local_tensor if isinstance(t, dtensor.DTensor) else t for t in tensors]
+    return [local_tensor(t) for t in tensors]
 
 
 def split_lr(lr: float | Tensor) -> tuple[float, Tensor | None]:

@@ -112,11 +112,6 @@ def _rows_stay_whole(p: Tensor) -> bool:
     return all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in p.placements)
 
 
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (what a step touches); any other tensor as it is."""
-    return t._local_tensor if _is_dtensor(t) else t
-
-
 def _rows_of(t: Tensor, rows: slice | Tensor) -> Tensor:
     """t's rows: a view for a slice, a gathered copy for an index tensor."""
     return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
@@ -978,11 +973,12 @@ class FreezableOptimizer(torch.optim.Optimizer):
         apart_by_group = [[p for p in apart if p.grad is not None] for apart in self._apart] \
             if any(self._apart) else [[]] * len(self._apart)
         # Every grad is checked before anything is allocated or moves, so a bad
-        # grad in any group leaves the optimizer as it was.
+        # grad in any group leaves the optimizer as it was. (The params stepped
+        # apart step after the plans, which check their own grads first.)
         for params in fresh_by_group + apart_by_group:
             if params:
                 self._extension.check_grads(params, [p.grad for p in params])
-        if len(plan_sets) > 1 or any(fresh_by_group) or any(apart_by_group):
+        if len(plan_sets) > 1 or any(fresh_by_group):
             for _, plan in plan_sets:
                 plan.check_grads()
         for gi, group in enumerate(self.param_groups):
@@ -1045,7 +1041,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
                     state, new_rows = self._row_state(p, local, mask, group)
             if new_rows is not None:
                 made.append((p, new_rows))
-            grad = _local(p.grad)
+            grad = ops.local_tensor(p.grad)
             for piece in self._pieces_of(p, local, mask, state, new_rows):
                 # A slice gives a view; index tensors gather a copy, written back after the step.
                 views.append(_rows_of(local, piece.rows))
@@ -1096,7 +1092,7 @@ class FreezableOptimizer(torch.optim.Optimizer):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        return p._local_tensor, offset[0]
+        return ops.local_tensor(p), offset[0]
 
     def _row_state(self, p: Tensor, local: Tensor, mask: Tensor | None,
                    group: dict[str, Any]) -> tuple[dict[str, Any], Tensor | None]:

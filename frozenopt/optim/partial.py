@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from frozenopt import ops
+
 ROWS_KEY = "state_rows"
 
 __all__ = ["ROWS_KEY", "rows_mask", "elements_mask", "is_row_mask", "is_row_state", "to_row_state",
@@ -100,8 +102,8 @@ def to_row_state(state: dict[str, Any], p: Tensor) -> None:
     for key, value in list(state.items()):
         if key == "step":
             state[key] = torch.full((n,), float(value), dtype=torch.float32, device=p.device)
-        elif isinstance(value, Tensor) and hasattr(value, "_local_tensor"):  # a DTensor
-            state[key] = value._local_tensor
+        elif isinstance(value, Tensor):
+            state[key] = ops.local_tensor(value)
     state[ROWS_KEY] = torch.arange(n)
 
 
